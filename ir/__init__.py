@@ -1,0 +1,1 @@
+"""milsparse.ir: formats, masks and read-only program views. Never mutates a MIL program."""

@@ -1,0 +1,46 @@
+"""Errors raised by milsparse.
+
+The hierarchy lives here, in the lowest layer, because `ir` may import neither `passes` nor the
+`milsparse` package; `milsparse.errors` re-exports it as the public home. Every message says what
+was wrong, where (a weight, op or file), and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MilsparseError",
+    "ConfigError",
+    "UnsupportedModelError",
+    "UnsupportedOpError",
+    "PipelineError",
+    "PassError",
+    "VerificationError",
+]
+
+
+class MilsparseError(Exception):
+    """Base class of every error milsparse raises on purpose."""
+
+
+class ConfigError(MilsparseError, ValueError):
+    """A recipe, pass option or CLI flag is malformed or out of range."""
+
+
+class UnsupportedModelError(MilsparseError):
+    """The model is not something milsparse can work on (not an mlprogram, opset too old, ...)."""
+
+
+class UnsupportedOpError(MilsparseError):
+    """The program holds ops that a milsparse component has no implementation for."""
+
+
+class PipelineError(MilsparseError):
+    """A pass pipeline cannot be built: unknown pass, dependency loop, conflict, target too low."""
+
+
+class PassError(MilsparseError):
+    """A pass failed while running; the message names it and the passes that ran before it."""
+
+
+class VerificationError(MilsparseError):
+    """A compressed model failed verification against its reference."""

@@ -1,0 +1,176 @@
+"""Sparse weight formats of Core ML's `constexpr_sparse_to_dense`, and their byte accounting.
+
+Two encodings of one idea, a bit mask plus the kept values in row-major order:
+
+- iOS16/iOS17: `mask` is uint8[ceil(N/8)] over the flattened weight, bits LSB-first, with a
+  uint32 `shape` beside it;
+- iOS18+: `mask` is uint1 with the weight's own shape (stored packed, one bit per element).
+
+A weight's pruned form is `np.where(keep, w, 0)`. Zeros, of either sign, are never stored: the
+encoders drop them from the mask, so decode(encode(w, keep)) is bit-identical to the pruned weight
+(a kept -0.0 decodes to +0.0, which compares equal). Kept values are copied, never converted.
+
+Byte accounting follows the weight file Core ML writes (checked against packages on disk in
+tests): a 64-byte file header, then per tensor of 10 elements or more a 64-byte metadata record
+and the data, each record starting on a 64-byte boundary. Smaller tensors are inlined into the
+model proto and cost a few bytes there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "SparseIOS16",
+    "SparseIOS18",
+    "encode_sparse_ios16",
+    "decode_sparse_ios16",
+    "encode_sparse_ios18",
+    "decode_sparse_ios18",
+    "pruned_weight",
+    "pack_mask",
+    "unpack_mask",
+    "BLOB_ALIGNMENT",
+    "BLOB_METADATA_BYTES",
+    "BLOB_FILE_HEADER_BYTES",
+    "INLINE_MAX_ELEMENTS",
+    "tensor_storage_bytes",
+    "dense_bytes",
+    "sparse_bytes",
+    "SPARSE_VALUE_DTYPES",
+]
+
+BLOB_ALIGNMENT = 64
+BLOB_METADATA_BYTES = 64
+BLOB_FILE_HEADER_BYTES = 64
+# coremltools writes a const to the weight file when it has at least this many elements.
+INLINE_MAX_ELEMENTS = 9
+
+# Value dtypes `constexpr_sparse_to_dense` accepts (int4/uint4 on iOS18 are not produced here).
+SPARSE_VALUE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8), np.dtype(np.uint8))
+
+
+@dataclass(frozen=True)
+class SparseIOS16:
+    """Operands of iOS16 `constexpr_sparse_to_dense`."""
+
+    nonzero_data: np.ndarray  # T[D]
+    mask: np.ndarray  # uint8[ceil(N / 8)], flattened row-major, LSB first
+    shape: np.ndarray  # uint32[rank]
+
+
+@dataclass(frozen=True)
+class SparseIOS18:
+    """Operands of iOS18 `constexpr_sparse_to_dense` (mask as 0/1 uint8 with the weight's shape)."""
+
+    nonzero_data: np.ndarray  # T[D]
+    mask: np.ndarray  # uint8 of 0/1, weight's shape; the pass tags it as MIL uint1
+
+
+def _stored_mask(weight: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    if keep is None:
+        return weight != 0
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != weight.shape:
+        raise ValueError(f"mask shape {keep.shape} does not match weight shape {weight.shape}")
+    return keep & (weight != 0)
+
+
+def _check_dtype(weight: np.ndarray) -> None:
+    if weight.dtype not in SPARSE_VALUE_DTYPES:
+        raise ValueError(
+            f"constexpr_sparse_to_dense stores fp32, fp16, int8 or uint8 values, got {weight.dtype}"
+        )
+
+
+def pruned_weight(weight: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """The weight with every element outside `keep` (and every zero) set to +0."""
+    mask = _stored_mask(weight, keep)
+    out = np.zeros_like(weight)
+    out[mask] = weight[mask]
+    return out
+
+
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    """Pack a boolean mask row-major, LSB first, into uint8[ceil(N/8)]."""
+    return np.packbits(np.asarray(mask, dtype=bool).ravel(), bitorder="little")
+
+
+def unpack_mask(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `pack_mask`: a boolean array of `shape`."""
+    count = int(np.prod(shape, dtype=np.int64))
+    packed = np.asarray(packed, dtype=np.uint8)
+    if packed.size != (count + 7) // 8:
+        raise ValueError(f"mask holds {packed.size} bytes, shape {tuple(shape)} needs {(count + 7) // 8}")
+    return np.unpackbits(packed, count=count, bitorder="little").astype(bool).reshape(shape)
+
+
+def encode_sparse_ios16(weight: np.ndarray, keep: np.ndarray | None = None) -> SparseIOS16:
+    """Encode `weight` (elements outside `keep` dropped) as iOS16 sparse operands."""
+    weight = np.asarray(weight)
+    _check_dtype(weight)
+    mask = _stored_mask(weight, keep)
+    return SparseIOS16(
+        nonzero_data=weight[mask],
+        mask=pack_mask(mask),
+        shape=np.asarray(weight.shape, dtype=np.uint32),
+    )
+
+
+def decode_sparse_ios16(nonzero_data: np.ndarray, mask: np.ndarray, shape) -> np.ndarray:
+    """Dense tensor from iOS16 sparse operands."""
+    shape = tuple(int(d) for d in np.asarray(shape).ravel())
+    bits = unpack_mask(mask, shape)
+    return _scatter(np.asarray(nonzero_data), bits)
+
+
+def encode_sparse_ios18(weight: np.ndarray, keep: np.ndarray | None = None) -> SparseIOS18:
+    """Encode `weight` (elements outside `keep` dropped) as iOS18 sparse operands."""
+    weight = np.asarray(weight)
+    _check_dtype(weight)
+    mask = _stored_mask(weight, keep)
+    return SparseIOS18(nonzero_data=weight[mask], mask=mask.view(np.uint8))
+
+
+def decode_sparse_ios18(nonzero_data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Dense tensor from iOS18 sparse operands (mask of 0/1 with the output's shape)."""
+    return _scatter(np.asarray(nonzero_data), np.asarray(mask) != 0)
+
+
+def _scatter(nonzero_data: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    if nonzero_data.ndim != 1:
+        raise ValueError(f"nonzero_data must be 1-D, got shape {nonzero_data.shape}")
+    count = int(np.count_nonzero(bits))
+    if count != nonzero_data.size:
+        raise ValueError(f"mask has {count} set bits but nonzero_data holds {nonzero_data.size} values")
+    out = np.zeros(bits.shape, dtype=nonzero_data.dtype)
+    out[bits] = nonzero_data
+    return out
+
+
+def tensor_storage_bytes(num_elements: int, bits_per_element: int) -> int:
+    """Bytes one tensor takes in the weight file: metadata plus data padded to the alignment.
+
+    Tensors of fewer than 10 elements are inlined in the proto; they count their raw data.
+    """
+    data = (num_elements * bits_per_element + 7) // 8
+    if num_elements <= INLINE_MAX_ELEMENTS:
+        return data
+    padded = -(-data // BLOB_ALIGNMENT) * BLOB_ALIGNMENT
+    return BLOB_METADATA_BYTES + padded
+
+
+def dense_bytes(num_elements: int, dtype) -> int:
+    """Storage of a dense `const` weight."""
+    return tensor_storage_bytes(num_elements, np.dtype(dtype).itemsize * 8)
+
+
+def sparse_bytes(num_elements: int, num_nonzero: int, dtype, *, ios18: bool, rank: int = 2) -> int:
+    """Storage of a `constexpr_sparse_to_dense` weight: values, mask, and (iOS16) the shape."""
+    values = tensor_storage_bytes(num_nonzero, np.dtype(dtype).itemsize * 8)
+    if ios18:
+        return values + tensor_storage_bytes(num_elements, 1)
+    mask = tensor_storage_bytes((num_elements + 7) // 8, 8)
+    return values + mask + tensor_storage_bytes(rank, 32)

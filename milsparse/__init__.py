@@ -1,0 +1,57 @@
+"""milsparse: prune Core ML (MIL) weights into sparse constexpr ops.
+
+    import coremltools as ct, milsparse as ms
+    small = ms.compress("model.mlpackage", "2:4")          # n:m, magnitude, block or threshold
+    ms.save(small, "model.sparse.mlpackage")
+    mlmodel = ct.convert(traced, pass_pipeline=ms.coreml_pipeline("unstructured:0.5"),
+                         minimum_deployment_target=ct.target.iOS18)
+"""
+
+from milsparse import passes as _passes  # noqa: F401  (registers milsparse:: passes)
+from milsparse.api import (
+    compress,
+    compress_with_report,
+    coreml_pipeline,
+    inspect_model,
+    load_program,
+    run_passes,
+    save,
+)
+from milsparse.errors import (
+    ConfigError,
+    MilsparseError,
+    PassError,
+    PipelineError,
+    UnsupportedModelError,
+    UnsupportedOpError,
+    VerificationError,
+)
+from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config, parse_prune_spec
+from milsparse.recipe import Recipe
+from milsparse.report import CompressReport, InspectReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compress",
+    "compress_with_report",
+    "coreml_pipeline",
+    "inspect_model",
+    "load_program",
+    "run_passes",
+    "save",
+    "Recipe",
+    "PruneConfig",
+    "PruneSpec",
+    "parse_prune_config",
+    "parse_prune_spec",
+    "CompressReport",
+    "InspectReport",
+    "MilsparseError",
+    "ConfigError",
+    "UnsupportedModelError",
+    "UnsupportedOpError",
+    "PipelineError",
+    "PassError",
+    "VerificationError",
+]

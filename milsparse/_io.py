@@ -1,0 +1,187 @@
+"""Reading models into pymil Programs and writing Programs back, without side effects.
+
+- A saved `.mlpackage` (or an MLModel, which may lack `_mil_program` once loaded from disk) is
+  read into a fresh pymil Program through coremltools' milproto loader; the caller's model is
+  never touched.
+- A Program becomes an MLModel through coremltools' MIL backend with an EMPTY main pipeline (the
+  default pipeline is not re-run), in a temporary folder that is deleted when the returned model
+  is garbage-collected (or at exit), not left behind.
+- `save_package` writes atomically: into a sibling temporary folder, then renamed into place,
+  with the package manifest's random item identifiers replaced by ones derived from the content
+  paths, so the same input and recipe give a byte-identical package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import weakref
+from pathlib import Path
+
+import coremltools as ct
+from coremltools.converters.mil._deployment_compatibility import AvailableTarget
+from coremltools.converters.mil.converter import mil_convert
+from coremltools.converters.mil.frontend.milproto import load as milproto
+
+from milsparse.errors import ConfigError, UnsupportedModelError
+
+__all__ = [
+    "TARGETS",
+    "parse_target",
+    "open_model",
+    "load_program",
+    "retarget",
+    "program_to_model",
+    "save_package",
+]
+
+TARGETS = {
+    "ios16": AvailableTarget.iOS16,
+    "ios17": AvailableTarget.iOS17,
+    "ios18": AvailableTarget.iOS18,
+}
+if hasattr(AvailableTarget, "iOS26"):
+    TARGETS["ios26"] = AvailableTarget.iOS26
+
+
+def parse_target(target) -> AvailableTarget | None:
+    """None, an AvailableTarget (ct.target.iOS18) or a name like 'ios18' / 'macOS15'."""
+    if target is None or isinstance(target, AvailableTarget):
+        return target
+    if isinstance(target, str):
+        key = target.strip().lower()
+        if key in TARGETS:
+            return TARGETS[key]
+        for member in AvailableTarget:
+            if member.name.lower() == key:
+                return member
+    raise ConfigError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+
+
+def open_model(model) -> ct.models.MLModel:
+    """An MLModel from an MLModel or a path; raises UnsupportedModelError for anything else."""
+    if isinstance(model, ct.models.MLModel):
+        mlmodel = model
+        where = "the model"
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        where = str(path)
+        if not path.exists():
+            raise UnsupportedModelError(f"{path}: no such file or directory")
+        if path.is_dir() and not (path / "Manifest.json").exists():
+            raise UnsupportedModelError(f"{path}: not an .mlpackage (no Manifest.json inside)")
+        try:
+            mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
+        except Exception as e:  # coremltools raises bare Exceptions for unreadable packages
+            raise UnsupportedModelError(f"{path}: cannot read Core ML model: {e}") from e
+    else:
+        raise UnsupportedModelError(
+            f"expected an MLModel or a path to a .mlpackage, got {type(model).__name__}"
+        )
+    kind = mlmodel.get_spec().WhichOneof("Type")
+    if kind != "mlProgram":
+        raise UnsupportedModelError(
+            f"{where} is a {kind} model; milsparse works on ML programs. Re-convert with "
+            "ct.convert(..., convert_to='mlprogram', minimum_deployment_target=ct.target.iOS16)."
+        )
+    return mlmodel
+
+
+def load_program(mlmodel: ct.models.MLModel):
+    """A fresh pymil Program read from the model's spec and weight file."""
+    spec = mlmodel.get_spec()
+    return milproto.load(
+        spec,
+        specification_version=spec.specificationVersion,
+        file_weights_dir=mlmodel.weights_dir or "",
+    )
+
+
+def retarget(prog, spec_version: int, target: AvailableTarget | None) -> int:
+    """Raise every function's opset to `target`; return the specification version to write.
+
+    Raising is sound: a newer opset keeps every older op. Lowering is refused.
+    """
+    if target is None:
+        return spec_version
+    for name, func in prog.functions.items():
+        current = func.opset_version
+        if current is not None and current > target:
+            raise ConfigError(
+                f"function {name!r} already targets {current.name}; cannot lower it to "
+                f"{target.name}. Drop --target or choose {current.name} or later."
+            )
+        func.opset_version = target
+    return max(spec_version, target.value)
+
+
+def _remove_later(owner, folder: str) -> None:
+    weakref.finalize(owner, shutil.rmtree, folder, True)
+
+
+def program_to_model(prog, spec_version: int, source: ct.models.MLModel) -> ct.models.MLModel:
+    """Serialise `prog` to an MLModel with `source`'s description and compute units."""
+    folder = tempfile.mkdtemp(prefix="milsparse-")
+    try:
+        model = mil_convert(
+            prog,
+            convert_from="milinternal",
+            convert_to="mlprogram",
+            compute_units=source.compute_unit,
+            specification_version=spec_version,
+            model_description=source.get_spec().description,
+            skip_model_load=True,
+            pass_pipeline=ct.PassPipeline.EMPTY,
+            package_dir=os.path.join(folder, "model.mlpackage"),
+        )
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    _remove_later(model, folder)
+    return model
+
+
+def _stable_manifest(package: Path) -> None:
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entries = manifest.get("itemInfoEntries", {})
+    renamed = {}
+    for old_id, info in entries.items():
+        key = f"{info.get('author', '')}/{info.get('path', '')}"
+        renamed[old_id] = str(uuid.uuid5(uuid.NAMESPACE_URL, "milsparse:" + key)).upper()
+    manifest["itemInfoEntries"] = {renamed[k]: v for k, v in entries.items()}
+    if manifest.get("rootModelIdentifier") in renamed:
+        manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def save_package(model: ct.models.MLModel, path, *, overwrite: bool = False) -> Path:
+    """Write `model` to `path` (.mlpackage) atomically; never leaves a half-written package."""
+    path = Path(path)
+    if path.suffix != ".mlpackage":
+        raise ConfigError(f"{path}: output must end in .mlpackage")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists; choose another path or allow overwriting (--force)")
+    if not path.parent.exists():
+        raise ConfigError(f"{path.parent}: output folder does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = staging / path.name
+        model.save(str(staged))
+        _stable_manifest(staged)
+        if path.exists():
+            backup = staging / "previous"
+            os.replace(path, backup)
+            try:
+                os.replace(staged, path)
+            except BaseException:
+                os.replace(backup, path)
+                raise
+        else:
+            os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path

@@ -1,0 +1,97 @@
+"""The public functions: compress a model, build a ct.convert pipeline, inspect a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import coremltools as ct
+
+from milsparse import _io
+from milsparse.errors import MilsparseError, PassError
+from milsparse.ir.weights import weight_table
+from milsparse.passes.prune import PruneWeights
+from milsparse.passes.registry import place_in_pipeline
+from milsparse.recipe import Recipe
+from milsparse.report import CompressReport, InspectReport
+
+__all__ = [
+    "compress",
+    "compress_with_report",
+    "coreml_pipeline",
+    "inspect_model",
+    "load_program",
+    "run_passes",
+    "save",
+]
+
+
+def run_passes(prog, passes) -> None:
+    """Run (name, pass instance) pairs in order, validating the program after each.
+
+    A failure that is not already a MilsparseError is wrapped as PassError naming the pass and
+    the passes that ran before it.
+    """
+    done: list[str] = []
+    for name, graph_pass in passes:
+        try:
+            graph_pass(prog)
+            prog.validate()
+        except MilsparseError:
+            raise
+        except Exception as e:
+            raise PassError(f"{type(e).__name__}: {e} in {name}, after [{', '.join(done)}]") from e
+        done.append(name)
+
+
+def load_program(model):
+    """A fresh pymil Program of an MLModel or a saved .mlpackage (the input is not modified)."""
+    return _io.load_program(_io.open_model(model))
+
+
+def compress_with_report(model, config, *, target=None) -> tuple[ct.models.MLModel, CompressReport]:
+    """Like `compress`, and also return the per-weight report."""
+    recipe = Recipe.coerce(config)
+    target = _io.parse_target(target if target is not None else recipe.target)
+    source = _io.open_model(model)
+    prog = _io.load_program(source)
+    spec_version = _io.retarget(prog, source.get_spec().specificationVersion, target)
+    prune = PruneWeights(recipe.prune)
+    # The pass removes the consts it replaces, so no cleanup pass is needed afterwards.
+    run_passes(prog, [("milsparse::prune", prune)])
+    compressed = _io.program_to_model(prog, spec_version, source)
+    opset = max(f.opset_version for f in prog.functions.values())
+    return compressed, CompressReport(prune.report, target=opset.name)
+
+
+def compress(model, config, *, target=None) -> ct.models.MLModel:
+    """Prune a saved ML program (path or MLModel) with a recipe; return the compressed MLModel.
+
+    `config` is a Recipe, PruneConfig, PruneSpec, spec string ("2:4", "unstructured:0.5", ...) or
+    mapping. `target` ("ios16" | "ios17" | "ios18" or a ct.target) raises the program's opset
+    first; iOS18 emits the uint1-mask form. The input is never modified, coremltools' default
+    pipeline is not re-run, and no temporary package outlives the returned model.
+    """
+    return compress_with_report(model, config, target=target)[0]
+
+
+def save(model: ct.models.MLModel, path, *, overwrite: bool = False) -> Path:
+    """Save atomically (no half-written package) and deterministically (stable manifest ids)."""
+    return _io.save_package(model, path, overwrite=overwrite)
+
+
+def coreml_pipeline(config, base: ct.PassPipeline | None = None) -> ct.PassPipeline:
+    """`base` (default: ct.PassPipeline.DEFAULT) with milsparse::prune placed after the passes
+    that fold and fuse weights (conv+batchnorm, bias and scale fusion, fp16 cast, const folding
+    and deduplication), configured with `config`."""
+    recipe = Recipe.coerce(config)
+    base = ct.PassPipeline.DEFAULT if base is None else base
+    return place_in_pipeline(
+        ["milsparse::prune"], base, options={"milsparse::prune": {"config": recipe.prune}}
+    )
+
+
+def inspect_model(model) -> InspectReport:
+    """The weight table (format, sparsity, bytes) of an MLModel or saved package."""
+    source = _io.open_model(model)
+    path = str(model) if isinstance(model, (str, Path)) else None
+    return InspectReport(weight_table(_io.load_program(source)), path=path)

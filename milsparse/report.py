@@ -1,0 +1,154 @@
+"""Reports milsparse prints and serialises: what compress did, what a model holds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from milsparse.ir.weights import WeightRow
+from milsparse.passes.decisions import WeightDecision
+
+__all__ = ["CompressReport", "InspectReport", "format_table", "human_bytes"]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain left-aligned text table (numbers right-aligned)."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [
+        all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))
+    ]
+
+    def line(row):
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)]
+        return "  ".join(parts).rstrip()
+
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class CompressReport:
+    """Per-weight decisions of a compress run, with totals."""
+
+    decisions: list[WeightDecision] = field(default_factory=list)
+    target: str | None = None
+
+    @property
+    def compressed(self) -> list[WeightDecision]:
+        return [d for d in self.decisions if d.compressed]
+
+    @property
+    def left_dense(self) -> list[WeightDecision]:
+        return [d for d in self.decisions if not d.compressed]
+
+    def totals(self) -> dict[str, Any]:
+        dense = sum(d.dense_bytes for d in self.decisions)
+        stored = sum(d.stored_bytes for d in self.decisions)
+        return {
+            "weights": len(self.decisions),
+            "compressed": len(self.compressed),
+            "dense_bytes": dense,
+            "stored_bytes": stored,
+            "bytes_saved": dense - stored,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "weights": [d.to_dict() for d in self.decisions],
+            "totals": self.totals(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        rows = []
+        for d in self.decisions:
+            what = d.spec if d.compressed else f"dense: {d.reason}"
+            if d.note:
+                what += f" ({d.note})"
+            rows.append(
+                [
+                    d.name,
+                    "x".join(map(str, d.shape)),
+                    d.dtype,
+                    round(d.sparsity, 4),
+                    human_bytes(d.dense_bytes),
+                    human_bytes(d.stored_bytes),
+                    what,
+                ]
+            )
+        table = format_table(["weight", "shape", "dtype", "sparsity", "dense", "stored", "result"], rows)
+        t = self.totals()
+        summary = (
+            f"{t['compressed']} of {t['weights']} weights compressed; "
+            f"{human_bytes(t['dense_bytes'])} -> {human_bytes(t['stored_bytes'])} "
+            f"(saved {human_bytes(t['bytes_saved'])})"
+        )
+        return f"{table}\n{summary}"
+
+
+@dataclass
+class InspectReport:
+    """The weight table of a model (see `milsparse.ir.weights`)."""
+
+    rows: list[WeightRow]
+    path: str | None = None
+
+    def totals(self) -> dict[str, Any]:
+        n = sum(r.num_elements for r in self.rows)
+        stored = sum(r.stored_bytes for r in self.rows)
+        return {
+            "weights": len(self.rows),
+            "elements": n,
+            "dense_bytes": sum(r.dense_bytes for r in self.rows),
+            "stored_bytes": stored,
+            "bits_per_weight": 8.0 * stored / n if n else 0.0,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "weights": [r.to_dict() for r in self.rows], "totals": self.totals()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str).replace("NaN", "null")
+
+    def __str__(self) -> str:
+        rows = [
+            [
+                r.name,
+                ",".join(r.consumers),
+                "x".join(map(str, r.shape)),
+                r.dtype,
+                r.format,
+                "-" if r.sparsity != r.sparsity else round(r.sparsity, 4),
+                human_bytes(r.stored_bytes),
+                round(r.bits_per_weight, 2),
+            ]
+            for r in self.rows
+        ]
+        table = format_table(
+            ["weight", "consumers", "shape", "dtype", "format", "sparsity", "stored", "bits/w"], rows
+        )
+        t = self.totals()
+        return (
+            f"{table}\n{t['weights']} weights, {t['elements']} elements: "
+            f"{human_bytes(t['dense_bytes'])} dense, {human_bytes(t['stored_bytes'])} stored, "
+            f"{t['bits_per_weight']:.2f} bits/weight"
+        )

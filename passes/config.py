@@ -1,0 +1,299 @@
+"""Typed, frozen, validated options of the pruning pass, and their one parser.
+
+A `PruneSpec` says how to prune one weight (the pattern and its parameters); a `PruneConfig`
+says which weights to prune and with which spec (default, per-name overrides, minimum size).
+Both are built from Python, from a dict (YAML recipes), or from the short spec strings of the
+CLI; `parse_prune_config` is the single place where the loose forms are turned into objects, and
+it is what the pass calls when `ct.PassPipeline.set_options` hands it a string or a dict.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
+from typing import Any
+
+import attrs
+import yaml
+
+from milsparse.ir.errors import ConfigError
+
+__all__ = [
+    "PATTERNS",
+    "DEFAULT_OP_TYPES",
+    "PruneSpec",
+    "PruneConfig",
+    "parse_prune_spec",
+    "parse_prune_config",
+]
+
+PATTERNS = ("magnitude", "threshold", "block", "n:m")
+DEFAULT_OP_TYPES = ("linear", "conv", "conv_transpose", "matmul")
+_AXES = ("input", "output")
+
+
+def _fraction(instance, attribute, value):
+    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ConfigError(f"{attribute.name} must be a number in [0, 1], got {value!r}")
+
+
+def _positive_int_or_none(instance, attribute, value):
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+@attrs.frozen
+class PruneSpec:
+    """How to prune one weight.
+
+    pattern: "magnitude" (exactly round(sparsity * N) smallest |w| zeroed), "threshold" (|w| <=
+        threshold zeroed; left dense below `min_sparsity`), "block" (blocks of `block_size`
+        consecutive channels along `axis`, by L2 norm) or "n:m" (n zeros in every m along `axis`).
+    axis: "input" (the axis the consuming op reduces over) or "output" (the other channel axis);
+        defaults: "input" for n:m, "output" for block.
+    """
+
+    pattern: str = attrs.field(validator=attrs.validators.in_(PATTERNS))
+    sparsity: float | None = attrs.field(default=None, validator=_fraction)
+    threshold: float | None = None
+    min_sparsity: float = attrs.field(default=0.0, validator=_fraction)
+    block_size: int | None = attrs.field(default=None, validator=_positive_int_or_none)
+    n: int | None = None
+    m: int | None = attrs.field(default=None, validator=_positive_int_or_none)
+    axis: str | None = None
+
+    def __attrs_post_init__(self):
+        need = {
+            "magnitude": ("sparsity",),
+            "threshold": ("threshold",),
+            "block": ("sparsity", "block_size"),
+            "n:m": ("n", "m"),
+        }[self.pattern]
+        missing = [name for name in need if getattr(self, name) is None]
+        if missing:
+            raise ConfigError(f"pattern {self.pattern!r} needs {', '.join(missing)}")
+        if self.threshold is not None and not (
+            isinstance(self.threshold, (int, float)) and self.threshold >= 0
+        ):
+            raise ConfigError(f"threshold must be a number >= 0, got {self.threshold!r}")
+        if self.pattern == "n:m" and not (
+            isinstance(self.n, int) and not isinstance(self.n, bool) and 0 <= self.n <= self.m
+        ):
+            raise ConfigError(f"n:m needs integers 0 <= n <= m, got {self.n}:{self.m}")
+        if self.axis is not None and self.axis not in _AXES:
+            raise ConfigError(f"axis must be 'input' or 'output', got {self.axis!r}")
+
+    @property
+    def resolved_axis(self) -> str:
+        if self.axis is not None:
+            return self.axis
+        return "output" if self.pattern == "block" else "input"
+
+    @property
+    def nominal_sparsity(self) -> float:
+        """The sparsity the spec aims at (threshold: its guaranteed minimum)."""
+        if self.pattern == "n:m":
+            return self.n / self.m
+        if self.pattern == "threshold":
+            return self.min_sparsity
+        return float(self.sparsity)
+
+    def to_string(self) -> str:
+        """The CLI form, e.g. `2:4`, `block4@in:0.5`; threshold's min_sparsity is not in it."""
+        axis = "" if self.axis is None else "@" + ("in" if self.axis == "input" else "out")
+        if self.pattern == "magnitude":
+            return f"unstructured:{self.sparsity:g}"
+        if self.pattern == "threshold":
+            return f"threshold:{self.threshold:g}"
+        if self.pattern == "block":
+            return f"block{self.block_size}{axis}:{self.sparsity:g}"
+        return f"{self.n}:{self.m}{axis}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in attrs.asdict(self).items() if v is not None}
+
+
+_SPEC_RE = re.compile(
+    r"""^(?:
+        unstructured:(?P<mag>[^:@]+)
+      | threshold:(?P<thr>[^:@]+)
+      | block(?P<bs>\d+)(?:@(?P<baxis>\w+))?:(?P<bsp>[^:@]+)
+      | (?P<n>\d+):(?P<m>\d+)(?:@(?P<nmaxis>\w+))?
+    )$""",
+    re.VERBOSE,
+)
+_AXIS_WORDS = {"0": "output", "out": "output", "output": "output", "1": "input", "in": "input", "input": "input"}
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be a number, got {text!r}") from None
+
+
+def _axis_word(text: str | None, spec: str) -> str | None:
+    if text is None:
+        return None
+    if text not in _AXIS_WORDS:
+        raise ConfigError(f"bad axis {text!r} in {spec!r}: use @0/@out (output) or @1/@in (input)")
+    return _AXIS_WORDS[text]
+
+
+def parse_prune_spec(text: str) -> PruneSpec:
+    """Parse `unstructured:S`, `threshold:T`, `blockB[@AXIS]:S` or `N:M[@AXIS]`.
+
+    AXIS is 0/out (output channels) or 1/in (input channels, the axis the consumer reduces).
+    """
+    spec = text.strip()
+    match = _SPEC_RE.match(spec)
+    if match is None:
+        raise ConfigError(
+            f"bad prune spec {text!r}: use unstructured:S, threshold:T, blockB[@0|@1]:S or N:M[@0|@1]"
+            " (e.g. unstructured:0.5, threshold:1e-3, block4:0.5, 2:4)"
+        )
+    g = match.groupdict()
+    if g["mag"] is not None:
+        return PruneSpec("magnitude", sparsity=_number(g["mag"], "sparsity"))
+    if g["thr"] is not None:
+        return PruneSpec("threshold", threshold=_number(g["thr"], "threshold"))
+    if g["bs"] is not None:
+        return PruneSpec(
+            "block",
+            sparsity=_number(g["bsp"], "sparsity"),
+            block_size=int(g["bs"]),
+            axis=_axis_word(g["baxis"], spec),
+        )
+    return PruneSpec("n:m", n=int(g["n"]), m=int(g["m"]), axis=_axis_word(g["nmaxis"], spec))
+
+
+def _spec_from(value: Any, where: str) -> PruneSpec | None:
+    if value is None or isinstance(value, PruneSpec):
+        return value
+    if isinstance(value, str):
+        if value.strip().lower() in ("dense", "none", "skip"):
+            return None
+        return parse_prune_spec(value)
+    if isinstance(value, Mapping):
+        unknown = set(value) - {f.name for f in attrs.fields(PruneSpec)}
+        if unknown:
+            raise ConfigError(f"unknown keys in {where}: {sorted(unknown)}")
+        try:
+            return PruneSpec(**value)
+        except TypeError as e:
+            raise ConfigError(f"bad {where}: {e}") from e
+    raise ConfigError(f"{where} must be a spec string, a mapping or null, got {type(value).__name__}")
+
+
+def _overrides(value) -> tuple[tuple[str, PruneSpec | None], ...]:
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    out = []
+    for item in items:
+        try:
+            pattern, spec = item
+        except (TypeError, ValueError):
+            raise ConfigError(f"an override must be a (name pattern, spec) pair, got {item!r}") from None
+        out.append((str(pattern), _spec_from(spec, f"override {pattern!r}")))
+    return tuple(out)
+
+
+def _str_tuple(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(str(v) for v in value)
+
+
+def _min_size(instance, attribute, value):
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise ConfigError(f"min_size must be an integer >= 0, got {value!r}")
+
+
+@attrs.frozen
+class PruneConfig:
+    """Which weights the pruning pass touches, and how.
+
+    spec: the default PruneSpec.
+    op_types: consumer op types whose weight operand is pruned (linear/conv/conv_transpose
+        `weight`, either const operand of matmul).
+    op_names: fnmatch patterns; when given, only weights whose const name or consumer op name
+        matches are pruned, and a const named here is pruned even if it feeds another op type.
+    overrides: ordered (pattern, spec-or-None) pairs; the first pattern matching the const's name,
+        else a consumer's name, gives its spec; None leaves the weight dense.
+    min_size: weights with fewer elements stay dense.
+    """
+
+    spec: PruneSpec
+    op_types: tuple[str, ...] = attrs.field(default=DEFAULT_OP_TYPES, converter=_str_tuple)
+    op_names: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    overrides: tuple[tuple[str, PruneSpec | None], ...] = attrs.field(default=(), converter=_overrides)
+    min_size: int = attrs.field(default=2048, validator=_min_size)
+
+    def __attrs_post_init__(self):
+        if not isinstance(self.spec, PruneSpec):
+            raise ConfigError(f"spec must be a PruneSpec, got {type(self.spec).__name__}")
+        if not self.op_types:
+            raise ConfigError("op_types must name at least one op type")
+
+    def override_for(self, *names: str) -> tuple[bool, PruneSpec | None, str | None]:
+        """(matched, spec, pattern) of the first override matching any of `names` in order."""
+        for name in names:
+            for pattern, spec in self.overrides:
+                if fnmatchcase(name, pattern):
+                    return True, spec, pattern
+        return False, None, None
+
+    def names_selected(self, *names: str) -> bool:
+        return not self.op_names or any(fnmatchcase(n, p) for n in names for p in self.op_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "op_types": list(self.op_types),
+            "op_names": list(self.op_names),
+            "overrides": {p: (None if s is None else s.to_dict()) for p, s in self.overrides},
+            "min_size": self.min_size,
+        }
+
+
+_CONFIG_KEYS = {"spec", "op_types", "op_names", "overrides", "min_size"}
+
+
+def parse_prune_config(value: Any) -> PruneConfig:
+    """A PruneConfig from a PruneConfig, a PruneSpec, a spec string, a mapping, or JSON/YAML text.
+
+    Mappings use the keys of PruneConfig; `spec` may itself be a string or a mapping, and a
+    mapping without `spec` but with `pattern` is read as a bare spec.
+    """
+    if isinstance(value, PruneConfig):
+        return value
+    if isinstance(value, PruneSpec):
+        return PruneConfig(spec=value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in "{[" or "\n" in text or text.startswith("spec:"):
+            try:
+                loaded = json.loads(text) if text[:1] in "{[" else yaml.safe_load(text)
+            except (ValueError, yaml.YAMLError) as e:
+                raise ConfigError(f"cannot read prune config text: {e}") from e
+            return parse_prune_config(loaded)
+        return PruneConfig(spec=parse_prune_spec(text))
+    if isinstance(value, Mapping):
+        if "spec" not in value and "pattern" in value:
+            return PruneConfig(spec=_spec_from(dict(value), "spec"))
+        unknown = set(value) - _CONFIG_KEYS
+        if unknown:
+            raise ConfigError(f"unknown prune config keys {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}")
+        if "spec" not in value:
+            raise ConfigError("prune config needs a 'spec' (e.g. spec: '2:4')")
+        spec = _spec_from(value["spec"], "spec")
+        if spec is None:
+            raise ConfigError("the default spec cannot be 'dense'; leave weights dense with overrides")
+        kwargs = {k: value[k] for k in ("op_types", "op_names", "overrides", "min_size") if k in value}
+        return PruneConfig(spec=spec, **kwargs)
+    raise ConfigError(f"cannot make a prune config from {type(value).__name__}")

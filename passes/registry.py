@@ -1,0 +1,129 @@
+"""The milsparse pass registry: passes declare their ordering, the registry derives pipelines.
+
+Ordering is data. Each pass declares
+- `requires`: passes that must be in the pipeline and run earlier;
+- `after` / `before`: order constraints that apply only when both passes are present (names of
+  coremltools passes are allowed here: they anchor the pass inside `ct.convert`'s pipeline);
+- `conflicts`: passes it cannot share a pipeline with;
+- `min_target`: the lowest deployment target whose opset has the ops it emits.
+
+`order_passes` builds an `nx.DiGraph` over the requested milsparse passes and returns
+`nx.lexicographical_topological_sort`, so ties are stable; a loop is reported with
+`nx.find_cycle`. `place_in_pipeline` inserts the ordered passes into a coremltools
+`PassPipeline` after the last occurrence of every coremltools pass they must follow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import coremltools as ct
+import networkx as nx
+from coremltools.converters.mil._deployment_compatibility import AvailableTarget
+from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+from milsparse.ir.errors import PipelineError
+
+__all__ = ["PassSpec", "MILSPARSE_PASSES", "register", "order_passes", "place_in_pipeline"]
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    summary: str
+    requires: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    min_target: AvailableTarget = AvailableTarget.iOS16
+    options: tuple[str, ...] = field(default=("config",))
+
+
+MILSPARSE_PASSES: dict[str, PassSpec] = {}
+
+
+def register(spec: PassSpec) -> PassSpec:
+    """Add a pass's ordering declaration; its class must already be in coremltools' registry."""
+    if not spec.name.startswith("milsparse::"):
+        raise PipelineError(f"milsparse passes live in the milsparse:: namespace, got {spec.name!r}")
+    if spec.name not in PASS_REGISTRY:
+        raise PipelineError(f"{spec.name} is not registered with coremltools' PASS_REGISTRY")
+    MILSPARSE_PASSES[spec.name] = spec
+    return spec
+
+
+def _spec(name: str) -> PassSpec:
+    try:
+        return MILSPARSE_PASSES[name]
+    except KeyError:
+        known = ", ".join(sorted(MILSPARSE_PASSES))
+        raise PipelineError(f"unknown milsparse pass {name!r}; known: {known}") from None
+
+
+def order_passes(names: Iterable[str], target: AvailableTarget | None = None) -> list[str]:
+    """The requested milsparse passes in a valid order; raises PipelineError when none exists."""
+    names = list(dict.fromkeys(names))
+    specs = {n: _spec(n) for n in names}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(names)
+    for name, spec in specs.items():
+        for dep in spec.requires:
+            if dep not in specs:
+                raise PipelineError(f"{name} requires {dep}, which is not in the pipeline")
+            graph.add_edge(dep, name)
+        for other in spec.after:
+            if other in specs:
+                graph.add_edge(other, name)
+        for other in spec.before:
+            if other in specs:
+                graph.add_edge(name, other)
+        for other in spec.conflicts:
+            if other in specs:
+                raise PipelineError(f"{name} conflicts with {other}; run them in separate pipelines")
+        if target is not None and target < spec.min_target:
+            raise PipelineError(
+                f"{name} needs minimum_deployment_target {spec.min_target.name} or later, "
+                f"the pipeline targets {target.name}"
+            )
+    try:
+        return list(nx.lexicographical_topological_sort(graph))
+    except nx.NetworkXUnfeasible:
+        cycle = " -> ".join(u for u, _ in nx.find_cycle(graph))
+        raise PipelineError(f"milsparse passes have an ordering loop: {cycle}") from None
+
+
+def _copy_pipeline(base: ct.PassPipeline) -> ct.PassPipeline:
+    pipeline = ct.PassPipeline(pass_names=list(base.passes), pipeline_name=str(base))
+    for pass_name, options in base.get_all_options().items():
+        pipeline.set_options(pass_name, {o.option_name: o.option_val for o in options})
+    return pipeline
+
+
+def place_in_pipeline(
+    names: Iterable[str], base: ct.PassPipeline, options: dict[str, dict] | None = None
+) -> ct.PassPipeline:
+    """A copy of `base` with the milsparse passes inserted where their declarations allow.
+
+    Each pass goes right after the last pass of `base` it must follow (its `after` list and the
+    passes already placed before it), and must land before the first of its `before` passes.
+    """
+    pipeline = _copy_pipeline(base)
+    passes = list(pipeline.passes)
+    for name in order_passes(names):
+        spec = _spec(name)
+        last_after = max((i for i, p in enumerate(passes) if p in spec.after or p in spec.requires), default=-1)
+        placed = [i for i, p in enumerate(passes) if p in MILSPARSE_PASSES]
+        position = max([last_after] + placed) + 1
+        first_before = min((i for i, p in enumerate(passes) if p in spec.before), default=len(passes))
+        if position > first_before:
+            raise PipelineError(
+                f"{name} must run after {passes[position - 1]} and before {passes[first_before]}, "
+                f"which comes earlier in pipeline {base}"
+            )
+        passes.insert(position, name)
+    pipeline.passes = passes
+    for name, opts in (options or {}).items():
+        pipeline.set_options(name, opts)
+    pipeline.validate()
+    return pipeline
