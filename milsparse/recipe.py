@@ -50,7 +50,9 @@ class Recipe:
         if isinstance(value, (PruneConfig, PruneSpec, str)):
             return cls(prune=value)
         if isinstance(value, Mapping):
-            return cls.from_dict(value)
+            if set(value) & _KEYS:
+                return cls.from_dict(value)
+            return cls(prune=value)  # a bare prune config mapping
         raise ConfigError(f"cannot make a recipe from {type(value).__name__}")
 
     @classmethod

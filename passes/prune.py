@@ -166,9 +166,10 @@ class PruneWeights(AbstractGraphPass):
             return MatchResult.fail(f"{val.ndim}-D")
         if val.size < cfg.min_size:
             return MatchResult.fail(f"small: {val.size} elements < min_size {cfg.min_size}")
-        return self._resolve_spec(op, tuple(weight_uses or uses), val.ndim)
+        return self._resolve_spec(op, tuple(uses), tuple(weight_uses or uses), val.ndim)
 
-    def _resolve_spec(self, op, uses, rank) -> MatchResult[_Candidate]:
+    def _resolve_spec(self, op, all_uses, uses, rank) -> MatchResult[_Candidate]:
+        """Pick the spec (and n:m / block axis) for a weight read through `uses`."""
         cfg = self._config
         found, spec, pattern = cfg.override_for(op.name)
         note = None
@@ -195,7 +196,7 @@ class PruneWeights(AbstractGraphPass):
         if spec.pattern in ("block", "n:m"):
             input_axis, output_axis = channel_axes(chosen_use, rank)
             axis = input_axis if spec.resolved_axis == "input" else output_axis
-        return MatchResult.ok(_Candidate(op, tuple(uses), spec, axis, note))
+        return MatchResult.ok(_Candidate(op, all_uses, spec, axis, note))
 
     def _match_values(self, cand: _Candidate, ios18: bool) -> MatchResult[np.ndarray]:
         weight = cand.op.outputs[0].val

@@ -1,0 +1,172 @@
+import gc
+import glob
+import os
+import tempfile
+from pathlib import Path
+
+import coremltools as ct
+import numpy as np
+import pytest
+
+import milsparse as ms
+from milsparse.errors import ConfigError, UnsupportedModelError
+from milsparse.fixtures import programs
+from milsparse.fixtures.files import tree_digest
+from milsparse.ir import formats, masks
+
+EXAMPLE = Path(ms.__file__).parent.parent / "fixtures" / "example.mlpackage"
+if not EXAMPLE.exists():  # installed (non-editable) layout
+    from milsparse import fixtures as _fx
+
+    EXAMPLE = Path(_fx.__file__).parent / "example.mlpackage"
+
+
+def _values(model_or_path) -> dict[str, np.ndarray]:
+    """Every weight of a model as the dense array Core ML would materialise."""
+    prog = ms.load_program(model_or_path)
+    out = {}
+    for op in prog.functions["main"].operations:
+        if op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray):
+            out[op.name] = op.outputs[0].val
+        elif op.op_type == "constexpr_sparse_to_dense":
+            val = op.materialized_val_inference()
+            out[op.name] = val[-1] if isinstance(val, tuple) else val
+    return out
+
+
+def test_compress_a_saved_package_and_load_it_back(tmp_path, save_program):
+    src = save_program(programs.mlp(sizes=(64, 128, 128, 10), dtype=np.float16))
+    before = tree_digest(src)
+    dense = _values(src)
+    model, report = ms.compress_with_report(src, "unstructured:0.5")
+    assert tree_digest(src) == before  # the input is never modified
+    out = ms.save(model, tmp_path / "out.mlpackage")
+    assert ms.load_program(out).functions["main"].opset_version == ct.target.iOS18
+    loaded = _values(out)
+    for d in report.decisions:
+        w = dense[d.name]
+        if d.compressed:
+            np.testing.assert_array_equal(loaded[d.name], np.where(masks.magnitude_mask(w, 0.5), w, 0))
+        else:
+            np.testing.assert_array_equal(loaded[d.name], w)
+    assert [d.name for d in report.compressed] == ["fc0_weight", "fc1_weight"]
+
+
+def test_size_on_disk_matches_the_byte_accounting(tmp_path, save_program):
+    src = save_program(programs.transformer_block(d_model=64, d_ff=256))
+    for spec in ("unstructured:0.5", "2:4", "block4:0.75"):
+        out = ms.save(ms.compress(src, {"spec": spec, "min_size": 64}), tmp_path / f"{spec.replace(':', '_')}.mlpackage", overwrite=True)
+        weight_file = next(Path(out).rglob("weight.bin"))
+        predicted = formats.BLOB_FILE_HEADER_BYTES + ms.inspect_model(out).totals()["stored_bytes"]
+        # the last tensor of the file is not padded: at most one alignment off
+        assert 0 <= predicted - weight_file.stat().st_size < formats.BLOB_ALIGNMENT
+
+
+def test_same_input_and_recipe_give_a_byte_identical_package(tmp_path, save_program):
+    src = save_program(programs.cnn())
+    a = ms.save(ms.compress(src, "2:4"), tmp_path / "a.mlpackage")
+    b = ms.save(ms.compress(src, "2:4"), tmp_path / "b.mlpackage")
+    assert tree_digest(a) == tree_digest(b)
+
+
+def test_no_temporary_package_outlives_the_model(save_program):
+    src = save_program(programs.mlp(sizes=(64, 128, 10)))
+    pattern = os.path.join(tempfile.gettempdir(), "milsparse-*")
+    before = set(glob.glob(pattern))
+    model = ms.compress(src, "2:4")
+    assert len(set(glob.glob(pattern)) - before) == 1
+    del model
+    gc.collect()
+    assert set(glob.glob(pattern)) - before == set()
+
+
+def test_compress_accepts_an_mlmodel_without_mil_program(save_program):
+    src = save_program(programs.mlp(sizes=(64, 128, 10)))
+    mlmodel = ct.models.MLModel(str(src), skip_model_load=True)
+    assert mlmodel._mil_program is None
+    report = ms.compress_with_report(mlmodel, "2:4")[1]
+    assert [d.name for d in report.compressed] == ["fc0_weight"]
+
+
+def test_target_raises_the_opset_and_ios15_without_target_is_refused(tmp_path, save_program):
+    src = save_program(programs.mlp(sizes=(64, 128, 10), opset=ct.target.iOS15))
+    with pytest.raises(UnsupportedModelError, match="target='ios16'"):
+        ms.compress(src, "2:4")
+    model = ms.compress(src, "2:4", target="ios16")
+    out = ms.save(model, tmp_path / "out.mlpackage")
+    prog = ms.load_program(out)
+    assert prog.functions["main"].opset_version == ct.target.iOS16
+    sparse = [op for op in prog.functions["main"].operations if op.op_type == "constexpr_sparse_to_dense"]
+    assert len(sparse) == 1 and "shape" in sparse[0].inputs  # the iOS16 form
+    ios18 = save_program(programs.mlp(sizes=(64, 128, 10)), "ios18.mlpackage")
+    with pytest.raises(ConfigError, match="cannot lower it to iOS17"):
+        ms.compress(ios18, "2:4", target="ios17")
+
+
+def test_non_mlprogram_and_missing_inputs_are_clear_errors(tmp_path):
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    builder = NeuralNetworkBuilder(
+        [("x", datatypes.Array(4))], [("y", datatypes.Array(2))], disable_rank5_shape_mapping=True
+    )
+    builder.add_inner_product("fc", np.ones((2, 4)), None, 4, 2, False, "x", "y")
+    nn_path = tmp_path / "nn.mlmodel"
+    ct.models.MLModel(builder.spec, skip_model_load=True).save(str(nn_path))
+    with pytest.raises(UnsupportedModelError, match="neuralNetwork model; milsparse works on ML programs"):
+        ms.compress(nn_path, "2:4")
+    with pytest.raises(UnsupportedModelError, match="no such file"):
+        ms.compress(tmp_path / "missing.mlpackage", "2:4")
+    (tmp_path / "empty.mlpackage").mkdir()
+    with pytest.raises(UnsupportedModelError, match="no Manifest.json"):
+        ms.compress(tmp_path / "empty.mlpackage", "2:4")
+
+
+def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, save_program, monkeypatch):
+    src = save_program(programs.mlp(sizes=(64, 128, 10)))
+    model = ms.compress(src, "2:4")
+    out = ms.save(model, tmp_path / "out.mlpackage")
+    digest = tree_digest(out)
+    with pytest.raises(ConfigError, match="exists"):
+        ms.save(model, out)
+
+    def broken_save(self, path):
+        os.makedirs(path)
+        Path(path, "partial").write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ct.models.MLModel, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ms.save(model, out, overwrite=True)
+    with pytest.raises(OSError, match="disk full"):
+        ms.save(model, tmp_path / "new.mlpackage")
+    assert tree_digest(out) == digest  # the old package survives a failed overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.mlpackage", "out.mlpackage"]
+
+
+def test_bundled_example_compresses(tmp_path):
+    model, report = ms.compress_with_report(EXAMPLE, "2:4")
+    assert len(report.compressed) == 6
+    assert all(d.sparsity == 0.5 for d in report.compressed)
+    ms.save(model, tmp_path / "example.sparse.mlpackage")
+
+
+def test_recipe_from_yaml(tmp_path, save_program):
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(
+        "target: ios18\n"
+        "prune:\n"
+        "  spec: unstructured:0.6\n"
+        "  min_size: 64\n"
+        "  overrides:\n"
+        "    fc1*: dense\n"
+        "    fc0_weight: {pattern: 'n:m', n: 1, m: 4}\n"
+    )
+    recipe = ms.Recipe.from_yaml(recipe_path)
+    assert ms.Recipe.from_yaml(recipe.to_yaml()) == recipe
+    src = save_program(programs.mlp(sizes=(64, 128, 64, 10)))
+    report = ms.compress_with_report(src, recipe)[1]
+    by_name = {d.name: d for d in report.decisions}
+    assert by_name["fc0_weight"].spec == "1:4" and by_name["fc0_weight"].sparsity == 0.25
+    assert by_name["fc1_weight"].reason == "left dense by override 'fc1*'"
+    assert by_name["fc2_weight"].spec == "unstructured:0.6"
