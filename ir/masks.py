@@ -1,9 +1,12 @@
 """Mask builders: which weights to keep under threshold, magnitude, block and n:m pruning.
 
 Every builder returns a boolean `keep` array with the weight's shape. They are pure numpy,
-O(N) (selection by `np.partition`, never a full sort), and compute their criteria in float32 or
-wider whatever the storage dtype: numpy's order statistics on large float16 arrays return NaN,
-which is how coremltools' magnitude pruning silently prunes nothing on big fp16 weights.
+O(N) (selection by `np.partition`, never a full sort), and never do arithmetic in fp16: numpy's
+percentile of a large float16 array returns NaN, which is how coremltools' magnitude pruning
+silently prunes nothing on big fp16 weights. Magnitudes are ranked by exact integer keys (the
+IEEE-754 bit pattern of |w|, whose unsigned order is the numeric order of finite magnitudes),
+which is exact, needs no conversion and half the memory of float32 for fp16 weights; scores that
+need arithmetic (block norms, thresholds) are computed in float32 or wider.
 
 Each builder also takes `scores`, an importance per element (larger = more important), so
 data-aware criteria reuse the same patterns; by default the score is |w|.
@@ -23,6 +26,8 @@ import numpy as np
 __all__ = [
     "round_half_up",
     "importance",
+    "magnitude_keys",
+    "all_finite",
     "select_lowest",
     "threshold_mask",
     "magnitude_mask",
@@ -43,9 +48,41 @@ def importance(weight: np.ndarray) -> np.ndarray:
     return np.abs(weight.astype(dtype, copy=False))
 
 
-def _scores_for(weight: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
-    if scores is None:
+_KEY_TYPES = {
+    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000),
+    np.dtype(np.float64): (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+}
+
+
+def magnitude_keys(weight: np.ndarray) -> np.ndarray:
+    """Unsigned integers ordered exactly as |w| (floats: the bit pattern without the sign).
+
+    -0.0 and +0.0 share key 0; inf and nan get keys at or above `all_finite`'s limit. Other
+    dtypes fall back to `importance` (float32 |w|).
+    """
+    weight = np.asarray(weight)
+    spec = _KEY_TYPES.get(weight.dtype)
+    if spec is None:
         return importance(weight)
+    uint, magnitude_bits, _ = spec
+    return np.ascontiguousarray(weight).view(uint) & uint(magnitude_bits)
+
+
+def all_finite(weight: np.ndarray) -> bool:
+    """True when no element is inf or nan (checked on integer keys, no float conversion)."""
+    weight = np.asarray(weight)
+    spec = _KEY_TYPES.get(weight.dtype)
+    if weight.size == 0:
+        return True
+    if spec is None:
+        return bool(np.isfinite(weight).all()) if weight.dtype.kind in "fc" else True
+    return int(magnitude_keys(weight).max()) < spec[2]
+
+
+def _scores_for(weight: np.ndarray, scores: np.ndarray | None, exact_keys: bool = False) -> np.ndarray:
+    if scores is None:
+        return magnitude_keys(weight) if exact_keys else importance(weight)
     scores = np.asarray(scores)
     if scores.shape != weight.shape:
         raise ValueError(f"scores shape {scores.shape} does not match weight shape {weight.shape}")
@@ -94,7 +131,7 @@ def threshold_mask(weight: np.ndarray, threshold: float) -> np.ndarray:
 def magnitude_mask(weight: np.ndarray, sparsity: float, scores: np.ndarray | None = None) -> np.ndarray:
     """Prune exactly round_half_up(sparsity * N) elements of the lowest score."""
     _check_fraction("sparsity", sparsity)
-    s = _scores_for(weight, scores)
+    s = _scores_for(weight, scores, exact_keys=True)
     return ~select_lowest(s, round_half_up(sparsity * s.size))
 
 
@@ -155,7 +192,7 @@ def nm_mask(
     if not (isinstance(m, (int, np.integer)) and m >= 1 and 0 <= n <= m):
         raise ValueError(f"n:m needs 0 <= n <= m and m >= 1, got {n}:{m}")
     axis = _channel_axis(weight, axis)
-    s = np.moveaxis(_scores_for(weight, scores), axis, -1)
+    s = np.moveaxis(_scores_for(weight, scores, exact_keys=True), axis, -1)
     length = s.shape[-1]
     rows = s.reshape(-1, length)
     prune = np.zeros(rows.shape, dtype=bool)
@@ -177,7 +214,24 @@ def nm_mask(
 
 
 def _prune_lowest_per_group(groups: np.ndarray, n: int, out: np.ndarray) -> None:
-    """Set `out` True at the n lowest entries of each group (last axis); stable on ties."""
-    # m is small, so a stable argsort along it is linear in N and gives index-order ties.
-    order = np.argsort(groups, axis=-1, kind="stable")[..., :n]
-    np.put_along_axis(out, order, True, axis=-1)
+    """Set `out` True at the n lowest entries of each group (last axis); ties to the lower index.
+
+    For the usual small m, each element's rank inside its group is counted with m*(m-1)
+    vectorised comparisons (linear in N, no sort); larger groups use a stable argsort.
+    """
+    m = groups.shape[-1]
+    if m > 16:
+        order = np.argsort(groups, axis=-1, kind="stable")[..., :n]
+        np.put_along_axis(out, order, True, axis=-1)
+        return
+    lanes = np.ascontiguousarray(np.moveaxis(groups, -1, 0))  # lanes[i]: i-th member of each group
+    rank = np.empty(lanes.shape[1:], dtype=np.uint8)
+    scratch = np.empty(lanes.shape[1:], dtype=bool)
+    for i in range(m):
+        rank.fill(0)
+        for j in range(m):
+            if j != i:
+                # an equal score earlier in the group ranks lower: ties go to the lower index
+                (np.less_equal if j < i else np.less)(lanes[j], lanes[i], out=scratch)
+                rank += scratch
+        np.less(rank, n, out=out[..., i])

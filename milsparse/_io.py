@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import weakref
 from pathlib import Path
 
 import coremltools as ct
+import numpy as np
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.converter import mil_convert
 from coremltools.converters.mil.frontend.milproto import load as milproto
@@ -90,14 +92,72 @@ def open_model(model) -> ct.models.MLModel:
     return mlmodel
 
 
+_BLOB_SENTINEL = 0xDEADBEEF
+_DIRECT_READS = {
+    "read_float_data": np.float32,
+    "read_fp16_data": np.uint16,  # the loader reinterprets these bits as float16
+    "read_int8_data": np.int8,
+    "read_uint8_data": np.uint8,
+    "read_int16_data": np.int16,
+    "read_uint16_data": np.uint16,
+    "read_int32_data": np.int32,
+    "read_uint32_data": np.uint32,
+}
+
+
+class _FileBlobReader:
+    """Reads one tensor of a Core ML weight file at a time with `np.fromfile`.
+
+    coremltools' reader maps the whole weight file, and every page it touched stays resident
+    until loading ends, so loading alone peaked at twice the model. This reader copies each
+    tensor once from the file. Sub-byte tensors (uint1 masks, int4, ...) go to coremltools' own
+    reader, which unpacks them.
+    """
+
+    def __init__(self, path: str, fallback_cls):
+        self._path = path
+        self._fallback_cls = fallback_cls
+        self._fallback = None
+
+    def _read(self, offset: int, dtype) -> np.ndarray:
+        sentinel_and_type, size, data_offset = np.fromfile(self._path, np.uint64, 3, offset=offset)
+        if int(sentinel_and_type) & 0xFFFFFFFF != _BLOB_SENTINEL:
+            raise UnsupportedModelError(f"{self._path}: no weight record at offset {offset}")
+        count = int(size) // np.dtype(dtype).itemsize
+        return np.fromfile(self._path, dtype, count, offset=int(data_offset))
+
+    def __getattr__(self, name):
+        if name in _DIRECT_READS:
+            dtype = _DIRECT_READS[name]
+            return lambda offset: self._read(offset, dtype)
+        if self._fallback is None:
+            self._fallback = self._fallback_cls(self._path)
+        return getattr(self._fallback, name)
+
+
+@contextlib.contextmanager
+def _one_copy_weight_reads():
+    """Route the milproto loader's weight reads through `_FileBlobReader` for one load.
+
+    The loader looks its reader class up by module global at each call; it is restored after.
+    """
+    original = milproto.BlobReader
+    milproto.BlobReader = lambda path: _FileBlobReader(path, original)
+    try:
+        yield
+    finally:
+        milproto.BlobReader = original
+
+
 def load_program(mlmodel: ct.models.MLModel):
     """A fresh pymil Program read from the model's spec and weight file."""
     spec = mlmodel.get_spec()
-    return milproto.load(
-        spec,
-        specification_version=spec.specificationVersion,
-        file_weights_dir=mlmodel.weights_dir or "",
-    )
+    with _one_copy_weight_reads():
+        return milproto.load(
+            spec,
+            specification_version=spec.specificationVersion,
+            file_weights_dir=mlmodel.weights_dir or "",
+        )
 
 
 def retarget(prog, spec_version: int, target: AvailableTarget | None) -> int:

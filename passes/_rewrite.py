@@ -36,6 +36,20 @@ def replace_const(op: Operation, build: Callable[[Operation, str], Var]) -> Var:
         anchor_op=op, old_var=old_var, new_var=new_var, force_replace=True
     )
     block.remove_ops([op])
+    _release_value(op)
     new_var.op.name = name
     new_var.name = name
     return new_var
+
+
+def _release_value(op: Operation) -> None:
+    """Drop the removed const's array now.
+
+    A removed op and its output var reference each other, so its (possibly huge) value would
+    live until the next full garbage collection; peak memory would then hold the dense and the
+    compressed copy of every weight at once.
+    """
+    # A const keeps its value on its output var and on its `val` attribute (an internal var).
+    for var in (*op.outputs, *op.inputs.values(), getattr(op, "val", None)):
+        if hasattr(var, "_sym_val"):
+            var._sym_val = None

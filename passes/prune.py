@@ -200,10 +200,10 @@ class PruneWeights(AbstractGraphPass):
 
     def _match_values(self, cand: _Candidate, ios18: bool) -> MatchResult[np.ndarray]:
         weight = cand.op.outputs[0].val
-        if not np.isfinite(weight).all():
+        if not masks.all_finite(weight):
             return MatchResult.fail("non-finite values (inf or nan)")
         keep = _build_mask(weight, cand.spec, cand.axis)
-        keep &= weight != 0
+        keep &= weight != 0  # zeros are never stored, whatever the pattern kept
         nnz = int(np.count_nonzero(keep))
         sparsity = 1.0 - nnz / weight.size
         if cand.spec.pattern == "threshold" and sparsity < cand.spec.min_sparsity:
@@ -227,7 +227,7 @@ class PruneWeights(AbstractGraphPass):
         nnz = int(np.count_nonzero(keep))
         name = op.name
         if ios18:
-            enc = formats.encode_sparse_ios18(weight, keep)
+            enc = formats.encode_sparse_ios18(weight, keep, exact=True)
 
             def build(anchor, tmp_name):
                 nonzero = named_const(enc.nonzero_data, f"{name}_nonzero_data", anchor)
@@ -236,7 +236,7 @@ class PruneWeights(AbstractGraphPass):
                     nonzero_data=nonzero, mask=mask, name=tmp_name, before_op=anchor
                 )
         else:
-            enc = formats.encode_sparse_ios16(weight, keep)
+            enc = formats.encode_sparse_ios16(weight, keep, exact=True)
 
             def build(anchor, tmp_name):
                 nonzero = named_const(enc.nonzero_data, f"{name}_nonzero_data", anchor)

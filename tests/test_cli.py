@@ -1,0 +1,112 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from milsparse.cli import main
+from milsparse.fixtures import programs
+from milsparse.fixtures.files import tree_digest
+
+
+@pytest.fixture
+def model(save_program):
+    return save_program(programs.mlp(sizes=(64, 128, 128, 10)))
+
+
+def test_compress_then_inspect_json(model, tmp_path, capsys):
+    out = tmp_path / "out.mlpackage"
+    assert main(["compress", str(model), "-o", str(out), "--prune", "2:4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["output"] == str(out)
+    assert [w["name"] for w in report["weights"] if w["compressed"]] == ["fc0_weight", "fc1_weight"]
+    assert report["totals"]["bytes_saved"] > 0
+    assert main(["inspect", str(out), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    formats = {w["name"]: (w["format"], w["sparsity"]) for w in table["weights"]}
+    assert formats["fc0_weight"] == ("sparse", 0.5)
+    assert formats["fc2_weight"] == ("dense", 0.0)
+    assert table["totals"]["stored_bytes"] == sum(w["stored_bytes"] for w in table["weights"])
+    assert set(table["weights"][0]) >= {"name", "consumers", "shape", "dtype", "format", "sparsity", "stored_bytes", "bits_per_weight"}
+
+
+def test_compress_text_report_and_flags(model, tmp_path, capsys):
+    out = tmp_path / "out.mlpackage"
+    args = ["compress", str(model), "-o", str(out), "--prune", "block4@1:0.5", "--op-types", "linear", "--min-size", "64", "--target", "ios18"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "block4@in:0.5" in text and f"wrote {out}" in text
+    assert "fc2_weight" in text and "3 of" in text
+
+
+def test_threshold_with_min_sparsity(model, tmp_path, capsys):
+    out = tmp_path / "out.mlpackage"
+    assert main(["compress", str(model), "-o", str(out), "--prune", "threshold:1e-9", "--min-sparsity", "0.3", "--json"]) == 0
+    reasons = {w["name"]: w["reason"] for w in json.loads(capsys.readouterr().out)["weights"]}
+    assert reasons["fc0_weight"].startswith("below minimum sparsity")
+
+
+def test_recipe_file(model, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prune:\n  spec: '1:2'\n  overrides: {fc1_weight: dense}\n")
+    out = tmp_path / "out.mlpackage"
+    assert main(["compress", str(model), "-o", str(out), "--recipe", str(recipe), "--json"]) == 0
+    weights = {w["name"]: w for w in json.loads(capsys.readouterr().out)["weights"]}
+    assert weights["fc0_weight"]["spec"] == "1:2"
+    assert not weights["fc1_weight"]["compressed"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prune", "2:5x"], "bad prune spec '2:5x'"),
+        (["--prune", "5:4"], "n:m needs integers 0 <= n <= m"),
+        (["--prune", "unstructured:1.5"], "sparsity must be a number in [0, 1]"),
+        (["--prune", "2:4@2"], "bad axis '2'"),
+        (["--prune", "2:4", "--min-size", "-1"], "min_size must be an integer >= 0"),
+        (["--prune", "2:4", "--min-sparsity", "0.5"], "--min-sparsity applies to threshold"),
+    ],
+)
+def test_bad_flag_values_are_one_line_errors(model, tmp_path, capsys, args, message):
+    out = tmp_path / "out.mlpackage"
+    assert main(["compress", str(model), "-o", str(out)] + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_existing_output_needs_force_and_input_is_never_the_output(model, tmp_path, capsys):
+    out = tmp_path / "out.mlpackage"
+    assert main(["compress", str(model), "-o", str(out), "--prune", "2:4"]) == 0
+    digest = tree_digest(out)
+    assert main(["compress", str(model), "-o", str(out), "--prune", "unstructured:0.9"]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert tree_digest(out) == digest
+    assert main(["compress", str(model), "-o", str(out), "--prune", "unstructured:0.9", "--force"]) == 0
+    assert tree_digest(out) != digest
+    assert main(["compress", str(model), "-o", str(model), "--prune", "2:4", "--force"]) == 2
+    assert "never modifies its input" in capsys.readouterr().err
+
+
+def test_passes_lists_the_registry(capsys):
+    assert main(["passes", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    prune = next(r for r in rows if r["name"] == "milsparse::prune")
+    assert "common::add_fp16_cast" in prune["after"] and prune["min_target"] == "iOS16"
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "milsparse.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bad_paths_and_non_mlprogram_models_exit_2_with_one_line(tmp_path):
+    missing = _run_cli("compress", str(tmp_path / "nope.mlpackage"), "-o", str(tmp_path / "o.mlpackage"), "--prune", "2:4")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [f"milsparse: error: {tmp_path / 'nope.mlpackage'}: no such file or directory"]
+    not_model = tmp_path / "junk.mlpackage"
+    not_model.mkdir()
+    bad = _run_cli("inspect", str(not_model))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "not an .mlpackage" in bad.stderr
+    usage = _run_cli("compress", "x.mlpackage")
+    assert usage.returncode == 2 and "required" in usage.stderr and "Traceback" not in usage.stderr

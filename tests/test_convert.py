@@ -1,0 +1,85 @@
+"""milsparse inside ct.convert: torch modules converted with ms.coreml_pipeline."""
+
+import coremltools as ct
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the test extra installs torch")
+
+import milsparse as ms  # noqa: E402
+from milsparse.fixtures import torch_models  # noqa: E402
+from milsparse.ir import masks  # noqa: E402
+
+
+def _main_ops(mlmodel):
+    return list(mlmodel._mil_program.functions["main"].operations)
+
+
+def _weights_by_consumer(mlmodel, op_type):
+    """{consumer op name: dense weight} for every `op_type` op, materialising constexprs."""
+    out = {}
+    for op in _main_ops(mlmodel):
+        if op.op_type != op_type:
+            continue
+        producer = op.weight.op
+        if producer.op_type == "const":
+            out[op.name] = producer.outputs[0].val
+        else:
+            val = producer.materialized_val_inference()
+            out[op.name] = val[-1] if isinstance(val, tuple) else val
+    return out
+
+
+def test_convert_with_pipeline_prunes_fused_conv_batchnorm_weights():
+    torch.manual_seed(0)
+    module = torch_models.ConvBNNet()
+    dense = torch_models.convert(module)
+    sparse = torch_models.convert(module, pass_pipeline=ms.coreml_pipeline("unstructured:0.5"))
+    types = [op.op_type for op in _main_ops(sparse)]
+    assert "batch_norm" not in types  # conv+batchnorm still fused
+    assert types.count("constexpr_sparse_to_dense") == 2  # conv1 and the head; conv0 is small
+    dense_w = _weights_by_consumer(dense, "conv")
+    sparse_w = _weights_by_consumer(sparse, "conv")
+    assert dense_w.keys() == sparse_w.keys()
+    pruned = 0
+    for name, w in dense_w.items():
+        assert w.dtype == np.float16  # pruning saw the weights after the fp16 cast
+        if w.size >= 2048:
+            np.testing.assert_array_equal(sparse_w[name], np.where(masks.magnitude_mask(w, 0.5), w, 0))
+            pruned += 1
+        else:
+            np.testing.assert_array_equal(sparse_w[name], w)
+    assert pruned == 1
+    assert all(op.bias is not None for op in _main_ops(sparse) if op.op_type == "conv")
+
+
+def test_convert_tied_embeddings_prunes_the_shared_weight_once():
+    mlmodel = torch_models.convert(
+        torch_models.TiedLM(), pass_pipeline=ms.coreml_pipeline({"spec": "2:4", "min_size": 1024})
+    )
+    sparse = [op for op in _main_ops(mlmodel) if op.op_type == "constexpr_sparse_to_dense"]
+    readers = {op.name: sorted(c.op_type for c in op.outputs[0].child_ops) for op in sparse}
+    assert sorted(readers.values()) == [["gather", "linear"], ["linear"]]
+
+
+def test_convert_for_ios16_emits_the_packed_mask_form():
+    mlmodel = torch_models.convert(
+        torch_models.MLP(), pass_pipeline=ms.coreml_pipeline("2:4"), target=ct.target.iOS16
+    )
+    sparse = [op for op in _main_ops(mlmodel) if op.op_type == "constexpr_sparse_to_dense"]
+    assert sparse and all("shape" in op.inputs for op in sparse)
+
+
+def test_convert_encoder_prunes_every_projection():
+    mlmodel = torch_models.convert(
+        torch_models.TinyEncoder(), pass_pipeline=ms.coreml_pipeline({"spec": "2:4", "min_size": 1024})
+    )
+    linears = [op for op in _main_ops(mlmodel) if op.op_type == "linear"]
+    # per layer: attention in-projection, out-projection and two feed-forward linears
+    assert len(linears) == 8
+    assert all(op.weight.op.op_type == "constexpr_sparse_to_dense" for op in linears)
+    sparse = [r for r in ms.inspect_model(mlmodel).rows if r.format == "sparse"]
+    # nn.TransformerEncoder deep-copies its layer, so const_deduplication shares the weights
+    # of both layers: four weights, each pruned once for two readers
+    assert len(sparse) == 4 and all(len(r.consumers) == 2 for r in sparse)
+    assert all(r.sparsity == pytest.approx(0.5) for r in sparse)
