@@ -7,7 +7,7 @@ default), and for magnitude 0.5 and 2:4, each tool runs in its own fresh process
 is its own): load the .mlpackage, prune, save. Reported per run:
 
 - wall time of load + prune + save;
-- peak RSS above the RSS right after importing the tool (`ru_maxrss` minus `VmRSS`);
+- peak RSS above the RSS right after importing the tool (`VmHWM` minus `VmRSS`);
 - output size on disk, and for milsparse the byte accounting's prediction of the weight file;
 - sparsity actually reached over the weights that were meant to be pruned.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,16 +29,22 @@ from pathlib import Path
 SETTINGS = {"magnitude 0.5": "unstructured:0.5", "2:4": "2:4"}
 
 
-def _rss_bytes() -> int:
+def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _rss_bytes() -> int:
+    return _status("VmRSS")
 
 
 def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM is this process image's own high-water mark; ru_maxrss would carry the parent's
+    # RSS over fork+exec, and the parent holds the generated models.
+    return _status("VmHWM")
 
 
 def worker(tool: str, spec: str, src: str, dst: str) -> dict:
@@ -59,10 +64,14 @@ def worker(tool: str, spec: str, src: str, dst: str) -> dict:
         if spec == "2:4":
             op_config = cto.coreml.OpMagnitudePrunerConfig(n_m_ratio=(2, 4))
         else:
-            op_config = cto.coreml.OpMagnitudePrunerConfig(target_sparsity=float(spec.split(":")[1]))
+            op_config = cto.coreml.OpMagnitudePrunerConfig(
+                target_sparsity=float(spec.split(":")[1])
+            )
         t0 = time.perf_counter()
         mlmodel = ct.models.MLModel(src, skip_model_load=True)
-        pruned = cto.coreml.prune_weights(mlmodel, cto.coreml.OptimizationConfig(global_config=op_config))
+        pruned = cto.coreml.prune_weights(
+            mlmodel, cto.coreml.OptimizationConfig(global_config=op_config)
+        )
         pruned.save(dst)
         elapsed = time.perf_counter() - t0
     return {"seconds": elapsed, "peak_above_import": _peak_bytes() - baseline}
@@ -72,16 +81,20 @@ def _run_worker(tool, spec, src, dst) -> dict:
     cmd = [sys.executable, __file__, "--worker", tool, spec, str(src), str(dst)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        return {
+            "error": proc.stderr.strip().splitlines()[-1]
+            if proc.stderr.strip()
+            else f"exit {proc.returncode}"
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _measure_output(path: Path, names: set[str]) -> dict:
     import numpy as np
-
-    import milsparse as ms
     from milsparse.fixtures.files import tree_size
     from milsparse.ir import formats
+
+    import milsparse as ms
 
     prog = ms.load_program(path)
     zeros = total = 0
@@ -89,7 +102,11 @@ def _measure_output(path: Path, names: set[str]) -> dict:
         if op.op_type == "constexpr_sparse_to_dense":
             mask = op.mask.val
             n = int(np.prod(op.outputs[0].shape))
-            ones = int(np.unpackbits(mask).sum()) if "shape" in op.inputs else int(np.count_nonzero(mask))
+            ones = (
+                int(np.unpackbits(mask).sum())
+                if "shape" in op.inputs
+                else int(np.count_nonzero(mask))
+            )
             zeros, total = zeros + n - ones, total + n
         elif op.op_type == "const" and op.name in names:
             val = op.outputs[0].val
@@ -107,7 +124,6 @@ def _measure_output(path: Path, names: set[str]) -> dict:
 
 def _build_models(params: float, folder: Path) -> dict[str, Path]:
     import numpy as np
-
     from milsparse.fixtures.programs import big_linear_stack, program_to_mlmodel
 
     paths = {}
@@ -120,7 +136,9 @@ def _build_models(params: float, folder: Path) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=float, default=100e6, help="weights in the generated model")
+    parser.add_argument(
+        "--params", type=float, default=100e6, help="weights in the generated model"
+    )
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "prune.json"))
     args = parser.parse_args()
 
@@ -133,10 +151,19 @@ def main() -> None:
         models = _build_models(args.params, folder)
         for dtype, src in models.items():
             dense_size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
-            weights = {r.name for r in ms.inspect_model(src).rows if r.num_elements >= 2048 and len(r.shape) > 1}
+            weights = {
+                r.name
+                for r in ms.inspect_model(src).rows
+                if r.num_elements >= 2048 and len(r.shape) > 1
+            }
             elements = sum(r.num_elements for r in ms.inspect_model(src).rows if r.name in weights)
             for label, spec in SETTINGS.items():
-                row = {"dtype": dtype, "setting": label, "weights": elements, "dense_size": dense_size}
+                row = {
+                    "dtype": dtype,
+                    "setting": label,
+                    "weights": elements,
+                    "dense_size": dense_size,
+                }
                 for tool in ("milsparse", "coremltools"):
                     dst = folder / f"{tool}_{dtype}_{spec.replace(':', '_')}.mlpackage"
                     print(f"[{dtype} {label}] {tool} ...", file=sys.stderr, flush=True)
@@ -171,12 +198,25 @@ def main() -> None:
             ]
         )
     headers = [
-        "dtype", "setting", "ms s", "ct s", "speedup", "ms peak", "ct peak", "ms peak/dense",
-        "ms size", "ct size", "ms sparsity", "ct sparsity", "size vs accounting",
+        "dtype",
+        "setting",
+        "ms s",
+        "ct s",
+        "speedup",
+        "ms peak",
+        "ct peak",
+        "ms peak/dense",
+        "ms size",
+        "ct size",
+        "ms sparsity",
+        "ct sparsity",
+        "size vs accounting",
     ]
     print(format_table(headers, table))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"params": args.params, "results": results}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps({"params": args.params, "results": results}, indent=2) + "\n"
+    )
     print(f"wrote {args.out}")
 
 

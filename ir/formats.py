@@ -49,7 +49,12 @@ BLOB_FILE_HEADER_BYTES = 64
 INLINE_MAX_ELEMENTS = 9
 
 # Value dtypes `constexpr_sparse_to_dense` accepts (int4/uint4 on iOS18 are not produced here).
-SPARSE_VALUE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8), np.dtype(np.uint8))
+SPARSE_VALUE_DTYPES = (
+    np.dtype(np.float32),
+    np.dtype(np.float16),
+    np.dtype(np.int8),
+    np.dtype(np.uint8),
+)
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,9 @@ def unpack_mask(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64))
     packed = np.asarray(packed, dtype=np.uint8)
     if packed.size != (count + 7) // 8:
-        raise ValueError(f"mask holds {packed.size} bytes, shape {tuple(shape)} needs {(count + 7) // 8}")
+        raise ValueError(
+            f"mask holds {packed.size} bytes, shape {tuple(shape)} needs {(count + 7) // 8}"
+        )
     return np.unpackbits(packed, count=count, bitorder="little").astype(bool).reshape(shape)
 
 
@@ -154,7 +161,9 @@ def _scatter(nonzero_data: np.ndarray, bits: np.ndarray) -> np.ndarray:
         raise ValueError(f"nonzero_data must be 1-D, got shape {nonzero_data.shape}")
     count = int(np.count_nonzero(bits))
     if count != nonzero_data.size:
-        raise ValueError(f"mask has {count} set bits but nonzero_data holds {nonzero_data.size} values")
+        raise ValueError(
+            f"mask has {count} set bits but nonzero_data holds {nonzero_data.size} values"
+        )
     out = np.zeros(bits.shape, dtype=nonzero_data.dtype)
     out[bits] = nonzero_data
     return out

@@ -28,6 +28,7 @@ __all__ = [
     "importance",
     "magnitude_keys",
     "all_finite",
+    "exclude_zeros",
     "select_lowest",
     "threshold_mask",
     "magnitude_mask",
@@ -69,6 +70,16 @@ def magnitude_keys(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight).view(uint) & uint(magnitude_bits)
 
 
+# Work on about a million elements at a time: temporaries stay small and are reused by the
+# allocator, instead of fresh weight-sized arrays whose page faults dominate run time.
+CHUNK = 1 << 20
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(n, start + CHUNK))
+
+
 def all_finite(weight: np.ndarray) -> bool:
     """True when no element is inf or nan (checked on integer keys, no float conversion)."""
     weight = np.asarray(weight)
@@ -77,10 +88,63 @@ def all_finite(weight: np.ndarray) -> bool:
         return True
     if spec is None:
         return bool(np.isfinite(weight).all()) if weight.dtype.kind in "fc" else True
-    return int(magnitude_keys(weight).max()) < spec[2]
+    flat = weight.ravel()
+    return all(int(magnitude_keys(flat[sl]).max()) < spec[2] for sl in _chunks(flat.size))
 
 
-def _scores_for(weight: np.ndarray, scores: np.ndarray | None, exact_keys: bool = False) -> np.ndarray:
+def exclude_zeros(weight: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """keep &= (w != 0), in place and chunked; returns `keep`."""
+    flat_w, flat_keep = np.asarray(weight).ravel(), keep.reshape(-1)
+    for sl in _chunks(flat_w.size):
+        flat_keep[sl] &= flat_w[sl] != 0
+    return keep
+
+
+def _kth_smallest_key(flat: np.ndarray, k: int) -> tuple[int, int]:
+    """(key, ties) where key is the k-th smallest (1-based) magnitude key of `flat` and `ties`
+    how many elements equal to it are needed to reach k.
+
+    Radix selection over 16-bit digits, most significant first: one chunked histogram pass per
+    digit (one for fp16, two for fp32), no copy of the weight, exact.
+    """
+    bits = flat.dtype.itemsize * 8
+    prefix, remaining = 0, k
+    for shift in range(bits - 16, -1, -16):
+        hist = np.zeros(1 << 16, dtype=np.int64)
+        for sl in _chunks(flat.size):
+            keys = magnitude_keys(flat[sl])
+            if shift + 16 < bits:
+                keys = keys[(keys >> (shift + 16)) == prefix]
+            digits = ((keys >> shift) & 0xFFFF).astype(np.intp, copy=False)
+            hist += np.bincount(digits, minlength=1 << 16)
+        cumulative = np.cumsum(hist)
+        digit = int(np.searchsorted(cumulative, remaining))
+        remaining -= int(cumulative[digit - 1]) if digit else 0
+        prefix = (prefix << 16) | digit
+    return prefix, remaining
+
+
+def _select_lowest_magnitudes(weight: np.ndarray, k: int) -> np.ndarray:
+    """select_lowest(|w|, k) for float weights, on exact integer keys, chunked."""
+    flat = weight.ravel()
+    chosen = np.zeros(flat.size, dtype=bool)
+    if k == 0:
+        return chosen
+    kth, ties = _kth_smallest_key(flat, k)
+    for sl in _chunks(flat.size):
+        np.less(magnitude_keys(flat[sl]), kth, out=chosen[sl])
+    for sl in _chunks(flat.size):
+        if not ties:
+            break
+        equal = np.flatnonzero(magnitude_keys(flat[sl]) == kth)[:ties]
+        chosen[sl.start + equal] = True
+        ties -= equal.size
+    return chosen
+
+
+def _scores_for(
+    weight: np.ndarray, scores: np.ndarray | None, exact_keys: bool = False
+) -> np.ndarray:
     if scores is None:
         return magnitude_keys(weight) if exact_keys else importance(weight)
     scores = np.asarray(scores)
@@ -125,19 +189,34 @@ def threshold_mask(weight: np.ndarray, threshold: float) -> np.ndarray:
     """Keep |w| > threshold (compared in float32 or wider)."""
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    return importance(weight) > threshold
+    weight = np.asarray(weight)
+    flat = weight.ravel()
+    keep = np.empty(flat.size, dtype=bool)
+    for sl in _chunks(flat.size):
+        np.greater(importance(flat[sl]), threshold, out=keep[sl])
+    return keep.reshape(weight.shape)
 
 
-def magnitude_mask(weight: np.ndarray, sparsity: float, scores: np.ndarray | None = None) -> np.ndarray:
+def magnitude_mask(
+    weight: np.ndarray, sparsity: float, scores: np.ndarray | None = None
+) -> np.ndarray:
     """Prune exactly round_half_up(sparsity * N) elements of the lowest score."""
     _check_fraction("sparsity", sparsity)
-    s = _scores_for(weight, scores, exact_keys=True)
-    return ~select_lowest(s, round_half_up(sparsity * s.size))
+    weight = np.asarray(weight)
+    k = round_half_up(sparsity * weight.size)
+    if scores is None and weight.dtype in _KEY_TYPES:
+        keep = _select_lowest_magnitudes(weight, k)
+        np.logical_not(keep, out=keep)
+        return keep.reshape(weight.shape)
+    s = _scores_for(weight, scores)
+    return ~select_lowest(s, k)
 
 
 def _channel_axis(weight: np.ndarray, axis: int) -> int:
     if weight.ndim < 2:
-        raise ValueError(f"structured pruning needs a weight of rank >= 2, got shape {weight.shape}")
+        raise ValueError(
+            f"structured pruning needs a weight of rank >= 2, got shape {weight.shape}"
+        )
     if not -weight.ndim <= axis < weight.ndim:
         raise ValueError(f"axis {axis} out of range for weight of rank {weight.ndim}")
     return axis % weight.ndim
@@ -187,14 +266,37 @@ def nm_mask(
     """Prune the n lowest-scored of every m consecutive weights along `axis`.
 
     Groups start at index 0 of the axis; a short tail group of r weights loses
-    round_half_up(n * r / m) of them. Ties go to the lower index.
+    round_half_up(n * r / m) of them. Ties go to the lower index. Works through the weight a
+    slab of the leading axis at a time.
     """
     if not (isinstance(m, (int, np.integer)) and m >= 1 and 0 <= n <= m):
         raise ValueError(f"n:m needs 0 <= n <= m and m >= 1, got {n}:{m}")
+    weight = np.asarray(weight)
     axis = _channel_axis(weight, axis)
-    s = np.moveaxis(_scores_for(weight, scores, exact_keys=True), axis, -1)
-    length = s.shape[-1]
-    rows = s.reshape(-1, length)
+    if scores is not None:
+        scores = _scores_for(weight, scores)
+
+    def keys_of(block):
+        if scores is not None:
+            return block
+        return magnitude_keys(block) if block.dtype in _KEY_TYPES else importance(block)
+
+    source = np.moveaxis(weight if scores is None else scores, axis, -1)
+    keep = np.empty(weight.shape, dtype=bool)
+    keep_moved = np.moveaxis(keep, axis, -1)
+    length = source.shape[-1]
+    per_slab = max(1, int(np.prod(source.shape[1:], dtype=np.int64)))
+    step = max(1, CHUNK // per_slab)
+    for i in range(0, source.shape[0], step):
+        block = source[i : i + step]
+        rows = keys_of(block).reshape(-1, length)
+        keep_moved[i : i + step] = ~_nm_prune_rows(rows, n, m).reshape(block.shape)
+    return keep
+
+
+def _nm_prune_rows(rows: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Boolean prune mask for n:m groups along the last axis of a 2-D array of scores."""
+    length = rows.shape[-1]
     prune = np.zeros(rows.shape, dtype=bool)
     full = (length // m) * m
     if full and n:
@@ -209,8 +311,7 @@ def nm_mask(
         tail_prune = np.zeros(groups.shape, dtype=bool)
         _prune_lowest_per_group(groups, tail_n, tail_prune)
         prune[:, full:] = tail_prune.reshape(rows.shape[0], tail)
-    keep = ~prune.reshape(s.shape)
-    return np.moveaxis(keep, -1, axis)
+    return prune
 
 
 def _prune_lowest_per_group(groups: np.ndarray, n: int, out: np.ndarray) -> None:

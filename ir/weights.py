@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 from coremltools.converters.mil.mil import types
-
 from milsparse.ir import formats
 from milsparse.ir.graph import uses_of, walk_ops
 
@@ -145,7 +144,9 @@ def _row_for(op) -> WeightRow | None:
             return None
         zeros = val.size - int(np.count_nonzero(val))
         size = formats.dense_bytes(val.size, val.dtype)
-        return WeightRow(op.name, consumers, shape, dtype_name, "dense", zeros / val.size, size, size)
+        return WeightRow(
+            op.name, consumers, shape, dtype_name, "dense", zeros / val.size, size, size
+        )
     itemsize = np.dtype(types.nptype_from_builtin(dtype)).itemsize
     stored = sum(_const_bytes(v) for v in _chain_inputs(op, set()))
     kinds = [FORMAT_NAMES.get(k, k) for k in _chain_types(op)]

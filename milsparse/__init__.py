@@ -1,10 +1,10 @@
 """milsparse: prune Core ML (MIL) weights into sparse constexpr ops.
 
-    import coremltools as ct, milsparse as ms
-    small = ms.compress("model.mlpackage", "2:4")          # n:m, magnitude, block or threshold
-    ms.save(small, "model.sparse.mlpackage")
-    mlmodel = ct.convert(traced, pass_pipeline=ms.coreml_pipeline("unstructured:0.5"),
-                         minimum_deployment_target=ct.target.iOS18)
+import coremltools as ct, milsparse as ms
+small = ms.compress("model.mlpackage", "2:4")          # n:m, magnitude, block or threshold
+ms.save(small, "model.sparse.mlpackage")
+mlmodel = ct.convert(traced, pass_pipeline=ms.coreml_pipeline("unstructured:0.5"),
+                     minimum_deployment_target=ct.target.iOS18)
 """
 
 import logging as _logging
@@ -17,7 +17,9 @@ class _ImportNoise(_logging.Filter):
 
     def filter(self, record):
         msg = record.getMessage()
-        return not (msg.startswith("Failed to load _") or "has not been tested with coremltools" in msg)
+        return not (
+            msg.startswith("Failed to load _") or "has not been tested with coremltools" in msg
+        )
 
 
 _filter = _ImportNoise()

@@ -93,66 +93,80 @@ def open_model(model) -> ct.models.MLModel:
 
 
 _BLOB_SENTINEL = 0xDEADBEEF
-_DIRECT_READS = {
-    "read_float_data": np.float32,
-    "read_fp16_data": np.uint16,  # the loader reinterprets these bits as float16
-    "read_int8_data": np.int8,
-    "read_uint8_data": np.uint8,
-    "read_int16_data": np.int16,
-    "read_uint16_data": np.uint16,
-    "read_int32_data": np.int32,
-    "read_uint32_data": np.uint32,
-}
 
 
-class _FileBlobReader:
-    """Reads one tensor of a Core ML weight file at a time with `np.fromfile`.
+def _direct_blob_dtypes() -> dict:
+    from coremltools.converters.mil.mil import types
 
-    coremltools' reader maps the whole weight file, and every page it touched stays resident
-    until loading ends, so loading alone peaked at twice the model. This reader copies each
-    tensor once from the file. Sub-byte tensors (uint1 masks, int4, ...) go to coremltools' own
-    reader, which unpacks them.
+    return {
+        types.fp16: np.float16,
+        types.fp32: np.float32,
+        types.int8: np.int8,
+        types.uint8: np.uint8,
+        types.int16: np.int16,
+        types.uint16: np.uint16,
+        types.int32: np.int32,
+        types.uint32: np.uint32,
+    }
+
+
+def read_blob(path: str, offset: int, dtype, shape) -> np.ndarray:
+    """One tensor of a Core ML weight file, mapped read-only (no copy).
+
+    The 64-byte record at `offset` gives the data's size and offset. The array is a read-only
+    view of the file's pages: loading costs no memory copy, and the pages are shared with the
+    page cache. The source file must not be modified in place while the program is alive
+    (milsparse itself only ever writes new packages).
     """
-
-    def __init__(self, path: str, fallback_cls):
-        self._path = path
-        self._fallback_cls = fallback_cls
-        self._fallback = None
-
-    def _read(self, offset: int, dtype) -> np.ndarray:
-        sentinel_and_type, size, data_offset = np.fromfile(self._path, np.uint64, 3, offset=offset)
-        if int(sentinel_and_type) & 0xFFFFFFFF != _BLOB_SENTINEL:
-            raise UnsupportedModelError(f"{self._path}: no weight record at offset {offset}")
-        count = int(size) // np.dtype(dtype).itemsize
-        return np.fromfile(self._path, dtype, count, offset=int(data_offset))
-
-    def __getattr__(self, name):
-        if name in _DIRECT_READS:
-            dtype = _DIRECT_READS[name]
-            return lambda offset: self._read(offset, dtype)
-        if self._fallback is None:
-            self._fallback = self._fallback_cls(self._path)
-        return getattr(self._fallback, name)
+    sentinel_and_type, size, data_offset = np.fromfile(path, np.uint64, 3, offset=offset)
+    if int(sentinel_and_type) & 0xFFFFFFFF != _BLOB_SENTINEL:
+        raise UnsupportedModelError(f"{path}: no weight record at offset {offset}")
+    count = int(size) // np.dtype(dtype).itemsize
+    expected = int(np.prod(shape, dtype=np.int64))
+    if count != expected:
+        raise UnsupportedModelError(
+            f"{path}: weight record at offset {offset} holds {count} values, the model says {expected}"
+        )
+    if count == 0:
+        return np.zeros(shape, dtype)
+    mapped = np.memmap(path, dtype=dtype, mode="r", offset=int(data_offset), shape=(count,))
+    return mapped.view(np.ndarray).reshape(shape)
 
 
 @contextlib.contextmanager
-def _one_copy_weight_reads():
-    """Route the milproto loader's weight reads through `_FileBlobReader` for one load.
+def _mapped_weight_reads():
+    """Map byte-aligned weight-file tensors instead of copying them, during one milproto load.
 
-    The loader looks its reader class up by module global at each call; it is restored after.
+    coremltools' loader maps the whole weight file and then copies each tensor two or three
+    times (`tobytes`, `np.array`, `astype`): loading a model peaked at over twice its size and
+    took most of compress's time.
+    This wraps the loader's per-value function, which it looks up as a module global at each
+    call; values it does not handle (immediates, sub-byte blobs) go to the original. Restored on
+    exit.
     """
-    original = milproto.BlobReader
-    milproto.BlobReader = lambda path: _FileBlobReader(path, original)
+    original = milproto._load_value
+    direct = _direct_blob_dtypes()
+
+    def load_value(context, value_spec):
+        if value_spec.WhichOneof("value") == "blobFileValue" and not value_spec.docString:
+            valuetype = milproto.proto_to_types(value_spec.type)
+            if hasattr(valuetype, "get_primitive") and valuetype.get_primitive() in direct:
+                blob = value_spec.blobFileValue
+                path = os.path.join(context.weights_dir, blob.fileName.split("/")[-1])
+                return read_blob(path, blob.offset, direct[valuetype.get_primitive()], valuetype.get_shape())
+        return original(context, value_spec)
+
+    milproto._load_value = load_value
     try:
         yield
     finally:
-        milproto.BlobReader = original
+        milproto._load_value = original
 
 
 def load_program(mlmodel: ct.models.MLModel):
     """A fresh pymil Program read from the model's spec and weight file."""
     spec = mlmodel.get_spec()
-    with _one_copy_weight_reads():
+    with _mapped_weight_reads():
         return milproto.load(
             spec,
             specification_version=spec.specificationVersion,

@@ -21,13 +21,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="milsparse", description="Prune Core ML ML-program weights into sparse constexpr ops.")
+    parser = _Parser(
+        prog="milsparse", description="Prune Core ML ML-program weights into sparse constexpr ops."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     comp = sub.add_parser("compress", help="prune a saved .mlpackage into a new one")
     comp.add_argument("input", help="input .mlpackage (never modified)")
-    comp.add_argument("-o", "--output", required=True, help="output .mlpackage (written atomically)")
+    comp.add_argument(
+        "-o", "--output", required=True, help="output .mlpackage (written atomically)"
+    )
     how = comp.add_mutually_exclusive_group(required=True)
     how.add_argument(
         "--prune",
@@ -35,11 +39,24 @@ def _build_parser() -> argparse.ArgumentParser:
         help="unstructured:S | threshold:T | blockB[@0|@1]:S | N:M[@0|@1] (e.g. 2:4, block4:0.5)",
     )
     how.add_argument("--recipe", metavar="YAML", help="a recipe file (see README: Recipes)")
-    comp.add_argument("--target", choices=["ios16", "ios17", "ios18"], help="raise the program's opset first")
-    comp.add_argument("--op-types", metavar="LIST", help="comma list, default linear,conv,conv_transpose,matmul")
-    comp.add_argument("--op-names", metavar="LIST", help="comma list of fnmatch patterns of weights or ops")
-    comp.add_argument("--min-size", type=int, metavar="N", help="leave weights with fewer elements dense (default 2048)")
-    comp.add_argument("--min-sparsity", type=float, metavar="S", help="threshold: leave dense below this sparsity")
+    comp.add_argument(
+        "--target", choices=["ios16", "ios17", "ios18"], help="raise the program's opset first"
+    )
+    comp.add_argument(
+        "--op-types", metavar="LIST", help="comma list, default linear,conv,conv_transpose,matmul"
+    )
+    comp.add_argument(
+        "--op-names", metavar="LIST", help="comma list of fnmatch patterns of weights or ops"
+    )
+    comp.add_argument(
+        "--min-size",
+        type=int,
+        metavar="N",
+        help="leave weights with fewer elements dense (default 2048)",
+    )
+    comp.add_argument(
+        "--min-sparsity", type=float, metavar="S", help="threshold: leave dense below this sparsity"
+    )
     comp.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     comp.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -137,7 +154,12 @@ def _cmd_passes(args) -> int:
         ]
         print(json.dumps(rows, indent=2))
     else:
-        print(format_table(["pass", "min target", "summary"], [[s.name, s.min_target.name, s.summary] for s in specs]))
+        print(
+            format_table(
+                ["pass", "min target", "summary"],
+                [[s.name, s.min_target.name, s.summary] for s in specs],
+            )
+        )
     return EXIT_OK
 
 
@@ -164,7 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # an internal failure: still one line, the traceback behind --debug
         if args.debug:
             raise
-        print(f"milsparse: internal error: {type(e).__name__}: {e} (rerun with --debug)", file=sys.stderr)
+        print(
+            f"milsparse: internal error: {type(e).__name__}: {e} (rerun with --debug)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
 
 

@@ -25,12 +25,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain left-aligned text table (numbers right-aligned)."""
     cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [
-        all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))
-    ]
+    numeric = [all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))]
 
     def line(row):
-        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)]
+        cols = zip(row, widths, numeric, strict=True)
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in cols]
         return "  ".join(parts).rstrip()
 
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
@@ -95,7 +94,9 @@ class CompressReport:
                     what,
                 ]
             )
-        table = format_table(["weight", "shape", "dtype", "sparsity", "dense", "stored", "result"], rows)
+        table = format_table(
+            ["weight", "shape", "dtype", "sparsity", "dense", "stored", "result"], rows
+        )
         t = self.totals()
         summary = (
             f"{t['compressed']} of {t['weights']} weights compressed; "
@@ -124,10 +125,16 @@ class InspectReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "weights": [r.to_dict() for r in self.rows], "totals": self.totals()}
+        return {
+            "path": self.path,
+            "weights": [r.to_dict() for r in self.rows],
+            "totals": self.totals(),
+        }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str).replace("NaN", "null")
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str).replace(
+            "NaN", "null"
+        )
 
     def __str__(self) -> str:
         rows = [
@@ -144,7 +151,8 @@ class InspectReport:
             for r in self.rows
         ]
         table = format_table(
-            ["weight", "consumers", "shape", "dtype", "format", "sparsity", "stored", "bits/w"], rows
+            ["weight", "consumers", "shape", "dtype", "format", "sparsity", "stored", "bits/w"],
+            rows,
         )
         t = self.totals()
         return (

@@ -1,14 +1,14 @@
 """MIL graph passes of milsparse, one per module, each registered with coremltools and here."""
 
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
-
 from milsparse.passes import prune
 from milsparse.passes.registry import PassSpec, register
 
 register(
     PassSpec(
         name="milsparse::prune",
-        summary="prune weight consts into constexpr_sparse_to_dense (threshold, magnitude, block, n:m)",
+        summary="prune weight consts into constexpr_sparse_to_dense "
+        "(threshold, magnitude, block, n:m)",
         # Pruning must see the final weights: after fusions fold batchnorm/bias/scale into them,
         # after the fp16 cast is folded, and after constants are deduplicated (tied weights).
         after=(

@@ -12,7 +12,7 @@ __all__ = ["MatchResult"]
 
 @dataclass(frozen=True)
 class MatchResult(Generic[T]):
-    """`MatchResult.ok(value)` or `MatchResult.fail("left dense: 1-D")`; never truthy by accident."""
+    """`MatchResult.ok(value)` or `MatchResult.fail("1-D")`; never truthy by accident."""
 
     value: Any = None
     reason: str | None = None

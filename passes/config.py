@@ -17,7 +17,6 @@ from typing import Any
 
 import attrs
 import yaml
-
 from milsparse.ir.errors import ConfigError
 
 __all__ = [
@@ -40,7 +39,9 @@ def _fraction(instance, attribute, value):
 
 
 def _positive_int_or_none(instance, attribute, value):
-    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    if value is not None and not (
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    ):
         raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
 
 
@@ -124,7 +125,14 @@ _SPEC_RE = re.compile(
     )$""",
     re.VERBOSE,
 )
-_AXIS_WORDS = {"0": "output", "out": "output", "output": "output", "1": "input", "in": "input", "input": "input"}
+_AXIS_WORDS = {
+    "0": "output",
+    "out": "output",
+    "output": "output",
+    "1": "input",
+    "in": "input",
+    "input": "input",
+}
 
 
 def _number(text: str, what: str) -> float:
@@ -151,7 +159,8 @@ def parse_prune_spec(text: str) -> PruneSpec:
     match = _SPEC_RE.match(spec)
     if match is None:
         raise ConfigError(
-            f"bad prune spec {text!r}: use unstructured:S, threshold:T, blockB[@0|@1]:S or N:M[@0|@1]"
+            f"bad prune spec {text!r}: use unstructured:S, threshold:T, blockB[@0|@1]:S "
+            "or N:M[@0|@1]"
             " (e.g. unstructured:0.5, threshold:1e-3, block4:0.5, 2:4)"
         )
     g = match.groupdict()
@@ -184,7 +193,9 @@ def _spec_from(value: Any, where: str) -> PruneSpec | None:
             return PruneSpec(**value)
         except TypeError as e:
             raise ConfigError(f"bad {where}: {e}") from e
-    raise ConfigError(f"{where} must be a spec string, a mapping or null, got {type(value).__name__}")
+    raise ConfigError(
+        f"{where} must be a spec string, a mapping or null, got {type(value).__name__}"
+    )
 
 
 def _overrides(value) -> tuple[tuple[str, PruneSpec | None], ...]:
@@ -196,7 +207,9 @@ def _overrides(value) -> tuple[tuple[str, PruneSpec | None], ...]:
         try:
             pattern, spec = item
         except (TypeError, ValueError):
-            raise ConfigError(f"an override must be a (name pattern, spec) pair, got {item!r}") from None
+            raise ConfigError(
+                f"an override must be a (name pattern, spec) pair, got {item!r}"
+            ) from None
         out.append((str(pattern), _spec_from(spec, f"override {pattern!r}")))
     return tuple(out)
 
@@ -231,7 +244,9 @@ class PruneConfig:
     spec: PruneSpec
     op_types: tuple[str, ...] = attrs.field(default=DEFAULT_OP_TYPES, converter=_str_tuple)
     op_names: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
-    overrides: tuple[tuple[str, PruneSpec | None], ...] = attrs.field(default=(), converter=_overrides)
+    overrides: tuple[tuple[str, PruneSpec | None], ...] = attrs.field(
+        default=(), converter=_overrides
+    )
     min_size: int = attrs.field(default=2048, validator=_min_size)
 
     def __attrs_post_init__(self):
@@ -288,12 +303,18 @@ def parse_prune_config(value: Any) -> PruneConfig:
             return PruneConfig(spec=_spec_from(dict(value), "spec"))
         unknown = set(value) - _CONFIG_KEYS
         if unknown:
-            raise ConfigError(f"unknown prune config keys {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}")
+            raise ConfigError(
+                f"unknown prune config keys {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}"
+            )
         if "spec" not in value:
             raise ConfigError("prune config needs a 'spec' (e.g. spec: '2:4')")
         spec = _spec_from(value["spec"], "spec")
         if spec is None:
-            raise ConfigError("the default spec cannot be 'dense'; leave weights dense with overrides")
-        kwargs = {k: value[k] for k in ("op_types", "op_names", "overrides", "min_size") if k in value}
+            raise ConfigError(
+                "the default spec cannot be 'dense'; leave weights dense with overrides"
+            )
+        kwargs = {
+            k: value[k] for k in ("op_types", "op_names", "overrides", "min_size") if k in value
+        }
         return PruneConfig(spec=spec, **kwargs)
     raise ConfigError(f"cannot make a prune config from {type(value).__name__}")

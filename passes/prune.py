@@ -33,13 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 from coremltools.converters.mil.mil.passes.pass_registry import register_pass
-from coremltools.converters.mil._deployment_compatibility import AvailableTarget
-from tqdm.auto import tqdm
-
 from milsparse.ir import formats, masks
 from milsparse.ir.errors import ConfigError, UnsupportedModelError
 from milsparse.ir.graph import Use, uses_of, walk_ops
@@ -47,6 +45,7 @@ from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import named_const, replace_const
 from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config
 from milsparse.passes.decisions import WeightDecision
+from tqdm.auto import tqdm
 
 __all__ = ["PruneWeights", "WEIGHT_OPERANDS", "channel_axes"]
 
@@ -127,7 +126,9 @@ class PruneWeights(AbstractGraphPass):
                     candidates.append((position, match.value))
                 else:
                     decisions.append((position, _dense_decision(op, match.reason)))
-            progress = tqdm(candidates, desc="milsparse::prune", unit="weight", leave=False, disable=None)
+            progress = tqdm(
+                candidates, desc="milsparse::prune", unit="weight", leave=False, disable=None
+            )
             for position, cand in progress:
                 decisions.append((position, self._prune_one(cand, ios18)))
             # Report in program order, whatever order the two phases produced the rows in.
@@ -203,7 +204,7 @@ class PruneWeights(AbstractGraphPass):
         if not masks.all_finite(weight):
             return MatchResult.fail("non-finite values (inf or nan)")
         keep = _build_mask(weight, cand.spec, cand.axis)
-        keep &= weight != 0  # zeros are never stored, whatever the pattern kept
+        masks.exclude_zeros(weight, keep)  # zeros are never stored, whatever the pattern kept
         nnz = int(np.count_nonzero(keep))
         sparsity = 1.0 - nnz / weight.size
         if cand.spec.pattern == "threshold" and sparsity < cand.spec.min_sparsity:

@@ -22,7 +22,6 @@ import coremltools as ct
 import networkx as nx
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
-
 from milsparse.ir.errors import PipelineError
 
 __all__ = ["PassSpec", "MILSPARSE_PASSES", "register", "order_passes", "place_in_pipeline"]
@@ -46,7 +45,9 @@ MILSPARSE_PASSES: dict[str, PassSpec] = {}
 def register(spec: PassSpec) -> PassSpec:
     """Add a pass's ordering declaration; its class must already be in coremltools' registry."""
     if not spec.name.startswith("milsparse::"):
-        raise PipelineError(f"milsparse passes live in the milsparse:: namespace, got {spec.name!r}")
+        raise PipelineError(
+            f"milsparse passes live in the milsparse:: namespace, got {spec.name!r}"
+        )
     if spec.name not in PASS_REGISTRY:
         raise PipelineError(f"{spec.name} is not registered with coremltools' PASS_REGISTRY")
     MILSPARSE_PASSES[spec.name] = spec
@@ -80,7 +81,9 @@ def order_passes(names: Iterable[str], target: AvailableTarget | None = None) ->
                 graph.add_edge(name, other)
         for other in spec.conflicts:
             if other in specs:
-                raise PipelineError(f"{name} conflicts with {other}; run them in separate pipelines")
+                raise PipelineError(
+                    f"{name} conflicts with {other}; run them in separate pipelines"
+                )
         if target is not None and target < spec.min_target:
             raise PipelineError(
                 f"{name} needs minimum_deployment_target {spec.min_target.name} or later, "
@@ -112,10 +115,14 @@ def place_in_pipeline(
     passes = list(pipeline.passes)
     for name in order_passes(names):
         spec = _spec(name)
-        last_after = max((i for i, p in enumerate(passes) if p in spec.after or p in spec.requires), default=-1)
+        last_after = max(
+            (i for i, p in enumerate(passes) if p in spec.after or p in spec.requires), default=-1
+        )
         placed = [i for i, p in enumerate(passes) if p in MILSPARSE_PASSES]
         position = max([last_after] + placed) + 1
-        first_before = min((i for i, p in enumerate(passes) if p in spec.before), default=len(passes))
+        first_before = min(
+            (i for i, p in enumerate(passes) if p in spec.before), default=len(passes)
+        )
         if position > first_before:
             raise PipelineError(
                 f"{name} must run after {passes[position - 1]} and before {passes[first_before]}, "

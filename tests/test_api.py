@@ -7,12 +7,12 @@ from pathlib import Path
 import coremltools as ct
 import numpy as np
 import pytest
-
-import milsparse as ms
-from milsparse.errors import ConfigError, UnsupportedModelError
 from milsparse.fixtures import programs
 from milsparse.fixtures.files import tree_digest
 from milsparse.ir import formats, masks
+
+import milsparse as ms
+from milsparse.errors import ConfigError, UnsupportedModelError
 
 EXAMPLE = Path(ms.__file__).parent.parent / "fixtures" / "example.mlpackage"
 if not EXAMPLE.exists():  # installed (non-editable) layout
@@ -46,7 +46,9 @@ def test_compress_a_saved_package_and_load_it_back(tmp_path, save_program):
     for d in report.decisions:
         w = dense[d.name]
         if d.compressed:
-            np.testing.assert_array_equal(loaded[d.name], np.where(masks.magnitude_mask(w, 0.5), w, 0))
+            np.testing.assert_array_equal(
+                loaded[d.name], np.where(masks.magnitude_mask(w, 0.5), w, 0)
+            )
         else:
             np.testing.assert_array_equal(loaded[d.name], w)
     assert [d.name for d in report.compressed] == ["fc0_weight", "fc1_weight"]
@@ -55,7 +57,11 @@ def test_compress_a_saved_package_and_load_it_back(tmp_path, save_program):
 def test_size_on_disk_matches_the_byte_accounting(tmp_path, save_program):
     src = save_program(programs.transformer_block(d_model=64, d_ff=256))
     for spec in ("unstructured:0.5", "2:4", "block4:0.75"):
-        out = ms.save(ms.compress(src, {"spec": spec, "min_size": 64}), tmp_path / f"{spec.replace(':', '_')}.mlpackage", overwrite=True)
+        out = ms.save(
+            ms.compress(src, {"spec": spec, "min_size": 64}),
+            tmp_path / f"{spec.replace(':', '_')}.mlpackage",
+            overwrite=True,
+        )
         weight_file = next(Path(out).rglob("weight.bin"))
         predicted = formats.BLOB_FILE_HEADER_BYTES + ms.inspect_model(out).totals()["stored_bytes"]
         # the last tensor of the file is not padded: at most one alignment off
@@ -96,7 +102,9 @@ def test_target_raises_the_opset_and_ios15_without_target_is_refused(tmp_path, s
     out = ms.save(model, tmp_path / "out.mlpackage")
     prog = ms.load_program(out)
     assert prog.functions["main"].opset_version == ct.target.iOS16
-    sparse = [op for op in prog.functions["main"].operations if op.op_type == "constexpr_sparse_to_dense"]
+    sparse = [
+        op for op in prog.functions["main"].operations if op.op_type == "constexpr_sparse_to_dense"
+    ]
     assert len(sparse) == 1 and "shape" in sparse[0].inputs  # the iOS16 form
     ios18 = save_program(programs.mlp(sizes=(64, 128, 10)), "ios18.mlpackage")
     with pytest.raises(ConfigError, match="cannot lower it to iOS17"):
@@ -113,7 +121,9 @@ def test_non_mlprogram_and_missing_inputs_are_clear_errors(tmp_path):
     builder.add_inner_product("fc", np.ones((2, 4)), None, 4, 2, False, "x", "y")
     nn_path = tmp_path / "nn.mlmodel"
     ct.models.MLModel(builder.spec, skip_model_load=True).save(str(nn_path))
-    with pytest.raises(UnsupportedModelError, match="neuralNetwork model; milsparse works on ML programs"):
+    with pytest.raises(
+        UnsupportedModelError, match="neuralNetwork model; milsparse works on ML programs"
+    ):
         ms.compress(nn_path, "2:4")
     with pytest.raises(UnsupportedModelError, match="no such file"):
         ms.compress(tmp_path / "missing.mlpackage", "2:4")

@@ -3,10 +3,10 @@ import subprocess
 import sys
 
 import pytest
-
-from milsparse.cli import main
 from milsparse.fixtures import programs
 from milsparse.fixtures.files import tree_digest
+
+from milsparse.cli import main
 
 
 @pytest.fixture
@@ -27,12 +27,34 @@ def test_compress_then_inspect_json(model, tmp_path, capsys):
     assert formats["fc0_weight"] == ("sparse", 0.5)
     assert formats["fc2_weight"] == ("dense", 0.0)
     assert table["totals"]["stored_bytes"] == sum(w["stored_bytes"] for w in table["weights"])
-    assert set(table["weights"][0]) >= {"name", "consumers", "shape", "dtype", "format", "sparsity", "stored_bytes", "bits_per_weight"}
+    assert set(table["weights"][0]) >= {
+        "name",
+        "consumers",
+        "shape",
+        "dtype",
+        "format",
+        "sparsity",
+        "stored_bytes",
+        "bits_per_weight",
+    }
 
 
 def test_compress_text_report_and_flags(model, tmp_path, capsys):
     out = tmp_path / "out.mlpackage"
-    args = ["compress", str(model), "-o", str(out), "--prune", "block4@1:0.5", "--op-types", "linear", "--min-size", "64", "--target", "ios18"]
+    args = [
+        "compress",
+        str(model),
+        "-o",
+        str(out),
+        "--prune",
+        "block4@1:0.5",
+        "--op-types",
+        "linear",
+        "--min-size",
+        "64",
+        "--target",
+        "ios18",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "block4@in:0.5" in text and f"wrote {out}" in text
@@ -41,7 +63,22 @@ def test_compress_text_report_and_flags(model, tmp_path, capsys):
 
 def test_threshold_with_min_sparsity(model, tmp_path, capsys):
     out = tmp_path / "out.mlpackage"
-    assert main(["compress", str(model), "-o", str(out), "--prune", "threshold:1e-9", "--min-sparsity", "0.3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(model),
+                "-o",
+                str(out),
+                "--prune",
+                "threshold:1e-9",
+                "--min-sparsity",
+                "0.3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     reasons = {w["name"]: w["reason"] for w in json.loads(capsys.readouterr().out)["weights"]}
     assert reasons["fc0_weight"].startswith("below minimum sparsity")
 
@@ -82,7 +119,10 @@ def test_existing_output_needs_force_and_input_is_never_the_output(model, tmp_pa
     assert main(["compress", str(model), "-o", str(out), "--prune", "unstructured:0.9"]) == 2
     assert "pass --force" in capsys.readouterr().err
     assert tree_digest(out) == digest
-    assert main(["compress", str(model), "-o", str(out), "--prune", "unstructured:0.9", "--force"]) == 0
+    assert (
+        main(["compress", str(model), "-o", str(out), "--prune", "unstructured:0.9", "--force"])
+        == 0
+    )
     assert tree_digest(out) != digest
     assert main(["compress", str(model), "-o", str(model), "--prune", "2:4", "--force"]) == 2
     assert "never modifies its input" in capsys.readouterr().err
@@ -96,13 +136,24 @@ def test_passes_lists_the_registry(capsys):
 
 
 def _run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "milsparse.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "milsparse.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_bad_paths_and_non_mlprogram_models_exit_2_with_one_line(tmp_path):
-    missing = _run_cli("compress", str(tmp_path / "nope.mlpackage"), "-o", str(tmp_path / "o.mlpackage"), "--prune", "2:4")
+    missing = _run_cli(
+        "compress",
+        str(tmp_path / "nope.mlpackage"),
+        "-o",
+        str(tmp_path / "o.mlpackage"),
+        "--prune",
+        "2:4",
+    )
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [f"milsparse: error: {tmp_path / 'nope.mlpackage'}: no such file or directory"]
+    assert missing.stderr.strip().splitlines() == [
+        f"milsparse: error: {tmp_path / 'nope.mlpackage'}: no such file or directory"
+    ]
     not_model = tmp_path / "junk.mlpackage"
     not_model.mkdir()
     bad = _run_cli("inspect", str(not_model))

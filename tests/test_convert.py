@@ -6,9 +6,10 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the test extra installs torch")
 
-import milsparse as ms  # noqa: E402
 from milsparse.fixtures import torch_models  # noqa: E402
 from milsparse.ir import masks  # noqa: E402
+
+import milsparse as ms  # noqa: E402
 
 
 def _main_ops(mlmodel):
@@ -45,7 +46,9 @@ def test_convert_with_pipeline_prunes_fused_conv_batchnorm_weights():
     for name, w in dense_w.items():
         assert w.dtype == np.float16  # pruning saw the weights after the fp16 cast
         if w.size >= 2048:
-            np.testing.assert_array_equal(sparse_w[name], np.where(masks.magnitude_mask(w, 0.5), w, 0))
+            np.testing.assert_array_equal(
+                sparse_w[name], np.where(masks.magnitude_mask(w, 0.5), w, 0)
+            )
             pruned += 1
         else:
             np.testing.assert_array_equal(sparse_w[name], w)
@@ -72,7 +75,8 @@ def test_convert_for_ios16_emits_the_packed_mask_form():
 
 def test_convert_encoder_prunes_every_projection():
     mlmodel = torch_models.convert(
-        torch_models.TinyEncoder(), pass_pipeline=ms.coreml_pipeline({"spec": "2:4", "min_size": 1024})
+        torch_models.TinyEncoder(),
+        pass_pipeline=ms.coreml_pipeline({"spec": "2:4", "min_size": 1024}),
     )
     linears = [op for op in _main_ops(mlmodel) if op.op_type == "linear"]
     # per layer: attention in-projection, out-projection and two feed-forward linears

@@ -3,7 +3,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
 from milsparse.ir import formats
 
 DTYPES = [np.float32, np.float16, np.int8, np.uint8]
@@ -63,7 +62,9 @@ def test_encodings_agree_with_coremltools_decoders(case):
     expected = formats.pruned_weight(weight, keep)
     e16 = formats.encode_sparse_ios16(weight, keep)
     e18 = formats.encode_sparse_ios18(weight, keep)
-    np.testing.assert_array_equal(ios16_op.decompress(e16.nonzero_data, e16.mask, e16.shape), expected)
+    np.testing.assert_array_equal(
+        ios16_op.decompress(e16.nonzero_data, e16.mask, e16.shape), expected
+    )
     np.testing.assert_array_equal(ios18_op.decompress(e18.nonzero_data, e18.mask), expected)
 
 

@@ -3,7 +3,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
 from milsparse.ir import masks
 from milsparse.ir.masks import round_half_up
 
@@ -11,7 +10,9 @@ from milsparse.ir.masks import round_half_up
 @st.composite
 def tied_weights(draw, min_dims=1, max_dims=4, max_side=12):
     """Weights from a small value set, so ties at the selection boundary are common."""
-    shape = draw(hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=1, max_side=max_side))
+    shape = draw(
+        hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=1, max_side=max_side)
+    )
     dtype = draw(st.sampled_from([np.float16, np.float32]))
     values = st.sampled_from([0.0, -0.5, 0.5, 1.0, -1.0, 2.0, 0.25])
     return draw(hnp.arrays(dtype, shape, elements=values))
@@ -21,7 +22,10 @@ def test_round_half_up():
     assert [round_half_up(x) for x in (0.5, 1.5, 2.5, 2.49, 0.0)] == [1, 2, 3, 2, 0]
 
 
-@given(scores=hnp.arrays(np.float32, st.integers(1, 200), elements=st.sampled_from([0.0, 1.0, 2.0])), data=st.data())
+@given(
+    scores=hnp.arrays(np.float32, st.integers(1, 200), elements=st.sampled_from([0.0, 1.0, 2.0])),
+    data=st.data(),
+)
 def test_select_lowest_takes_exactly_k_and_breaks_ties_by_index(scores, data):
     k = data.draw(st.integers(0, scores.size))
     chosen = masks.select_lowest(scores, k)

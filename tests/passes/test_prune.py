@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
-
-from milsparse.errors import ConfigError, UnsupportedModelError
 from milsparse.fixtures import programs
 from milsparse.ir import masks
 from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config
 from milsparse.passes.prune import PruneWeights
+
+from milsparse.errors import ConfigError, UnsupportedModelError
 
 
 def _ops(prog):
@@ -75,7 +75,9 @@ def test_op_sequence_and_values_after_the_pass(op_type, opset):
     ],
 )
 @pytest.mark.parametrize("axis_word", ["input", "output"])
-def test_nm_groups_follow_each_ops_reduction_axis(op_type, shape, transpose_y, input_axis, axis_word):
+def test_nm_groups_follow_each_ops_reduction_axis(
+    op_type, shape, transpose_y, input_axis, axis_word
+):
     prog = programs.single_op(op_type, shape=shape, transpose_y=transpose_y)
     weight = _op(prog, "weight").outputs[0].val.copy()
     pass_ = _run(prog, PruneConfig(PruneSpec("n:m", n=2, m=4, axis=axis_word), min_size=16))
@@ -100,7 +102,10 @@ def test_fp16_weight_larger_than_65504_elements_is_pruned_exactly():
     assert (pruned == 0).sum() == weight.size // 2
     kept = pruned != 0
     np.testing.assert_array_equal(pruned[kept], weight[kept])  # bit-identical values
-    assert np.abs(weight[~kept]).astype(np.float32).max() <= np.abs(weight[kept]).astype(np.float32).min()
+    assert (
+        np.abs(weight[~kept]).astype(np.float32).max()
+        <= np.abs(weight[kept]).astype(np.float32).min()
+    )
 
 
 def test_skip_reasons_and_untouched_program():
@@ -126,7 +131,9 @@ def test_one_dimensional_and_non_float_weights_are_left_dense():
         return mb.gather(x=y, indices=idx, axis=1, name="pick")
 
     before = str(prog)
-    pass_ = _run(prog, PruneConfig(PruneSpec("magnitude", sparsity=0.5), op_names=("vec", "idx"), min_size=1))
+    pass_ = _run(
+        prog, PruneConfig(PruneSpec("magnitude", sparsity=0.5), op_names=("vec", "idx"), min_size=1)
+    )
     assert str(prog) == before
     reasons = {d.name: d.reason for d in pass_.report}
     assert reasons == {"vec": "1-D", "idx": "not float: int32"}
@@ -138,7 +145,10 @@ def test_elementwise_constant_is_pruned_only_when_named():
     def build():
         @mb.program(input_specs=[mb.TensorSpec(shape=(64, 64))], opset_version=ct.target.iOS18)
         def prog(x):
-            c = mb.const(val=np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), name="table")
+            c = mb.const(
+                val=np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32),
+                name="table",
+            )
             return mb.add(x=x, y=c)
 
         return prog
@@ -179,7 +189,9 @@ def test_threshold_below_minimum_sparsity_is_left_dense_with_reason():
     pass_ = _run(prog, PruneConfig(spec, min_size=16))
     assert _decision(pass_, "weight").reason == "below minimum sparsity: 0.1250 < 0.2"
     prog = programs.single_op("linear", weight=weight)
-    pass_ = _run(prog, PruneConfig(PruneSpec("threshold", threshold=1e-3, min_sparsity=0.1), min_size=16))
+    pass_ = _run(
+        prog, PruneConfig(PruneSpec("threshold", threshold=1e-3, min_sparsity=0.1), min_size=16)
+    )
     d = _decision(pass_, "weight")
     assert d.compressed and d.sparsity == 0.125
 
@@ -187,14 +199,19 @@ def test_threshold_below_minimum_sparsity_is_left_dense_with_reason():
 def test_non_finite_weights_are_left_dense():
     weight = np.ones((64, 64), np.float32)
     weight[3, 3] = np.nan
-    pass_ = _run(programs.single_op("linear", weight=weight), PruneConfig(PruneSpec("magnitude", sparsity=0.5), min_size=16))
+    pass_ = _run(
+        programs.single_op("linear", weight=weight),
+        PruneConfig(PruneSpec("magnitude", sparsity=0.5), min_size=16),
+    )
     assert _decision(pass_, "weight").reason == "non-finite values (inf or nan)"
 
 
 def test_shared_weight_is_pruned_once():
     prog = programs.shared_weight()
     pass_ = _run(prog, PruneConfig(PruneSpec("magnitude", sparsity=0.5), min_size=16))
-    sparse_ops = [op for op in prog.functions["main"].operations if op.op_type == "constexpr_sparse_to_dense"]
+    sparse_ops = [
+        op for op in prog.functions["main"].operations if op.op_type == "constexpr_sparse_to_dense"
+    ]
     assert sorted(op.name for op in sparse_ops) == ["embedding", "mix_weight"]
     emb = _decision(pass_, "embedding")
     assert emb.compressed and emb.consumers == ("embed.x", "lm_head.weight")
@@ -215,16 +232,25 @@ def test_shared_weight_with_different_specs_uses_the_least_aggressive():
 
 def test_consumer_override_to_dense_keeps_a_shared_weight_dense():
     prog = programs.shared_weight()
-    config = parse_prune_config({"spec": "2:4", "min_size": 16, "overrides": {"mix_again": "dense"}})
+    config = parse_prune_config(
+        {"spec": "2:4", "min_size": 16, "overrides": {"mix_again": "dense"}}
+    )
     pass_ = _run(prog, config)
-    assert _decision(pass_, "mix_weight").reason == "left dense by override 'mix_again' on consumer mix_again"
+    assert (
+        _decision(pass_, "mix_weight").reason
+        == "left dense by override 'mix_again' on consumer mix_again"
+    )
     assert _decision(pass_, "embedding").compressed
 
 
 def test_override_on_the_weight_name_wins():
     prog = programs.mlp(sizes=(64, 64, 64, 64))
     config = parse_prune_config(
-        {"spec": "2:4", "min_size": 16, "overrides": {"fc1_weight": "dense", "fc2*": "unstructured:0.75"}}
+        {
+            "spec": "2:4",
+            "min_size": 16,
+            "overrides": {"fc1_weight": "dense", "fc2*": "unstructured:0.75"},
+        }
     )
     pass_ = _run(prog, config)
     assert _decision(pass_, "fc0_weight").spec == "2:4"
@@ -235,7 +261,9 @@ def test_override_on_the_weight_name_wins():
 
 def test_op_types_restrict_selection():
     prog = programs.cnn()
-    pass_ = _run(prog, PruneConfig(PruneSpec("magnitude", sparsity=0.5), op_types=("linear",), min_size=16))
+    pass_ = _run(
+        prog, PruneConfig(PruneSpec("magnitude", sparsity=0.5), op_types=("linear",), min_size=16)
+    )
     assert _decision(pass_, "head_weight").compressed
     assert _decision(pass_, "conv1_weight").reason == "not a weight: read by conv.weight"
 

@@ -3,11 +3,11 @@ import pytest
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+from milsparse.passes import registry
+from milsparse.passes.registry import PassSpec, order_passes, place_in_pipeline
 
 import milsparse as ms
 from milsparse.errors import PipelineError
-from milsparse.passes import registry
-from milsparse.passes.registry import PassSpec, order_passes, place_in_pipeline
 
 
 class _Noop(AbstractGraphPass):
@@ -48,7 +48,10 @@ def test_ties_are_ordered_by_name(fake_passes):
 def test_a_loop_is_reported_with_its_cycle(fake_passes):
     a = fake_passes("milsparse::t_a", after=("milsparse::t_b",))
     b = fake_passes("milsparse::t_b", after=("milsparse::t_a",))
-    with pytest.raises(PipelineError, match="ordering loop: milsparse::t_a -> milsparse::t_b|ordering loop: milsparse::t_b -> milsparse::t_a"):
+    with pytest.raises(
+        PipelineError,
+        match="ordering loop: milsparse::t_(a -> milsparse::t_b|b -> milsparse::t_a)",
+    ):
         order_passes([a, b])
 
 
@@ -71,7 +74,11 @@ def test_prune_lands_after_weight_fusions_and_fp16_cast_in_the_default_pipeline(
     pipeline = ms.coreml_pipeline("2:4")
     passes = pipeline.passes
     i = passes.index("milsparse::prune")
-    for anchor in ("common::fuse_conv_batchnorm", "common::add_fp16_cast", "common::fuse_linear_bias"):
+    for anchor in (
+        "common::fuse_conv_batchnorm",
+        "common::add_fp16_cast",
+        "common::fuse_linear_bias",
+    ):
         assert max(j for j, p in enumerate(passes) if p == anchor) < i
     last_const_elim = max(j for j, p in enumerate(passes) if p == "common::const_elimination")
     assert last_const_elim < i
@@ -82,7 +89,11 @@ def test_prune_lands_after_weight_fusions_and_fp16_cast_in_the_default_pipeline(
 
 def test_placing_into_an_empty_pipeline_and_a_before_violation(fake_passes):
     assert ms.coreml_pipeline("2:4", base=ct.PassPipeline.EMPTY).passes == ["milsparse::prune"]
-    late = fake_passes("milsparse::t_late", after=("common::dead_code_elimination",), before=("common::const_elimination",))
+    late = fake_passes(
+        "milsparse::t_late",
+        after=("common::dead_code_elimination",),
+        before=("common::const_elimination",),
+    )
     base = ct.PassPipeline(["common::const_elimination", "common::dead_code_elimination"], "t")
     with pytest.raises(PipelineError, match="must run after common::dead_code_elimination"):
         place_in_pipeline([late], base)
