@@ -3,10 +3,10 @@
     python benchmarks/bench_prune.py [--params 100e6] [--out benchmarks/results/prune.json]
 
 For fp16 and fp32 copies of a generated program of square linear layers (>= 100M weights by
-default), and for magnitude 0.5 and 2:4, each tool runs in its own fresh process (so peak memory
-is its own): load the .mlpackage, prune, save. Reported per run:
+default), and for magnitude 0.5 and 2:4, each tool runs in its own fresh processes (so peak
+memory is its own), `--runs` times: load the .mlpackage, prune, save. Reported per setting:
 
-- wall time of load + prune + save;
+- wall time of load + prune + save (median of the runs);
 - peak RSS above the RSS right after importing the tool (`VmHWM` minus `VmRSS`);
 - output size on disk, and for milsparse the byte accounting's prediction of the weight file;
 - sparsity actually reached over the weights that were meant to be pruned.
@@ -53,8 +53,7 @@ def worker(tool: str, spec: str, src: str, dst: str) -> dict:
 
         baseline = _rss_bytes()
         t0 = time.perf_counter()
-        model = ms.compress(src, spec)
-        ms.save(model, dst)
+        ms.compress(src, spec, output=dst)
         elapsed = time.perf_counter() - t0
     else:
         import coremltools as ct
@@ -140,6 +139,7 @@ def main() -> None:
         "--params", type=float, default=100e6, help="weights in the generated model"
     )
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "prune.json"))
+    parser.add_argument("--runs", type=int, default=3, help="processes per tool and setting")
     args = parser.parse_args()
 
     import milsparse as ms
@@ -167,7 +167,7 @@ def main() -> None:
                 for tool in ("milsparse", "coremltools"):
                     dst = folder / f"{tool}_{dtype}_{spec.replace(':', '_')}.mlpackage"
                     print(f"[{dtype} {label}] {tool} ...", file=sys.stderr, flush=True)
-                    run = _run_worker(tool, spec, src, dst)
+                    run = _run_worker(tool, spec, src, dst, args.runs)
                     if "error" not in run:
                         run.update(_measure_output(dst, weights))
                         shutil.rmtree(dst, ignore_errors=True)

@@ -38,6 +38,8 @@ __all__ = [
     "retarget",
     "program_to_model",
     "save_package",
+    "write_program",
+    "check_output_path",
 ]
 
 TARGETS = {
@@ -125,7 +127,8 @@ def read_blob(path: str, offset: int, dtype, shape) -> np.ndarray:
     expected = int(np.prod(shape, dtype=np.int64))
     if count != expected:
         raise UnsupportedModelError(
-            f"{path}: weight record at offset {offset} holds {count} values, the model says {expected}"
+            f"{path}: weight record at offset {offset} holds {count} values, "
+            f"the model says {expected}"
         )
     if count == 0:
         return np.zeros(shape, dtype)
@@ -150,10 +153,11 @@ def _mapped_weight_reads():
     def load_value(context, value_spec):
         if value_spec.WhichOneof("value") == "blobFileValue" and not value_spec.docString:
             valuetype = milproto.proto_to_types(value_spec.type)
-            if hasattr(valuetype, "get_primitive") and valuetype.get_primitive() in direct:
+            primitive = getattr(valuetype, "get_primitive", lambda: None)()
+            if primitive in direct:
                 blob = value_spec.blobFileValue
                 path = os.path.join(context.weights_dir, blob.fileName.split("/")[-1])
-                return read_blob(path, blob.offset, direct[valuetype.get_primitive()], valuetype.get_shape())
+                return read_blob(path, blob.offset, direct[primitive], valuetype.get_shape())
         return original(context, value_spec)
 
     milproto._load_value = load_value
@@ -192,48 +196,70 @@ def retarget(prog, spec_version: int, target: AvailableTarget | None) -> int:
     return max(spec_version, target.value)
 
 
-def _remove_later(owner, folder: str) -> None:
-    weakref.finalize(owner, shutil.rmtree, folder, True)
+def _can_predict() -> bool:
+    """True where coremltools can load models for prediction (macOS)."""
+    return getattr(ct.models.model, "_MLModelProxy", None) is not None
+
+
+def _convert(prog, spec_version: int, source: ct.models.MLModel, package_dir: str):
+    return mil_convert(
+        prog,
+        convert_from="milinternal",
+        convert_to="mlprogram",
+        compute_units=source.compute_unit,
+        specification_version=spec_version,
+        model_description=source.get_spec().description,
+        skip_model_load=True,
+        pass_pipeline=ct.PassPipeline.EMPTY,
+        package_dir=package_dir,
+    )
 
 
 def program_to_model(prog, spec_version: int, source: ct.models.MLModel) -> ct.models.MLModel:
-    """Serialise `prog` to an MLModel with `source`'s description and compute units."""
+    """Serialise `prog` to an MLModel with `source`'s description and compute units.
+
+    The package lives in a temporary folder removed when the model is garbage-collected.
+    """
     folder = tempfile.mkdtemp(prefix="milsparse-")
     try:
-        model = mil_convert(
-            prog,
-            convert_from="milinternal",
-            convert_to="mlprogram",
-            compute_units=source.compute_unit,
-            specification_version=spec_version,
-            model_description=source.get_spec().description,
-            skip_model_load=True,
-            pass_pipeline=ct.PassPipeline.EMPTY,
-            package_dir=os.path.join(folder, "model.mlpackage"),
-        )
+        model = _convert(prog, spec_version, source, os.path.join(folder, "model.mlpackage"))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    _remove_later(model, folder)
+    weakref.finalize(model, shutil.rmtree, folder, True)
     return model
 
 
-def _stable_manifest(package: Path) -> None:
+def _make_deterministic(package: Path) -> None:
+    """Make a package's bytes a function of its content.
+
+    coremltools names manifest items with random UUIDs and serialises the spec's protobuf maps
+    in no fixed order; here the ids are derived from each item's path and the spec is rewritten
+    with deterministic serialisation. The manifest keeps ModelPackage's own layout, so opening
+    the package later does not rewrite it.
+    """
+    from coremltools.proto import Model_pb2
+
     manifest_path = package / "Manifest.json"
     manifest = json.loads(manifest_path.read_text())
     entries = manifest.get("itemInfoEntries", {})
     renamed = {}
     for old_id, info in entries.items():
         key = f"{info.get('author', '')}/{info.get('path', '')}"
-        renamed[old_id] = str(uuid.uuid5(uuid.NAMESPACE_URL, "milsparse:" + key)).upper()
-    manifest["itemInfoEntries"] = {renamed[k]: v for k, v in entries.items()}
+        renamed[old_id] = str(uuid.uuid5(uuid.NAMESPACE_URL, "milsparse:" + key))
+    manifest["itemInfoEntries"] = {renamed[k]: entries[k] for k in sorted(entries, key=renamed.get)}
+    root = entries.get(manifest.get("rootModelIdentifier"), {})
     if manifest.get("rootModelIdentifier") in renamed:
         manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+    spec_path = package / "Data" / root.get("path", "com.apple.CoreML/model.mlmodel")
+    if spec_path.is_file():
+        spec = Model_pb2.Model()
+        spec.ParseFromString(spec_path.read_bytes())
+        spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
 
-def save_package(model: ct.models.MLModel, path, *, overwrite: bool = False) -> Path:
-    """Write `model` to `path` (.mlpackage) atomically; never leaves a half-written package."""
+def check_output_path(path, *, overwrite: bool) -> Path:
     path = Path(path)
     if path.suffix != ".mlpackage":
         raise ConfigError(f"{path}: output must end in .mlpackage")
@@ -241,11 +267,21 @@ def save_package(model: ct.models.MLModel, path, *, overwrite: bool = False) -> 
         raise ConfigError(f"{path} exists; choose another path or allow overwriting (--force)")
     if not path.parent.exists():
         raise ConfigError(f"{path.parent}: output folder does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def _staged(path: Path):
+    """Yield a path in a sibling temporary folder; on success it atomically becomes `path`.
+
+    An existing package at `path` is moved aside and only dropped once the new one is in place;
+    on any failure the old package stays and nothing is left behind.
+    """
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staged = staging / path.name
-        model.save(str(staged))
-        _stable_manifest(staged)
+        yield staged
+        _make_deterministic(staged)
         if path.exists():
             backup = staging / "previous"
             os.replace(path, backup)
@@ -258,4 +294,26 @@ def save_package(model: ct.models.MLModel, path, *, overwrite: bool = False) -> 
             os.replace(staged, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_package(model: ct.models.MLModel, path, *, overwrite: bool = False) -> Path:
+    """Write `model` to `path` (.mlpackage) atomically; never leaves a half-written package."""
+    path = check_output_path(path, overwrite=overwrite)
+    with _staged(path) as staged:
+        model.save(str(staged))
     return path
+
+
+def write_program(
+    prog, spec_version: int, source: ct.models.MLModel, path, *, overwrite: bool = False
+) -> ct.models.MLModel:
+    """Serialise `prog` straight to `path` (atomically) and return the model read from there.
+
+    Saves the copy that `program_to_model` + `save_package` make through a temporary package.
+    """
+    path = check_output_path(path, overwrite=overwrite)
+    with _staged(path) as staged:
+        _convert(prog, spec_version, source, str(staged))
+    return ct.models.MLModel(
+        str(path), skip_model_load=not _can_predict(), compute_units=source.compute_unit
+    )

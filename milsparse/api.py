@@ -7,7 +7,7 @@ from pathlib import Path
 import coremltools as ct
 
 from milsparse import _io
-from milsparse.errors import MilsparseError, PassError
+from milsparse.errors import ConfigError, MilsparseError, PassError
 from milsparse.ir.weights import weight_table
 from milsparse.passes.prune import PruneWeights
 from milsparse.passes.registry import place_in_pipeline
@@ -48,30 +48,44 @@ def load_program(model):
     return _io.load_program(_io.open_model(model))
 
 
-def compress_with_report(model, config, *, target=None) -> tuple[ct.models.MLModel, CompressReport]:
+def compress_with_report(
+    model, config, *, target=None, output=None, overwrite: bool = False
+) -> tuple[ct.models.MLModel, CompressReport]:
     """Like `compress`, and also return the per-weight report."""
     recipe = Recipe.coerce(config)
+    if output is not None:
+        _io.check_output_path(output, overwrite=overwrite)
     target = _io.parse_target(target if target is not None else recipe.target)
     source = _io.open_model(model)
+    if output is not None and isinstance(model, (str, Path)):
+        if Path(output).resolve() == Path(model).resolve():
+            raise ConfigError("output is the input; milsparse never modifies its input")
     prog = _io.load_program(source)
     spec_version = _io.retarget(prog, source.get_spec().specificationVersion, target)
     prune = PruneWeights(recipe.prune)
     # The pass removes the consts it replaces, so no cleanup pass is needed afterwards.
     run_passes(prog, [("milsparse::prune", prune)])
-    compressed = _io.program_to_model(prog, spec_version, source)
+    if output is None:
+        compressed = _io.program_to_model(prog, spec_version, source)
+    else:
+        compressed = _io.write_program(prog, spec_version, source, output, overwrite=overwrite)
     opset = max(f.opset_version for f in prog.functions.values())
     return compressed, CompressReport(prune.report, target=opset.name)
 
 
-def compress(model, config, *, target=None) -> ct.models.MLModel:
+def compress(
+    model, config, *, target=None, output=None, overwrite: bool = False
+) -> ct.models.MLModel:
     """Prune a saved ML program (path or MLModel) with a recipe; return the compressed MLModel.
 
     `config` is a Recipe, PruneConfig, PruneSpec, spec string ("2:4", "unstructured:0.5", ...) or
     mapping. `target` ("ios16" | "ios17" | "ios18" or a ct.target) raises the program's opset
-    first; iOS18 emits the uint1-mask form. The input is never modified, coremltools' default
-    pipeline is not re-run, and no temporary package outlives the returned model.
+    first; iOS18 emits the uint1-mask form. With `output`, the package is written there directly
+    (atomically; an existing one only with `overwrite=True`) and the model is read back from it;
+    without, it lives in a temporary folder removed with the returned model. The input is never
+    modified and coremltools' default pipeline is not re-run.
     """
-    return compress_with_report(model, config, target=target)[0]
+    return compress_with_report(model, config, target=target, output=output, overwrite=overwrite)[0]
 
 
 def save(model: ct.models.MLModel, path, *, overwrite: bool = False) -> Path:

@@ -115,8 +115,7 @@ def _cmd_compress(args) -> int:
     if dst.exists() and not args.force:
         raise ConfigError(f"{dst} exists; pass --force to overwrite it")
     recipe = _recipe_from_args(args)
-    model, report = ms.compress_with_report(src, recipe)
-    ms.save(model, dst, overwrite=args.force)
+    _, report = ms.compress_with_report(src, recipe, output=dst, overwrite=args.force)
     if args.json:
         print(json.dumps({"input": str(src), "output": str(dst), **report.to_dict()}, indent=2))
     else:

@@ -72,7 +72,23 @@ def test_same_input_and_recipe_give_a_byte_identical_package(tmp_path, save_prog
     src = save_program(programs.cnn())
     a = ms.save(ms.compress(src, "2:4"), tmp_path / "a.mlpackage")
     b = ms.save(ms.compress(src, "2:4"), tmp_path / "b.mlpackage")
-    assert tree_digest(a) == tree_digest(b)
+    ms.compress(src, "2:4", output=tmp_path / "c.mlpackage")
+    assert tree_digest(a) == tree_digest(b) == tree_digest(tmp_path / "c.mlpackage")
+
+
+def test_compress_to_an_output_path(tmp_path, save_program):
+    src = save_program(programs.mlp(sizes=(64, 128, 10)))
+    out = tmp_path / "out.mlpackage"
+    model = ms.compress(src, "2:4", output=out)
+    assert Path(model.package_path) == out
+    assert [r.format for r in ms.inspect_model(out).rows if r.name == "fc0_weight"] == ["sparse"]
+    with pytest.raises(ConfigError, match="exists"):
+        ms.compress(src, "2:4", output=out)
+    ms.compress(src, "unstructured:0.75", output=out, overwrite=True)
+    assert [r.sparsity for r in ms.inspect_model(out).rows if r.name == "fc0_weight"] == [0.75]
+    with pytest.raises(ConfigError, match="never modifies its input"):
+        ms.compress(src, "2:4", output=src, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.mlpackage", "out.mlpackage"]
 
 
 def test_no_temporary_package_outlives_the_model(save_program):
