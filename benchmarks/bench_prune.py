@@ -76,16 +76,24 @@ def worker(tool: str, spec: str, src: str, dst: str) -> dict:
     return {"seconds": elapsed, "peak_above_import": _peak_bytes() - baseline}
 
 
-def _run_worker(tool, spec, src, dst) -> dict:
-    cmd = [sys.executable, __file__, "--worker", tool, spec, str(src), str(dst)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {
-            "error": proc.stderr.strip().splitlines()[-1]
-            if proc.stderr.strip()
-            else f"exit {proc.returncode}"
-        }
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _run_worker(tool, spec, src, dst, runs: int) -> dict:
+    """Median time and largest peak over `runs` fresh processes (disk and page-cache timing on a
+    shared VM varies from run to run)."""
+    samples = []
+    for _ in range(runs):
+        shutil.rmtree(dst, ignore_errors=True)
+        cmd = [sys.executable, __file__, "--worker", tool, spec, str(src), str(dst)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
+        samples.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    seconds = sorted(s["seconds"] for s in samples)
+    return {
+        "seconds": seconds[len(seconds) // 2],
+        "seconds_all": seconds,
+        "peak_above_import": max(s["peak_above_import"] for s in samples),
+    }
 
 
 def _measure_output(path: Path, names: set[str]) -> dict:

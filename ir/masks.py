@@ -124,13 +124,44 @@ def _kth_smallest_key(flat: np.ndarray, k: int) -> tuple[int, int]:
     return prefix, remaining
 
 
+def _kth_key_by_bracket(flat: np.ndarray, k: int) -> tuple[int, int] | None:
+    """Like `_kth_smallest_key`, usually in one pass: a strided sample brackets the k-th key,
+    one pass counts the keys below the bracket and gathers those inside it, and a partition of
+    that small set finds the exact key. None when the bracket misses or holds too much (many
+    ties), so the caller falls back to radix selection."""
+    n = flat.size
+    sample = np.sort(magnitude_keys(flat[:: max(1, n // 65536)]))
+    size = sample.size
+    q = k / n
+    margin = int(4 * np.sqrt(size * q * (1 - q))) + 2
+    lo_i, hi_i = int(q * size) - margin, int(q * size) + margin
+    lo = int(sample[lo_i]) if lo_i > 0 else 0
+    hi = int(sample[hi_i]) if hi_i < size else int(np.iinfo(sample.dtype).max)
+    below, inside, gathered = 0, [], 0
+    for sl in _chunks(n):
+        keys = magnitude_keys(flat[sl])
+        below += int(np.count_nonzero(keys < lo))
+        middle = keys[(keys >= lo) & (keys <= hi)]
+        gathered += middle.size
+        if gathered > n // 4:
+            return None
+        inside.append(middle)
+    rank = k - below  # 1-based rank of the k-th key inside the bracket
+    if not 0 < rank <= gathered:
+        return None
+    middle = np.concatenate(inside)
+    kth = int(np.partition(middle, rank - 1)[rank - 1])
+    return kth, rank - int(np.count_nonzero(middle < kth))
+
+
 def _select_lowest_magnitudes(weight: np.ndarray, k: int) -> np.ndarray:
     """select_lowest(|w|, k) for float weights, on exact integer keys, chunked."""
     flat = weight.ravel()
     chosen = np.zeros(flat.size, dtype=bool)
     if k == 0:
         return chosen
-    kth, ties = _kth_smallest_key(flat, k)
+    found = _kth_key_by_bracket(flat, k)
+    kth, ties = found if found is not None else _kth_smallest_key(flat, k)
     for sl in _chunks(flat.size):
         np.less(magnitude_keys(flat[sl]), kth, out=chosen[sl])
     for sl in _chunks(flat.size):

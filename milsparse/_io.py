@@ -25,7 +25,6 @@ from pathlib import Path
 import coremltools as ct
 import numpy as np
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
-from coremltools.converters.mil.converter import mil_convert
 from coremltools.converters.mil.frontend.milproto import load as milproto
 
 from milsparse.errors import ConfigError, UnsupportedModelError
@@ -201,17 +200,70 @@ def _can_predict() -> bool:
     return getattr(ct.models.model, "_MLModelProxy", None) is not None
 
 
-def _convert(prog, spec_version: int, source: ct.models.MLModel, package_dir: str):
-    return mil_convert(
-        prog,
-        convert_from="milinternal",
-        convert_to="mlprogram",
-        compute_units=source.compute_unit,
-        specification_version=spec_version,
-        model_description=source.get_spec().description,
-        skip_model_load=True,
-        pass_pipeline=ct.PassPipeline.EMPTY,
-        package_dir=package_dir,
+_MANIFEST_ITEMS = (
+    ("com.apple.CoreML/model.mlmodel", "model.mlmodel", "CoreML Model Specification"),
+    ("com.apple.CoreML/weights", "weights", "CoreML Model Weights"),
+)
+
+
+def _item_id(path: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "milsparse:com.apple.CoreML/" + path))
+
+
+def _write_manifest(package: Path) -> None:
+    entries = {
+        _item_id(path): {
+            "author": "com.apple.CoreML",
+            "description": desc,
+            "name": name,
+            "path": path,
+        }
+        for path, name, desc in _MANIFEST_ITEMS
+    }
+    manifest = {
+        "fileFormatVersion": "1.0.0",
+        "itemInfoEntries": dict(sorted(entries.items())),
+        "rootModelIdentifier": _item_id(_MANIFEST_ITEMS[0][0]),
+    }
+    (package / "Manifest.json").write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+
+
+def _write_package(prog, spec_version: int, source: ct.models.MLModel, package: Path) -> None:
+    """Serialise `prog` as an .mlpackage at `package` (which must not exist).
+
+    coremltools' MIL backend writes the weight file straight into the package's weights folder
+    and returns the spec; the package around them is assembled here rather than by ModelPackage,
+    which would copy the whole weight file once more. Same layout, deterministic bytes.
+    """
+    from coremltools.converters.mil.converter import (
+        ConverterRegistry,
+        _reset_conversion_state,
+        mil_convert_to_proto,
+    )
+
+    data = package / "Data" / "com.apple.CoreML"
+    weights = data / "weights"
+    weights.mkdir(parents=True)
+    try:
+        spec, _ = mil_convert_to_proto(
+            prog,
+            "milinternal",
+            "mlprogram",
+            ConverterRegistry,
+            main_pipeline=ct.PassPipeline.EMPTY,
+            weights_dir=str(weights),
+            specification_version=spec_version,
+            model_description=source.get_spec().description,
+        )
+    finally:
+        _reset_conversion_state()
+    (data / "model.mlmodel").write_bytes(spec.SerializeToString(deterministic=True))
+    _write_manifest(package)
+
+
+def _open_written(path: Path, source: ct.models.MLModel) -> ct.models.MLModel:
+    return ct.models.MLModel(
+        str(path), skip_model_load=not _can_predict(), compute_units=source.compute_unit
     )
 
 
@@ -222,7 +274,9 @@ def program_to_model(prog, spec_version: int, source: ct.models.MLModel) -> ct.m
     """
     folder = tempfile.mkdtemp(prefix="milsparse-")
     try:
-        model = _convert(prog, spec_version, source, os.path.join(folder, "model.mlpackage"))
+        package = Path(folder) / "model.mlpackage"
+        _write_package(prog, spec_version, source, package)
+        model = _open_written(package, source)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -309,11 +363,9 @@ def write_program(
 ) -> ct.models.MLModel:
     """Serialise `prog` straight to `path` (atomically) and return the model read from there.
 
-    Saves the copy that `program_to_model` + `save_package` make through a temporary package.
+    Saves the copy that `program_to_model` + `save_package` make of the temporary package.
     """
     path = check_output_path(path, overwrite=overwrite)
     with _staged(path) as staged:
-        _convert(prog, spec_version, source, str(staged))
-    return ct.models.MLModel(
-        str(path), skip_model_load=not _can_predict(), compute_units=source.compute_unit
-    )
+        _write_package(prog, spec_version, source, staged)
+    return _open_written(path, source)

@@ -170,3 +170,30 @@ def test_data_aware_scores_replace_magnitude():
     scores = np.array([[4.0, 3.0, 2.0, 1.0]], np.float32)
     np.testing.assert_array_equal(masks.magnitude_mask(w, 0.5, scores), [[1, 1, 0, 0]])
     np.testing.assert_array_equal(masks.nm_mask(w, 2, 4, 1, scores), [[1, 1, 0, 0]])
+
+
+@given(
+    weight=st.one_of(
+        tied_weights(max_dims=2, max_side=80),
+        hnp.arrays(np.float32, st.integers(1, 3000), elements=st.floats(-8, 8, width=32)),
+    ),
+    data=st.data(),
+)
+def test_both_kth_key_selectors_agree_with_a_sort(weight, data):
+    flat = weight.ravel()
+    k = data.draw(st.integers(1, flat.size))
+    keys = np.sort(masks.magnitude_keys(flat))
+    kth = int(keys[k - 1])
+    expected = (kth, k - int(np.count_nonzero(keys < kth)))
+    assert masks._kth_smallest_key(flat, k) == expected
+    bracketed = masks._kth_key_by_bracket(flat, k)
+    assert bracketed is None or bracketed == expected
+
+
+def test_magnitude_keys_order_like_absolute_values():
+    w = np.array([-0.0, 0.0, 1e-8, -1e-8, 0.5, -2.0, 65504.0], np.float16)
+    keys = masks.magnitude_keys(w)
+    order = np.argsort(keys, kind="stable")
+    assert np.all(np.diff(np.abs(w.astype(np.float64))[order]) >= 0)
+    assert keys[0] == keys[1] == 0
+    assert masks.all_finite(w) and not masks.all_finite(np.array([1.0, np.inf], np.float32))
