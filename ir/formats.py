@@ -193,3 +193,77 @@ def sparse_bytes(num_elements: int, num_nonzero: int, dtype, *, ios18: bool, ran
         return values + tensor_storage_bytes(num_elements, 1)
     mask = tensor_storage_bytes((num_elements + 7) // 8, 8)
     return values + mask + tensor_storage_bytes(rank, 32)
+
+
+# -- decoders of the other constexpr formats (one per format; the interpreter calls these) ----
+
+
+def unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
+    """Elements of `nbits` packed LSB first (iOS16 LUT indices), as uint8."""
+    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")[: count * nbits]
+    weights = (1 << np.arange(nbits)).astype(np.uint16)
+    return (bits.reshape(count, nbits).astype(np.uint16) @ weights).astype(np.uint8)
+
+
+def decode_lut_ios16(lut: np.ndarray, indices: np.ndarray, shape) -> np.ndarray:
+    """iOS16 `constexpr_lut_to_dense`: lut T[2^n], packed n-bit indices, uint32 shape."""
+    shape = tuple(int(d) for d in np.asarray(shape).ravel())
+    nbits = int(np.log2(np.asarray(lut).size))
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.asarray(lut)[unpack_bits(indices, nbits, count)].reshape(shape)
+
+
+def decode_lut_ios18(indices: np.ndarray, lut: np.ndarray, vector_axis=None) -> np.ndarray:
+    """iOS18 `constexpr_lut_to_dense`: per-block LUTs `[*blocks, 2^n, V]` over `indices`.
+
+    Axis i of `indices` is split into `lut.shape[i]` equal blocks, each with its own table; with
+    V > 1 each index expands to V consecutive elements along `vector_axis`.
+    """
+    indices = np.asarray(indices).astype(np.intp)
+    lut = np.asarray(lut)
+    rank = indices.ndim
+    grids = []
+    for axis, (size, blocks) in enumerate(zip(indices.shape, lut.shape[:rank], strict=True)):
+        shape = [1] * rank
+        shape[axis] = size
+        grids.append((np.arange(size) // (size // blocks)).reshape(shape))
+    values = lut[tuple(grids) + (indices,)]  # indices.shape + (V,)
+    vector = lut.shape[-1]
+    if vector == 1:
+        return values[..., 0]
+    axis = int(vector_axis) % rank
+    values = np.moveaxis(values, -1, axis + 1)
+    out_shape = list(indices.shape)
+    out_shape[axis] *= vector
+    return values.reshape(out_shape)
+
+
+def decode_affine_ios16(quantized: np.ndarray, zero_point, scale, axis: int) -> np.ndarray:
+    """iOS16 `constexpr_affine_dequantize`: (q - zero_point) * scale, per channel on `axis`."""
+    quantized = np.asarray(quantized)
+    scale, zero_point = np.asarray(scale), np.asarray(zero_point)
+    shape = [1] * quantized.ndim
+    if scale.ndim and scale.size > 1:
+        shape[int(axis)] = -1
+    zp_shape = [1] * quantized.ndim
+    if zero_point.ndim and zero_point.size > 1:
+        zp_shape[int(axis)] = -1
+    centered = quantized.astype(np.float32) - zero_point.astype(np.float32).reshape(zp_shape)
+    return (centered * scale.astype(np.float32).reshape(shape)).astype(scale.dtype)
+
+
+def _repeat_blocks(table: np.ndarray, shape) -> np.ndarray:
+    for axis, (size, blocks) in enumerate(zip(shape, table.shape, strict=True)):
+        if blocks != size:
+            table = np.repeat(table, size // blocks, axis=axis)
+    return table
+
+
+def decode_blockwise_ios18(data: np.ndarray, scale: np.ndarray, offset=None) -> np.ndarray:
+    """iOS18 `constexpr_blockwise_shift_scale`: (data - offset) * scale, block-wise."""
+    data = np.asarray(data)
+    scale = np.asarray(scale)
+    out = data.astype(np.float32)
+    if offset is not None:
+        out = out - _repeat_blocks(np.asarray(offset).astype(np.float32), data.shape)
+    return (out * _repeat_blocks(scale.astype(np.float32), data.shape)).astype(scale.dtype)
