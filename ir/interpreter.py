@@ -87,11 +87,17 @@ def _widen(value):
 class Context:
     """What control-flow kernels need: running nested blocks with the enclosing values."""
 
-    def __init__(self, env: dict):
+    def __init__(self, env: dict, cache: dict | None):
         self.env = env
+        self.cache = cache
 
     def run(self, block, inputs: list) -> list:
-        return run_block(block, self.env, inputs)
+        return run_block(block, self.env, inputs, self.cache)
+
+
+def _is_static(op) -> bool:
+    """consts and constexpr ops: their values never depend on the program's inputs."""
+    return op.op_type == "const" or op.op_type.startswith("constexpr_")
 
 
 def _last_uses(block) -> dict[int, list]:
@@ -128,14 +134,23 @@ class _Reader:
         self.inputs = {"out": var}
 
 
-def run_block(block, outer_env: dict, inputs: list | None = None) -> list:
-    """Run `block`'s ops; its inputs take `inputs`; returns the values of `block.outputs`."""
+def run_block(
+    block, outer_env: dict, inputs: list | None = None, cache: dict | None = None
+) -> list:
+    """Run `block`'s ops; its inputs take `inputs`; returns the values of `block.outputs`.
+
+    `cache`, when given, keeps the (decoded) values of const and constexpr ops across runs.
+    """
     env = _ChainedEnv(outer_env)
     for var, value in zip(block.inputs, inputs or [], strict=False):
         env[id(var)] = value
-    ctx = Context(env)
+    ctx = Context(env, cache)
     freed = _last_uses(block)
     for i, op in enumerate(block.operations):
+        if cache is not None and _is_static(op) and id(op) in cache:
+            for var, value in zip(op.outputs, cache[id(op)], strict=True):
+                env[id(var)] = value
+            continue
         values = {}
         for name, var in op.inputs.items():
             if isinstance(var, (list, tuple)):
@@ -150,6 +165,8 @@ def run_block(block, outer_env: dict, inputs: list | None = None) -> list:
         results = result if len(outputs) > 1 else (result,)
         for var, value in zip(outputs, results, strict=True):
             env[id(var)] = _conform(value, var)
+        if cache is not None and _is_static(op):
+            cache[id(op)] = [env[id(var)] for var in outputs]
         for var in freed.get(i, ()):
             env.pop_local(id(var))
     return [_read(env, v) for v in block.outputs]
@@ -198,9 +215,13 @@ def _load_kernels() -> None:
 
 
 def evaluate_program(
-    prog, inputs: Mapping[str, Any], function: str = "main"
+    prog, inputs: Mapping[str, Any], function: str = "main", cache: dict | None = None
 ) -> dict[str, np.ndarray]:
-    """Run `function` of `prog` on `inputs` (name -> array); returns output name -> array."""
+    """Run `function` of `prog` on `inputs` (name -> array); returns output name -> array.
+
+    Pass the same `cache` dict to several calls on one program to decode its constexpr weights
+    once.
+    """
     missing = unsupported_ops(prog, function)
     if missing:
         raise UnsupportedOpError(
@@ -215,5 +236,5 @@ def evaluate_program(
     env = _ChainedEnv(None)
     for var, value in zip(func.inputs.values(), feeds, strict=True):
         env[id(var)] = _conform(value, var)
-    ctx_outputs = run_block(func, env, None)
+    ctx_outputs = run_block(func, env, None, cache)
     return {var.name: np.asarray(val) for var, val in zip(func.outputs, ctx_outputs, strict=True)}

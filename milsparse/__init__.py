@@ -51,6 +51,7 @@ from milsparse.errors import (
 from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config, parse_prune_spec
 from milsparse.recipe import Recipe
 from milsparse.report import CompressReport, InspectReport
+from milsparse.verify import Tolerances, VerifyReport, evaluate, verify
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,10 @@ __all__ = [
     "load_program",
     "run_passes",
     "save",
+    "evaluate",
+    "verify",
+    "Tolerances",
+    "VerifyReport",
     "Recipe",
     "PruneConfig",
     "PruneSpec",

@@ -228,7 +228,17 @@ def _write_manifest(package: Path) -> None:
     (package / "Manifest.json").write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
-def _write_package(prog, spec_version: int, source: ct.models.MLModel, package: Path) -> None:
+def _description(source: ct.models.MLModel, metadata: dict[str, str] | None):
+    description = type(source.get_spec().description)()
+    description.CopyFrom(source.get_spec().description)
+    for key, value in (metadata or {}).items():
+        description.metadata.userDefined[key] = value
+    return description
+
+
+def _write_package(
+    prog, spec_version: int, source: ct.models.MLModel, package: Path, metadata=None
+) -> None:
     """Serialise `prog` as an .mlpackage at `package` (which must not exist).
 
     coremltools' MIL backend writes the weight file straight into the package's weights folder
@@ -253,7 +263,7 @@ def _write_package(prog, spec_version: int, source: ct.models.MLModel, package: 
             main_pipeline=ct.PassPipeline.EMPTY,
             weights_dir=str(weights),
             specification_version=spec_version,
-            model_description=source.get_spec().description,
+            model_description=_description(source, metadata),
         )
     finally:
         _reset_conversion_state()
@@ -267,15 +277,18 @@ def _open_written(path: Path, source: ct.models.MLModel) -> ct.models.MLModel:
     )
 
 
-def program_to_model(prog, spec_version: int, source: ct.models.MLModel) -> ct.models.MLModel:
-    """Serialise `prog` to an MLModel with `source`'s description and compute units.
+def program_to_model(
+    prog, spec_version: int, source: ct.models.MLModel, metadata: dict[str, str] | None = None
+) -> ct.models.MLModel:
+    """Serialise `prog` to an MLModel with `source`'s description (plus `metadata` entries) and
+    compute units.
 
     The package lives in a temporary folder removed when the model is garbage-collected.
     """
     folder = tempfile.mkdtemp(prefix="milsparse-")
     try:
         package = Path(folder) / "model.mlpackage"
-        _write_package(prog, spec_version, source, package)
+        _write_package(prog, spec_version, source, package, metadata)
         model = _open_written(package, source)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -359,7 +372,13 @@ def save_package(model: ct.models.MLModel, path, *, overwrite: bool = False) -> 
 
 
 def write_program(
-    prog, spec_version: int, source: ct.models.MLModel, path, *, overwrite: bool = False
+    prog,
+    spec_version: int,
+    source: ct.models.MLModel,
+    path,
+    *,
+    overwrite: bool = False,
+    metadata: dict[str, str] | None = None,
 ) -> ct.models.MLModel:
     """Serialise `prog` straight to `path` (atomically) and return the model read from there.
 
@@ -367,5 +386,5 @@ def write_program(
     """
     path = check_output_path(path, overwrite=overwrite)
     with _staged(path) as staged:
-        _write_package(prog, spec_version, source, staged)
+        _write_package(prog, spec_version, source, staged, metadata)
     return _open_written(path, source)

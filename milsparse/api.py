@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import coremltools as ct
@@ -13,6 +14,7 @@ from milsparse.passes.prune import PruneWeights
 from milsparse.passes.registry import place_in_pipeline
 from milsparse.recipe import Recipe
 from milsparse.report import CompressReport, InspectReport
+from milsparse.verify import PRUNE_METADATA_KEY
 
 __all__ = [
     "compress",
@@ -65,12 +67,26 @@ def compress_with_report(
     prune = PruneWeights(recipe.prune)
     # The pass removes the consts it replaces, so no cleanup pass is needed afterwards.
     run_passes(prog, [("milsparse::prune", prune)])
+    metadata = _pruned_metadata(source, prune.report)
     if output is None:
-        compressed = _io.program_to_model(prog, spec_version, source)
+        compressed = _io.program_to_model(prog, spec_version, source, metadata)
     else:
-        compressed = _io.write_program(prog, spec_version, source, output, overwrite=overwrite)
+        compressed = _io.write_program(
+            prog, spec_version, source, output, overwrite=overwrite, metadata=metadata
+        )
     opset = max(f.opset_version for f in prog.functions.values())
     return compressed, CompressReport(prune.report, target=opset.name)
+
+
+def _pruned_metadata(source, decisions) -> dict[str, str]:
+    """The model metadata entry recording each pruned weight's spec and axis, so `verify` can
+    check the pattern later; merged with an earlier run's entry."""
+    user = source.get_spec().description.metadata.userDefined
+    pruned = json.loads(user[PRUNE_METADATA_KEY]) if PRUNE_METADATA_KEY in user else {}
+    for d in decisions:
+        if d.compressed:
+            pruned[d.name] = {"spec": d.spec, "axis": d.axis}
+    return {PRUNE_METADATA_KEY: json.dumps(pruned, sort_keys=True)} if pruned else {}
 
 
 def compress(

@@ -1,7 +1,8 @@
-"""The `milsparse` command: compress | inspect | passes.
+"""The `milsparse` command: compress | verify | inspect | passes.
 
-Errors a user can fix (bad paths, non-mlprogram models, bad flag values) print one line on
-stderr and exit 2; no traceback unless --debug.
+Exit codes: 0 done (verification passed); 1 verification failed; 2 an error the user can fix
+(bad paths, non-mlprogram models, bad flag values), printed as one line on stderr; 3 an internal
+error, also one line. No traceback unless --debug.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,6 +61,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     comp.add_argument("--json", action="store_true", help="print the report as JSON")
+    comp.add_argument(
+        "--verify",
+        action="store_true",
+        help="verify the result against the input first; write nothing if it fails (exit 1)",
+    )
+    _verify_options(comp)
+
+    ver = sub.add_parser("verify", help="compare a compressed model's outputs with the reference's")
+    ver.add_argument("reference", help="the dense .mlpackage")
+    ver.add_argument("candidate", help="the compressed .mlpackage")
+    ver.add_argument("--json", action="store_true", help="print the report as JSON")
+    _verify_options(ver)
 
     insp = sub.add_parser("inspect", help="list a model's weights: format, sparsity, bytes")
     insp.add_argument("model", help=".mlpackage")
@@ -67,6 +81,50 @@ def _build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("passes", help="list milsparse passes and their ordering declarations")
     lst.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _verify_options(parser) -> None:
+    parser.add_argument(
+        "--inputs", metavar="NPZ", help="inputs (.npz keyed by input name); default: generated"
+    )
+    parser.add_argument(
+        "--samples", type=int, default=4, metavar="N", help="generated input samples (default 4)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of generated inputs (default 0)")
+    parser.add_argument(
+        "--min-snr", type=float, metavar="DB", help="minimum SNR per output (default 15)"
+    )
+    parser.add_argument(
+        "--min-cosine", type=float, metavar="C", help="minimum cosine per output (default 0.98)"
+    )
+
+
+def _tolerances(args):
+    from milsparse.verify import Tolerances
+
+    defaults = Tolerances()
+    return Tolerances(
+        min_snr_db=defaults.min_snr_db if args.min_snr is None else args.min_snr,
+        min_cosine=defaults.min_cosine if args.min_cosine is None else args.min_cosine,
+    )
+
+
+def _run_verify(reference, candidate, args):
+    import milsparse as ms
+    from milsparse.errors import ConfigError
+
+    if args.samples < 1:
+        raise ConfigError("--samples must be at least 1")
+    if args.inputs is not None and not Path(args.inputs).exists():
+        raise ConfigError(f"{args.inputs}: no such file")
+    return ms.verify(
+        reference,
+        candidate,
+        args.inputs,
+        tolerances=_tolerances(args),
+        samples=args.samples,
+        seed=args.seed,
+    )
 
 
 def _recipe_from_args(args):
@@ -115,13 +173,34 @@ def _cmd_compress(args) -> int:
     if dst.exists() and not args.force:
         raise ConfigError(f"{dst} exists; pass --force to overwrite it")
     recipe = _recipe_from_args(args)
-    _, report = ms.compress_with_report(src, recipe, output=dst, overwrite=args.force)
+    verdict = None
+    if args.verify:
+        # verify the model in its temporary package; only a passing one is written
+        model, report = ms.compress_with_report(src, recipe)
+        verdict = _run_verify(src, model, args)
+        if verdict.passed:
+            ms.save(model, dst, overwrite=args.force)
+    else:
+        _, report = ms.compress_with_report(src, recipe, output=dst, overwrite=args.force)
+    written = verdict is None or verdict.passed
     if args.json:
-        print(json.dumps({"input": str(src), "output": str(dst), **report.to_dict()}, indent=2))
+        out = {"input": str(src), "output": str(dst) if written else None, **report.to_dict()}
+        if verdict is not None:
+            out["verify"] = verdict.to_dict()
+        print(json.dumps(out, indent=2))
     else:
         print(report)
-        print(f"wrote {dst}")
-    return EXIT_OK
+        if verdict is not None:
+            print()
+            print(verdict)
+        print(f"wrote {dst}" if written else f"verification failed; {dst} not written")
+    return EXIT_OK if written else EXIT_FAILED
+
+
+def _cmd_verify(args) -> int:
+    report = _run_verify(args.reference, args.candidate, args)
+    print(report.to_json() if args.json else report)
+    return EXIT_OK if report.passed else EXIT_FAILED
 
 
 def _cmd_inspect(args) -> int:
@@ -162,7 +241,12 @@ def _cmd_passes(args) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"compress": _cmd_compress, "inspect": _cmd_inspect, "passes": _cmd_passes}
+_COMMANDS = {
+    "compress": _cmd_compress,
+    "verify": _cmd_verify,
+    "inspect": _cmd_inspect,
+    "passes": _cmd_passes,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
