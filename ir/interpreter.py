@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from coremltools.converters.mil.mil import types
-from milsparse.ir.errors import UnsupportedOpError
+from milsparse.ir.errors import ConfigError, UnsupportedOpError
 
 __all__ = ["KERNELS", "kernel", "unsupported_ops", "evaluate_program", "run_block"]
 
@@ -229,10 +229,17 @@ def evaluate_program(
         )
     func = prog.functions[function]
     feeds = []
-    for name in func.inputs:
+    for name, var in func.inputs.items():
         if name not in inputs:
-            raise KeyError(f"missing input {name!r}; the program takes {list(func.inputs)}")
-        feeds.append(np.asarray(inputs[name]))
+            raise ConfigError(f"missing input {name!r}; the program takes {list(func.inputs)}")
+        value = np.asarray(inputs[name])
+        expected = tuple(var.shape)
+        fixed = all(isinstance(d, int) for d in expected)
+        if value.ndim != len(expected) or (fixed and value.shape != expected):
+            raise ConfigError(
+                f"input {name!r} has shape {value.shape}; the program expects {expected}"
+            )
+        feeds.append(value)
     env = _ChainedEnv(None)
     for var, value in zip(func.inputs.values(), feeds, strict=True):
         env[id(var)] = _conform(value, var)

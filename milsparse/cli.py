@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"milsparse: internal error: {type(e).__name__}: {e} (rerun with --debug)",
             file=sys.stderr,
         )
-        return EXIT_FAILED
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -285,6 +285,7 @@ def output_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances
     signal = float(r @ r)
     norms = math.sqrt(signal) * math.sqrt(float(c @ c))
     cosine = float(r @ c) / norms if norms else (1.0 if noise == 0 else 0.0)
+    cosine = min(max(cosine, -1.0), 1.0)  # rounding can step just past 1
     peak = float(np.max(r * r)) if r.size else 0.0
     m = OutputMetrics(
         name=name,

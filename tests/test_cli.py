@@ -161,3 +161,65 @@ def test_bad_paths_and_non_mlprogram_models_exit_2_with_one_line(tmp_path):
     assert "not an .mlpackage" in bad.stderr
     usage = _run_cli("compress", "x.mlpackage")
     assert usage.returncode == 2 and "required" in usage.stderr and "Traceback" not in usage.stderr
+
+
+def test_verify_exit_codes_and_reports(model, tmp_path, capsys):
+    light, heavy = tmp_path / "light.mlpackage", tmp_path / "heavy.mlpackage"
+    assert main(["compress", str(model), "-o", str(light), "--prune", "unstructured:0.2"]) == 0
+    assert main(["compress", str(model), "-o", str(heavy), "--prune", "unstructured:0.9"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(model), str(light), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["samples"] == 4
+    assert [o["name"] for o in report["outputs"]] == ["fc2"]
+    assert main(["verify", str(model), str(heavy), "--samples", "2"]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL: output fc2: SNR" in text and "(2 input samples)" in text
+    assert main(["verify", str(model), str(heavy), "--min-snr", "-100", "--min-cosine", "0"]) == 0
+    capsys.readouterr()
+
+
+def test_verify_bad_inputs_exit_2(model, tmp_path, capsys):
+    import numpy as np
+
+    cases = {
+        "missing.npz": "no such file",
+        "wrong_name.npz": "missing input 'x'",
+        "wrong_shape.npz": "has shape (3, 64)",
+    }
+    np.savez(tmp_path / "wrong_name.npz", y=np.zeros((2, 64), np.float32))
+    np.savez(tmp_path / "wrong_shape.npz", x=np.zeros((3, 64), np.float32))
+    for name, message in cases.items():
+        assert main(["verify", str(model), str(model), "--inputs", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert main(["verify", str(model), str(model), "--samples", "0"]) == 2
+    assert "--samples must be at least 1" in capsys.readouterr().err
+    np.savez(tmp_path / "good.npz", x=np.ones((2, 64), np.float32))
+    assert main(["verify", str(model), str(model), "--inputs", str(tmp_path / "good.npz")]) == 0
+
+
+def test_compress_verify_refuses_to_write_a_failing_model(model, tmp_path, capsys):
+    out = tmp_path / "out.mlpackage"
+    args = ["compress", str(model), "-o", str(out), "--verify"]
+    assert main(args + ["--prune", "unstructured:0.9"]) == 1
+    text = capsys.readouterr().out
+    assert "verification failed" in text and "not written" in text
+    assert not out.exists()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # nothing half-written
+    assert main(args + ["--prune", "unstructured:0.2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["output"] == str(out) and report["verify"]["passed"]
+    assert out.exists()
+
+
+def test_internal_errors_exit_3_with_one_line(model, capsys, monkeypatch):
+    import milsparse
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(milsparse, "verify", broken)
+    assert main(["verify", str(model), str(model)]) == 3
+    err = capsys.readouterr().err
+    assert err == "milsparse: internal error: RuntimeError: boom (rerun with --debug)\n"

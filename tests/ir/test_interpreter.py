@@ -1,0 +1,205 @@
+"""The numpy reference interpreter against torch: every converted fixture, fp32 and fp16."""
+
+import numpy as np
+import pytest
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import types
+
+torch = pytest.importorskip("torch", reason="the test extra installs torch")
+
+import coremltools as ct  # noqa: E402
+from milsparse.fixtures import torch_models  # noqa: E402
+from milsparse.ir.interpreter import evaluate_program  # noqa: E402
+
+import milsparse as ms  # noqa: E402
+from milsparse.errors import ConfigError, UnsupportedOpError  # noqa: E402
+
+PRECISIONS = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}
+
+
+def _cosine(a, b):
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="module")
+def converted():
+    """(module class, precision) -> (torch module, MLModel); converted once per test module."""
+    cache = {}
+
+    def get(cls, precision):
+        if (cls, precision) not in cache:
+            torch.manual_seed(0)
+            module = cls().eval()
+            cache[cls, precision] = (
+                module,
+                torch_models.convert(module, precision=PRECISIONS[precision]),
+            )
+        return cache[cls, precision]
+
+    return get
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("cls", torch_models.ALL_MODULES, ids=lambda c: c.__name__)
+def test_interpreter_matches_torch(converted, cls, precision):
+    module, mlmodel = converted(cls, precision)
+    prog = mlmodel._mil_program
+    # seed 1: a different input from the one the module was traced with
+    for seed in (0, 1):
+        x = torch_models.example_input(module, seed)
+        with torch.no_grad():
+            expected = module(x)
+        expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+        ours = ms.evaluate(mlmodel, {"x": x.numpy()})
+        names = [v.name for v in prog.functions["main"].outputs]
+        assert list(ours) == names
+        assert len(names) == len(expected)
+        for name, want in zip(names, expected, strict=True):
+            got, want = ours[name], want.numpy()
+            assert got.shape == want.shape, name
+            if precision == "fp32":
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+            else:
+                assert got.dtype == np.float16  # computed in fp32, rounded at op boundaries
+                assert _cosine(got, want) >= 0.999, name
+
+
+def test_unsupported_ops_are_all_named_before_running():
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))])
+    def prog(x):
+        noise = mb.random_uniform(shape=np.array([2, 3], np.int32))
+        y = mb.add(x=mb.relu(x=x), y=noise)
+        column = mb.slice_by_size(x=y, begin=[0, 0], size=[2, 1])
+        boxes = mb.expand_dims(x=mb.concat(values=[y, column], axis=1), axes=[0])
+        scores = mb.expand_dims(x=y, axes=[0])
+        nms = mb.non_maximum_suppression(
+            boxes=boxes, scores=scores, iou_threshold=0.5, score_threshold=0.1, max_boxes=2
+        )
+        return nms[0]
+
+    with pytest.raises(UnsupportedOpError) as info:
+        evaluate_program(prog, {"x": np.zeros((2, 3), np.float32)})
+    message = str(info.value)
+    for op_type in ("random_uniform", "non_maximum_suppression"):
+        assert op_type in message
+
+
+def test_missing_or_misshapen_inputs_are_config_errors():
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))])
+    def prog(x):
+        return mb.relu(x=x)
+
+    with pytest.raises(ConfigError, match="missing input 'x'"):
+        evaluate_program(prog, {"y": np.zeros((2, 3), np.float32)})
+    with pytest.raises(ConfigError, match=r"shape \(3, 2\)"):
+        evaluate_program(prog, {"x": np.zeros((3, 2), np.float32)})
+
+
+def test_constexpr_cache_decodes_each_weight_once(monkeypatch):
+    from milsparse.ir import interpreter
+
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    w[w % 3 == 0] = 0
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 4))], opset_version=ct.target.iOS18)
+    def prog(x):
+        mask = (w != 0).astype(np.uint8).view(types.np_uint1_dtype)
+        dense = mb.constexpr_sparse_to_dense(nonzero_data=w[w != 0], mask=mask)
+        return mb.linear(x=x, weight=dense)
+
+    calls = []
+    original = interpreter.KERNELS["constexpr_sparse_to_dense"]
+    monkeypatch.setitem(
+        interpreter.KERNELS,
+        "constexpr_sparse_to_dense",
+        lambda *a: calls.append(1) or original(*a),
+    )
+    cache = {}
+    x = np.ones((1, 4), np.float32)
+    first = evaluate_program(prog, {"x": x}, cache=cache)
+    second = evaluate_program(prog, {"x": 2 * x}, cache=cache)
+    assert len(calls) == 1
+    (name,) = first
+    np.testing.assert_allclose(first[name], x @ w.T)
+    np.testing.assert_allclose(second[name], 2 * x @ w.T)
+
+
+# -- single ops the torch fixtures do not reach, against torch.nn.functional ----------------
+
+
+def _run_single(build, x):
+    prog = mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=ct.target.iOS17)(
+        build
+    )
+    (out,) = evaluate_program(prog, {"x": x}).values()
+    return out
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_conv_same_padding_with_groups(stride, dilation):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 9, 7)).astype(np.float32)
+    w = rng.standard_normal((9, 2, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(9).astype(np.float32)
+
+    def build(x):
+        return mb.conv(
+            x=x, weight=w, bias=b, strides=[stride] * 2, dilations=[dilation] * 2,
+            pad_type="same", groups=3,
+        )  # fmt: skip
+
+    got = _run_single(build, x)
+    # Core ML "same": output = ceil(in / stride), the extra pad goes at the end
+    pads = []
+    for size in (9, 7):
+        out = -(-size // stride)
+        total = max((out - 1) * stride + dilation * 2 + 1 - size, 0)
+        pads.append((total // 2, total - total // 2))
+    padded = torch.nn.functional.pad(
+        torch.from_numpy(x), (pads[1][0], pads[1][1], pads[0][0], pads[0][1])
+    )
+    want = torch.nn.functional.conv2d(
+        padded, torch.from_numpy(w), torch.from_numpy(b), stride, 0, dilation, groups=3
+    )
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_max_pool_and_batch_norm():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    mean, gamma, beta = rng.standard_normal((3, 3)).astype(np.float32)
+    var = rng.uniform(0.5, 2, 3).astype(np.float32)
+
+    def build(x):
+        y = mb.batch_norm(x=x, mean=mean, variance=var, gamma=gamma, beta=beta, epsilon=1e-3)
+        return mb.max_pool(x=y, kernel_sizes=[3, 3], strides=[2, 2], pad_type="custom",
+                           pad=[1, 1, 1, 1])  # fmt: skip
+
+    got = _run_single(build, x)
+    t = torch.nn.functional.batch_norm(
+        torch.from_numpy(x), *map(torch.from_numpy, (mean, var, gamma, beta)), eps=1e-3
+    )
+    want = torch.nn.functional.max_pool2d(t, 3, 2, padding=1)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_transpose_groups_and_output_padding():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 4, 5, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)  # [C_in, C_out / groups, kh, kw]
+
+    def build(x):
+        return mb.conv_transpose(
+            x=x, weight=w, strides=[2, 3], pad_type="custom", pad=[1, 1, 0, 0], groups=2,
+            output_shape=[1, 6, 10, 17],
+        )  # fmt: skip
+
+    got = _run_single(build, x)
+    want = torch.nn.functional.conv_transpose2d(
+        torch.from_numpy(x), torch.from_numpy(w), stride=(2, 3), padding=(1, 0), groups=2,
+        output_padding=(1, 0),
+    )  # fmt: skip
+    assert got.shape == tuple(want.shape)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)

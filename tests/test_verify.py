@@ -1,0 +1,233 @@
+"""The verifier: honest compressions pass, damaged ones fail with the damaged output named."""
+
+import json
+
+import coremltools as ct
+import numpy as np
+import pytest
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import types
+from milsparse.fixtures import programs
+
+import milsparse as ms
+from milsparse import _io
+from milsparse.errors import ConfigError, UnsupportedModelError
+from milsparse.verify import Tolerances, generate_inputs, output_metrics
+
+
+def two_heads(seed=0, outlier=20.0):
+    """x -> two linear heads "a" and "b"; head a's weight holds one large outlier at (5, 7)."""
+    rng = np.random.default_rng(seed)
+    wa = (rng.standard_normal((48, 64)) / 8).astype(np.float32)
+    wa[5, 7] = outlier
+    wb = (rng.standard_normal((32, 64)) / 8).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 64))], opset_version=ct.target.iOS18)
+    def prog(x):
+        a = mb.linear(x=x, weight=mb.const(val=wa, name="a_weight"), name="a")
+        b = mb.linear(x=x, weight=mb.const(val=wb, name="b_weight"), name="b")
+        return a, b
+
+    return prog
+
+
+def _rebuild_sparse(model, weight_name, edit):
+    """A copy of `model` whose constexpr_sparse_to_dense `weight_name` gets (mask, nonzero) from
+    `edit(mask, nonzero)`; the mask is the iOS18 uint1 form, as a bool array."""
+    prog = ms.load_program(model)
+    func = prog.functions["main"]
+    (op,) = [o for o in func.operations if o.name == weight_name]
+    assert op.op_type == "constexpr_sparse_to_dense"
+    mask, nonzero = edit(op.mask.val.astype(bool), op.nonzero_data.val.copy())
+    with func:
+        new = mb.constexpr_sparse_to_dense(
+            nonzero_data=nonzero,
+            mask=mask.astype(np.uint8).view(types.np_uint1_dtype),
+            before_op=op,
+        )
+    func.replace_uses_of_var_after_op(
+        anchor_op=op, old_var=op.outputs[0], new_var=new, force_replace=True
+    )
+    func.remove_ops([op])
+    new.op.name = weight_name
+    spec_version = model.get_spec().specificationVersion
+    return _io.program_to_model(prog, spec_version, model)
+
+
+@pytest.fixture
+def reference(save_program):
+    return save_program(two_heads(), "reference.mlpackage")
+
+
+def test_honest_20_percent_magnitude_passes(reference):
+    candidate = ms.compress(reference, "unstructured:0.2")
+    report = ms.verify(reference, candidate)
+    assert report.passed, report
+    assert [o.name for o in report.outputs] == ["a", "b"]
+    for o in report.outputs:
+        assert (
+            o.snr_db > 15 and o.cosine > 0.98 and o.shape == ((2, 48) if o.name == "a" else (2, 32))
+        )
+    assert {w.name: round(w.sparsity, 3) for w in report.weights} == {
+        "a_weight": 0.2,
+        "b_weight": 0.2,
+    }
+    assert all(w.pattern == "unstructured:0.2" for w in report.weights)
+
+
+def test_identical_models_have_zero_error(reference):
+    report = ms.verify(reference, reference, samples=2)
+    assert report.passed and report.samples == 2
+    for o in report.outputs:
+        assert o.max_abs == 0 and o.cosine == 1 and o.snr_db == float("inf")
+
+
+def test_one_moved_mask_bit_fails_and_names_the_output(reference):
+    """Clear the outlier's mask bit and set the next pruned one: the outlier's value lands a few
+    columns over (every value between shifts by one) and output "a" moves; "b" does not."""
+    candidate = ms.compress(reference, "unstructured:0.2")
+
+    def move_outlier_bit(mask, nonzero):
+        flat = mask.ravel().copy()
+        p = 5 * 64 + 7
+        assert flat[p]
+        q = p + 1 + int(np.argmin(flat[p + 1 :]))  # the next pruned position after the outlier
+        flat[p], flat[q] = False, True
+        return flat.reshape(mask.shape), nonzero
+
+    damaged = _rebuild_sparse(candidate, "a_weight", move_outlier_bit)
+    report = ms.verify(reference, damaged)
+    assert not report.passed
+    by_name = {o.name: o for o in report.outputs}
+    assert not by_name["a"].passed and by_name["b"].passed
+    assert by_name["a"].snr_db < 5
+    assert any(f.startswith("output a: SNR") for f in report.failures)
+    assert not any(f.startswith("output b") for f in report.failures)
+    assert "FAIL" in str(report) and "output a" in str(report)
+
+
+def test_a_scale_multiplied_by_ten_fails(save_program, tmp_path):
+    """A coremltools int8 quantization (iOS18 blockwise shift-scale) verifies; the same model
+    with one layer's scale multiplied by 10 fails on the output it feeds."""
+    reference = save_program(programs.mlp(sizes=(64, 128, 128, 10)), "mlp.mlpackage")
+    config = ct.optimize.coreml.OptimizationConfig(
+        global_config=ct.optimize.coreml.OpLinearQuantizerConfig(weight_threshold=0)
+    )
+    dense = ct.models.MLModel(str(reference), skip_model_load=True)
+    quantized = ct.optimize.coreml.linear_quantize_weights(dense, config)
+    assert ms.verify(reference, quantized).passed
+
+    prog = ms.load_program(quantized)
+    func = prog.functions["main"]
+    ops = [o for o in func.operations if o.op_type == "constexpr_blockwise_shift_scale"]
+    assert ops, [o.op_type for o in func.operations]
+    op = ops[0]
+    with func:
+        new = mb.constexpr_blockwise_shift_scale(
+            data=op.data.val,
+            scale=op.scale.val * 10,
+            offset=None if op.offset is None else op.offset.val,
+            before_op=op,
+        )
+    func.replace_uses_of_var_after_op(
+        anchor_op=op, old_var=op.outputs[0], new_var=new, force_replace=True
+    )
+    func.remove_ops([op])
+    damaged = _io.program_to_model(prog, quantized.get_spec().specificationVersion, quantized)
+    report = ms.verify(reference, damaged)
+    assert not report.passed
+    (out,) = report.outputs
+    assert out.failures and report.failures[0].startswith(f"output {out.name}:")
+
+
+def test_broken_n_m_pattern_is_reported(save_program):
+    reference = save_program(programs.mlp(sizes=(64, 128, 128, 10)), "mlp.mlpackage")
+    candidate = ms.compress(reference, "2:4")
+    # random weights lose much at 2:4; only the pattern is under test here
+    tol = Tolerances(min_snr_db=None, min_cosine=None)
+    honest = ms.verify(reference, candidate, tolerances=tol)
+    assert honest.passed
+    checks = {w.name: w for w in honest.weights}
+    assert checks["fc0_weight"].pattern == "2:4" and checks["fc0_weight"].pattern_holds
+
+    def fill_one_group(mask, nonzero):
+        """Give row 0's first group of four one extra, tiny nonzero: 3 of 4 kept."""
+        flat = mask.ravel().copy()
+        q = int(np.argmin(flat[:4]))
+        rank = int(flat[:q].sum())
+        flat[q] = True
+        return flat.reshape(mask.shape), np.insert(nonzero, rank, nonzero.dtype.type(1e-4))
+
+    damaged = _rebuild_sparse(candidate, "fc0_weight", fill_one_group)
+    report = ms.verify(reference, damaged, tolerances=tol)
+    for before, after in zip(honest.outputs, report.outputs, strict=True):
+        assert after.passed and abs(after.snr_db - before.snr_db) < 0.01  # barely moved...
+    assert not report.passed  # ...but the declared 2:4 pattern no longer holds
+    check = {w.name: w for w in report.weights}["fc0_weight"]
+    assert check.pattern_holds is False and "fewer than 2 zeros" in check.detail
+    assert report.failures == [f"weight fc0_weight: 2:4 pattern broken ({check.detail})"]
+
+
+def test_inputs_as_dict_list_and_npz(reference, tmp_path):
+    candidate = ms.compress(reference, "unstructured:0.2")
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((2, 64)).astype(np.float32)} for _ in range(3)]
+    one = ms.verify(reference, candidate, feeds[0])
+    many = ms.verify(reference, candidate, feeds)
+    np.savez(tmp_path / "x.npz", x=feeds[0]["x"])
+    from_file = ms.verify(reference, candidate, tmp_path / "x.npz")
+    assert (one.samples, many.samples, from_file.samples) == (1, 3, 1)
+    assert one.to_dict()["outputs"] == from_file.to_dict()["outputs"]
+    with pytest.raises(ConfigError, match="missing input 'x'"):
+        ms.verify(reference, candidate, {"y": feeds[0]["x"]})
+    with pytest.raises(ConfigError, match="shape"):
+        ms.verify(reference, candidate, {"x": np.zeros((3, 64), np.float32)})
+    (tmp_path / "bad.npz").write_text("not an npz")
+    with pytest.raises(ConfigError, match="cannot read inputs"):
+        ms.verify(reference, candidate, tmp_path / "bad.npz")
+
+
+def test_generated_integer_inputs_stay_inside_the_gathered_table(save_program):
+    path = save_program(programs.shared_weight(vocab=7))
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    feeds = generate_inputs(model, ms.load_program(model), samples=20, seed=1)
+    ids = np.stack([f["ids"] for f in feeds])
+    assert ids.dtype == np.int32 and ids.shape == (20, 1, 5)
+    assert ids.min() >= 0 and ids.max() == 6  # the whole table is reached, nothing past it
+    assert ms.verify(path, ms.compress(path, "unstructured:0.2")).passed
+
+
+def test_models_with_different_interfaces_are_refused(reference, save_program):
+    other = save_program(programs.mlp(), "other.mlpackage")
+    with pytest.raises(UnsupportedModelError, match="different outputs"):
+        ms.verify(reference, other)
+
+
+def test_report_json_round_trips_and_tolerances_apply(reference):
+    candidate = ms.compress(reference, "unstructured:0.5")
+    strict = ms.verify(reference, candidate, tolerances=Tolerances(min_snr_db=60))
+    assert not strict.passed
+    loose = ms.verify(reference, candidate, tolerances=Tolerances(min_snr_db=None, min_cosine=0))
+    assert loose.passed
+    data = json.loads(strict.to_json())
+    assert data["passed"] is False
+    assert data["tolerances"]["min_snr_db"] == 60
+    assert {o["name"] for o in data["outputs"]} == {"a", "b"}
+    assert set(data["outputs"][0]) >= {
+        "max_abs", "mean_abs", "rel_l2", "snr_db", "psnr_db", "cosine", "passed", "shape",
+    }  # fmt: skip
+    assert data["failures"] == strict.failures
+
+
+def test_output_metrics_by_hand():
+    ref = np.array([3.0, 4.0])
+    m = output_metrics("y", ref, np.array([3.0, 4.5]), Tolerances())
+    assert m.max_abs == 0.5 and m.mean_abs == 0.25
+    assert m.rel_l2 == pytest.approx(0.1)
+    assert m.snr_db == pytest.approx(20.0)  # 25 / 0.25
+    assert m.psnr_db == pytest.approx(10 * np.log10(16 / 0.125))
+    assert m.cosine == pytest.approx((9 + 18) / (5 * np.hypot(3, 4.5)))
+    bad = output_metrics("y", ref, np.array([np.nan, 4.0]), Tolerances())
+    assert "non-finite values" in bad.failures
+    wrong = output_metrics("y", ref, np.zeros(3), Tolerances())
+    assert not wrong.passed and "shape" in wrong.failures[0]
