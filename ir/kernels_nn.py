@@ -7,6 +7,7 @@ element or per output pixel (recurrences loop over time steps only).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -178,16 +179,35 @@ def _pool(op, v, reduce_max: bool):
     pads = _pads(v, x.shape[2:], kernels, strides, ceil_mode)
     fill = -np.inf if reduce_max else 0.0
     padded = np.pad(x, [(0, 0), (0, 0)] + pads, constant_values=fill)
-    win = _windows(padded, kernels, strides, [1] * nd)
-    axes = tuple(range(-nd, 0))
+    total = _reduce_taps(padded, kernels, strides, np.maximum if reduce_max else np.add)
     if reduce_max:
-        return win.max(axis=axes)
-    total = win.sum(axis=axes)
+        return total
     if bool(_scalar(v.get("exclude_padding_from_average"), False)):
         ones = np.pad(np.ones((1, 1) + x.shape[2:], np.float32), [(0, 0), (0, 0)] + pads)
-        counts = _windows(ones, kernels, strides, [1] * nd).sum(axis=axes)
-        return total / counts
+        return total / _reduce_taps(ones, kernels, strides, np.add)
     return total / float(np.prod(kernels))
+
+
+def _reduce_taps(padded, kernels, strides, ufunc):
+    """Reduce every pooling window of `padded` with `ufunc`, one strided slice per kernel tap
+    (vectorised over the whole output; a reduction over window views is several times slower)."""
+    nd = len(kernels)
+    out_shape = [
+        (size - k) // s + 1 for size, k, s in zip(padded.shape[2:], kernels, strides, strict=True)
+    ]
+    total = None
+    for tap in itertools.product(*(range(k) for k in kernels)):
+        index = (slice(None), slice(None)) + tuple(
+            slice(t, t + s * (o - 1) + 1, s)
+            for t, s, o in zip(tap, strides, out_shape, strict=True)
+        )
+        view = padded[index]
+        if total is None:
+            total = np.array(view, dtype=np.float32)
+        else:
+            ufunc(total, view, out=total)
+    assert total is not None and total.ndim == nd + 2
+    return total
 
 
 @kernel("max_pool")

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
+from hypothesis import given
+from hypothesis.extra import numpy as hnp
 
 torch = pytest.importorskip("torch", reason="the test extra installs torch")
 
@@ -203,3 +205,29 @@ def test_conv_transpose_groups_and_output_padding():
     )  # fmt: skip
     assert got.shape == tuple(want.shape)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@given(hnp.arrays(np.uint32, hnp.array_shapes(max_dims=2, max_side=64)))
+def test_round_to_fp16_equals_numpy_cast_on_any_bits(bits):
+    from milsparse.ir.interpreter import round_to_fp16
+
+    x = bits.view(np.float32)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    got = round_to_fp16(x)
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all()
+
+
+def test_round_to_fp16_edges():
+    from milsparse.ir.interpreter import round_to_fp16
+
+    edges = np.array(
+        [0.0, -0.0, 2**-24, 2**-25, 3 * 2**-26, 2**-14, 2**-14 - 2**-25, 65504, 65519.99,
+         65520, -65520, np.inf, -np.inf, np.nan, 1 + 2**-11, 1 + 3 * 2**-11, 2048 + 1],
+        np.float32,
+    )  # fmt: skip
+    with np.errstate(over="ignore"):
+        want = edges.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(round_to_fp16(edges), want)
+    assert np.signbit(round_to_fp16(edges)[1])
