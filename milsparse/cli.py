@@ -249,11 +249,26 @@ _COMMANDS = {
 }
 
 
+def _quiet_coremltools_progress() -> None:
+    """Hide the "Running MIL ... pipeline" bars coremltools prints for every load and save (three
+    per command, none of them about milsparse's own work, which keeps its progress bar)."""
+    import functools
+
+    import milsparse  # noqa: F401  (imports coremltools quietly)
+
+    # isort: split
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+    from tqdm import tqdm
+
+    pass_pipeline.tqdm = functools.partial(tqdm, disable=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if not args.debug:
         # Errors are printed by us, once; coremltools' own warnings would only repeat them.
         logging.getLogger("coremltools").setLevel(logging.ERROR)
+        _quiet_coremltools_progress()
     try:
         from milsparse.errors import MilsparseError
 

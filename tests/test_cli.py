@@ -223,3 +223,12 @@ def test_internal_errors_exit_3_with_one_line(model, capsys, monkeypatch):
     assert main(["verify", str(model), str(model)]) == 3
     err = capsys.readouterr().err
     assert err == "milsparse: internal error: RuntimeError: boom (rerun with --debug)\n"
+
+
+def test_a_clean_run_prints_nothing_on_stderr(model, tmp_path):
+    out = tmp_path / "out.mlpackage"
+    done = _run_cli("compress", str(model), "-o", str(out), "--prune", "2:4", "--verify",
+                    "--min-snr", "0", "--min-cosine", "0")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no coremltools progress bars or import noise
+    assert "PASS" in done.stdout and out.exists()

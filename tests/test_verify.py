@@ -231,3 +231,52 @@ def test_output_metrics_by_hand():
     assert "non-finite values" in bad.failures
     wrong = output_metrics("y", ref, np.zeros(3), Tolerances())
     assert not wrong.passed and "shape" in wrong.failures[0]
+
+
+def _torch_convert(module, inputs, example):
+    torch = pytest.importorskip("torch", reason="the test extra installs torch")
+    torch.manual_seed(0)
+    traced = torch.jit.trace(module.eval(), example, check_trace=False)
+    return ct.convert(
+        traced,
+        inputs=inputs,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT32,
+        skip_model_load=True,
+    )
+
+
+@pytest.mark.parametrize("flexible", ["range", "enumerated"])
+def test_flexible_shapes_use_the_declared_default(flexible):
+    torch = pytest.importorskip("torch", reason="the test extra installs torch")
+    from milsparse.fixtures import torch_models
+
+    shape = (
+        (1, ct.RangeDim(2, 16, default=6), 64)
+        if flexible == "range"
+        else ct.EnumeratedShapes(shapes=[(1, 4, 64), (1, 6, 64)], default=(1, 6, 64))
+    )
+    module = torch_models.TinyEncoder()
+    model = _torch_convert(module, [ct.TensorType(name="x", shape=shape)], torch.randn(1, 8, 64))
+    (feed,) = generate_inputs(model, ms.load_program(model), samples=1)
+    assert feed["x"].shape == (1, 6, 64)
+    report = ms.verify(model, ms.compress(model, "unstructured:0.2"))
+    assert report.passed and report.outputs[0].shape == (1, 6, 64)
+    # and the interpreter runs any length the range allows
+    x = torch.randn(1, 3, 64)
+    (got,) = ms.evaluate(model, {"x": x.numpy()}).values()
+    np.testing.assert_allclose(got, module(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_image_inputs_are_generated_in_pixel_range():
+    torch = pytest.importorskip("torch", reason="the test extra installs torch")
+    from milsparse.fixtures import torch_models
+
+    image = ct.ImageType(name="image", shape=(1, 3, 16, 16), scale=1 / 255)
+    model = _torch_convert(torch_models.ConvBNNet(), [image], torch.randn(1, 3, 16, 16))
+    feeds = generate_inputs(model, ms.load_program(model), samples=3)
+    pixels = np.stack([f["image"] for f in feeds])
+    assert pixels.shape == (3, 1, 3, 16, 16) and 0 <= pixels.min() and pixels.max() <= 255
+    assert pixels.max() > 200  # the whole range, not [0, 1)
+    assert ms.verify(model, ms.compress(model, "unstructured:0.2")).passed
