@@ -140,32 +140,37 @@ def test_a_scale_multiplied_by_ten_fails(save_program, tmp_path):
     assert out.failures and report.failures[0].startswith(f"output {out.name}:")
 
 
-def test_broken_n_m_pattern_is_reported(save_program):
+@pytest.mark.parametrize(
+    ("spec", "symptom"),
+    [("2:4", "fewer than 2 zeros"), ("block4:0.5", "all-zero blocks, expected at least")],
+)
+def test_broken_structured_pattern_is_reported(save_program, spec, symptom):
     reference = save_program(programs.mlp(sizes=(64, 128, 128, 10)), "mlp.mlpackage")
-    candidate = ms.compress(reference, "2:4")
-    # random weights lose much at 2:4; only the pattern is under test here
+    candidate = ms.compress(reference, spec)
+    # random weights lose much at 50%; only the pattern is under test here
     tol = Tolerances(min_snr_db=None, min_cosine=None)
     honest = ms.verify(reference, candidate, tolerances=tol)
     assert honest.passed
     checks = {w.name: w for w in honest.weights}
-    assert checks["fc0_weight"].pattern == "2:4" and checks["fc0_weight"].pattern_holds
+    assert checks["fc0_weight"].pattern == spec and checks["fc0_weight"].pattern_holds
 
-    def fill_one_group(mask, nonzero):
-        """Give row 0's first group of four one extra, tiny nonzero: 3 of 4 kept."""
+    def fill_first_pruned(mask, nonzero):
+        """Give the first pruned position a tiny nonzero: its group (or block) loses a zero."""
         flat = mask.ravel().copy()
-        q = int(np.argmin(flat[:4]))
+        q = int(np.argmin(flat))
         rank = int(flat[:q].sum())
         flat[q] = True
         return flat.reshape(mask.shape), np.insert(nonzero, rank, nonzero.dtype.type(1e-4))
 
-    damaged = _rebuild_sparse(candidate, "fc0_weight", fill_one_group)
+    damaged = _rebuild_sparse(candidate, "fc0_weight", fill_first_pruned)
     report = ms.verify(reference, damaged, tolerances=tol)
     for before, after in zip(honest.outputs, report.outputs, strict=True):
         assert after.passed and abs(after.snr_db - before.snr_db) < 0.01  # barely moved...
-    assert not report.passed  # ...but the declared 2:4 pattern no longer holds
+    assert not report.passed  # ...but the declared pattern no longer holds
     check = {w.name: w for w in report.weights}["fc0_weight"]
-    assert check.pattern_holds is False and "fewer than 2 zeros" in check.detail
-    assert report.failures == [f"weight fc0_weight: 2:4 pattern broken ({check.detail})"]
+    assert check.pattern_holds is False and symptom in check.detail
+    assert report.failures == [f"weight fc0_weight: {spec} pattern broken ({check.detail})"]
+    assert {w.name: w.pattern_holds for w in report.weights}["fc1_weight"] is True
 
 
 def test_inputs_as_dict_list_and_npz(reference, tmp_path):
@@ -280,3 +285,17 @@ def test_image_inputs_are_generated_in_pixel_range():
     assert pixels.shape == (3, 1, 3, 16, 16) and 0 <= pixels.min() and pixels.max() <= 255
     assert pixels.max() > 200  # the whole range, not [0, 1)
     assert ms.verify(model, ms.compress(model, "unstructured:0.2")).passed
+
+
+@pytest.mark.parametrize("opset", [ct.target.iOS16, ct.target.iOS18], ids=["ios16", "ios18"])
+@pytest.mark.parametrize("spec", ["2:4", "block4:0.5", "block2@in:0.25", "3:8@out"])
+def test_structured_patterns_verify_on_both_mask_forms(save_program, opset, spec):
+    reference = save_program(programs.mlp(sizes=(64, 128, 128, 10), opset=opset))
+    candidate = ms.compress(reference, spec)
+    report = ms.verify(reference, candidate, tolerances=Tolerances(None, None), samples=1)
+    checks = {w.name: w for w in report.weights}
+    assert set(checks) == {"fc0_weight", "fc1_weight"}
+    for check in checks.values():
+        assert check.format.startswith("sparse") and check.pattern == spec
+        assert check.pattern_holds is True, check.detail
+    assert report.passed
