@@ -156,7 +156,13 @@ class VerifyReport:
 
 # -- inputs -----------------------------------------------------------------------------------
 
-_ARRAY_DTYPES = {65568: np.float32, 65552: np.float16, 131104: np.int32, 65600: np.float64}
+_ARRAY_DTYPES = {  # coremltools.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
+    65568: np.float32,  # FLOAT32
+    65552: np.float16,  # FLOAT16
+    65600: np.float64,  # DOUBLE
+    131104: np.int32,  # INT32
+    131080: np.int8,  # INT8
+}
 
 
 def _default_shape(array_type) -> list[int]:
@@ -229,9 +235,14 @@ def generate_inputs(mlmodel, prog, samples: int = 4, seed: int = 0) -> list[dict
                 )
             array = spec_input.type.multiArrayType
             shape = _default_shape(array)
-            dtype = _ARRAY_DTYPES.get(array.dataType, np.float32)
+            dtype = _ARRAY_DTYPES.get(array.dataType)
+            if dtype is None:
+                raise UnsupportedModelError(
+                    f"input {spec_input.name!r} has array data type {array.dataType}; "
+                    "pass inputs to verify explicitly"
+                )
             if np.issubdtype(dtype, np.integer):
-                high = _gather_bound(prog, spec_input.name) or 10
+                high = min(_gather_bound(prog, spec_input.name) or 10, np.iinfo(dtype).max + 1)
                 feed[spec_input.name] = rng.integers(0, high, shape).astype(dtype)
             else:
                 feed[spec_input.name] = rng.standard_normal(shape).astype(dtype)
