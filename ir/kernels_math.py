@@ -240,6 +240,15 @@ def softmax(op, v, ctx):
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
+def _scale_shift(out, v, shape):
+    """The optional `gamma` scale and `beta` shift of the normalisations, broadcast by `shape`."""
+    if v.get("gamma") is not None:
+        out = out * _f(v["gamma"]).reshape(shape)
+    if v.get("beta") is not None:
+        out = out + _f(v["beta"]).reshape(shape)
+    return out
+
+
 @kernel("layer_norm")
 def layer_norm(op, v, ctx):
     x = _f(v["x"])
@@ -249,11 +258,7 @@ def layer_norm(op, v, ctx):
     var = np.mean(np.square(x - mean), axis=axes, keepdims=True)
     out = (x - mean) / np.sqrt(var + eps)
     shape = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
-    if v.get("gamma") is not None:
-        out = out * _f(v["gamma"]).reshape(shape)
-    if v.get("beta") is not None:
-        out = out + _f(v["beta"]).reshape(shape)
-    return out
+    return _scale_shift(out, v, shape)
 
 
 def _channel_shape(x):
@@ -268,11 +273,7 @@ def batch_norm(op, v, ctx):
     shape = _channel_shape(x)
     eps = _scalar(v.get("epsilon"), 1e-5)
     out = (x - _f(v["mean"]).reshape(shape)) / np.sqrt(_f(v["variance"]).reshape(shape) + eps)
-    if v.get("gamma") is not None:
-        out = out * _f(v["gamma"]).reshape(shape)
-    if v.get("beta") is not None:
-        out = out + _f(v["beta"]).reshape(shape)
-    return out
+    return _scale_shift(out, v, shape)
 
 
 @kernel("instance_norm")
@@ -282,11 +283,7 @@ def instance_norm(op, v, ctx):
     eps = _scalar(v.get("epsilon"), 1e-5)
     out = (x - x.mean(axis=axes, keepdims=True)) / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
     shape = _channel_shape(x)
-    if v.get("gamma") is not None:
-        out = out * _f(v["gamma"]).reshape(shape)
-    if v.get("beta") is not None:
-        out = out + _f(v["beta"]).reshape(shape)
-    return out
+    return _scale_shift(out, v, shape)
 
 
 @kernel("l2_norm")
