@@ -14,7 +14,7 @@ from milsparse.passes.prune import PruneWeights
 from milsparse.passes.registry import place_in_pipeline
 from milsparse.recipe import Recipe
 from milsparse.report import CompressReport, InspectReport
-from milsparse.verify import PRUNE_METADATA_KEY
+from milsparse.verify import PRUNE_METADATA_KEY, declared_pruning
 
 __all__ = [
     "compress",
@@ -81,8 +81,7 @@ def compress_with_report(
 def _pruned_metadata(source, decisions) -> dict[str, str]:
     """The model metadata entry recording each pruned weight's spec and axis, so `verify` can
     check the pattern later; merged with an earlier run's entry."""
-    user = source.get_spec().description.metadata.userDefined
-    pruned = json.loads(user[PRUNE_METADATA_KEY]) if PRUNE_METADATA_KEY in user else {}
+    pruned = declared_pruning(source)
     for d in decisions:
         if d.compressed:
             pruned[d.name] = {"spec": d.spec, "axis": d.axis}

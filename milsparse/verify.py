@@ -324,17 +324,6 @@ def output_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances
 # -- weight pattern checks --------------------------------------------------------------------
 
 
-def _decoded_weight(prog, name: str) -> np.ndarray | None:
-    for op in prog.functions["main"].operations:
-        if op.name == name and op.op_type == "constexpr_sparse_to_dense":
-            from milsparse.ir.interpreter import KERNELS, _load_kernels
-
-            _load_kernels()
-            values = {k: v.val for k, v in op.inputs.items()}
-            return np.asarray(KERNELS[op.op_type](op, values, None))
-    return None
-
-
 def _pattern_holds(weight: np.ndarray, spec: str, axis: int) -> tuple[bool, str]:
     from milsparse.passes.config import parse_prune_spec
 
@@ -365,9 +354,21 @@ def _pattern_holds(weight: np.ndarray, spec: str, axis: int) -> tuple[bool, str]
     return True, "unstructured"
 
 
-def _weight_checks(candidate_model, candidate_prog) -> list[WeightCheck]:
-    meta = candidate_model.get_spec().description.metadata.userDefined
-    declared = json.loads(meta[PRUNE_METADATA_KEY]) if PRUNE_METADATA_KEY in meta else {}
+def declared_pruning(model) -> dict[str, dict]:
+    """{weight: {"spec", "axis"}} that milsparse recorded in `model`'s metadata ({} if none)."""
+    meta = model.get_spec().description.metadata.userDefined
+    return json.loads(meta[PRUNE_METADATA_KEY]) if PRUNE_METADATA_KEY in meta else {}
+
+
+def _weight_checks(candidate_model, candidate_prog, cache: dict) -> list[WeightCheck]:
+    """Format, sparsity and declared pattern of each compressed weight; the decoded values come
+    from the interpreter's `cache` of the runs just made (no second decode)."""
+    declared = declared_pruning(candidate_model)
+    sparse_ops = {
+        op.name: op
+        for op in candidate_prog.functions["main"].operations
+        if op.op_type == "constexpr_sparse_to_dense"
+    }
     checks = []
     for row in weight_table(candidate_prog):
         if not row.format.startswith("sparse") and row.name not in declared:
@@ -376,12 +377,12 @@ def _weight_checks(candidate_model, candidate_prog) -> list[WeightCheck]:
         info = declared.get(row.name)
         if info:
             check.pattern = info["spec"]
-            if info.get("axis") is not None:
-                weight = _decoded_weight(candidate_prog, row.name)
-                if weight is not None:
-                    check.pattern_holds, check.detail = _pattern_holds(
-                        weight, info["spec"], info["axis"]
-                    )
+            op = sparse_ops.get(row.name)
+            if info.get("axis") is not None and op is not None:
+                (weight,) = cache[id(op)]
+                check.pattern_holds, check.detail = _pattern_holds(
+                    weight, info["spec"], info["axis"]
+                )
         checks.append(check)
     return checks
 
@@ -453,5 +454,5 @@ def verify(
         )
         metrics.shape = metrics.shape[1:]  # one sample's shape; metrics cover all samples
         outputs.append(metrics)
-    weights = _weight_checks(cand_model, cand_prog) if cand_model is not None else []
+    weights = _weight_checks(cand_model, cand_prog, cand_cache) if cand_model is not None else []
     return VerifyReport(outputs, weights, tolerances, len(feeds))
