@@ -261,6 +261,8 @@ def _read_inputs(inputs) -> list[dict[str, np.ndarray]]:
     if isinstance(inputs, Mapping):
         return [dict(inputs)]
     if isinstance(inputs, Sequence) and all(isinstance(i, Mapping) for i in inputs):
+        if not inputs:
+            raise ConfigError("inputs is an empty list; give at least one sample")
         return [dict(i) for i in inputs]
     raise ConfigError("inputs must be a dict of arrays, a list of such dicts, or an .npz path")
 

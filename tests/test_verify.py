@@ -185,6 +185,8 @@ def test_inputs_as_dict_list_and_npz(reference, tmp_path):
     assert one.to_dict()["outputs"] == from_file.to_dict()["outputs"]
     with pytest.raises(ConfigError, match="missing input 'x'"):
         ms.verify(reference, candidate, {"y": feeds[0]["x"]})
+    with pytest.raises(ConfigError, match="empty list"):
+        ms.verify(reference, candidate, [])
     with pytest.raises(ConfigError, match="shape"):
         ms.verify(reference, candidate, {"x": np.zeros((3, 64), np.float32)})
     (tmp_path / "bad.npz").write_text("not an npz")
