@@ -158,8 +158,6 @@ def _recipe_from_args(args):
 
 
 def _cmd_compress(args) -> int:
-    from pathlib import Path
-
     import milsparse as ms
     from milsparse.errors import ConfigError
 
