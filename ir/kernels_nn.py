@@ -1,7 +1,7 @@
 """Layer kernels: linear algebra, convolution, pooling, resizing, attention and recurrences.
 
-Convolutions are im2col over `sliding_window_view` followed by one batched BLAS matmul per
-group; transposed convolutions accumulate one matmul per kernel tap. No Python loop runs per
+Convolutions are im2col (one strided copy per kernel tap) followed by one batched BLAS matmul
+per group; transposed convolutions accumulate one matmul per kernel tap. No Python loop runs per
 element or per output pixel (recurrences loop over time steps only).
 """
 
@@ -13,7 +13,6 @@ import math
 import numpy as np
 from milsparse.ir.interpreter import kernel
 from milsparse.ir.kernels_math import _scalar, _sigmoid
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 def _ints(v, name, default):
@@ -76,15 +75,29 @@ def _pads(v, sizes, kernels, strides, ceil_mode=False):
     return pads
 
 
-def _windows(x, kernels, strides, dilations):
-    """[N, C, *out, *k] windows of x (already padded) for the given kernel geometry."""
-    nd = len(kernels)
-    effective = [(k - 1) * d + 1 for k, d in zip(kernels, dilations, strict=True)]
-    win = sliding_window_view(x, effective, axis=tuple(range(2, 2 + nd)))
-    index = (slice(None), slice(None))
-    index += tuple(slice(None, None, s) for s in strides)
-    index += tuple(slice(None, None, d) for d in dilations)
-    return win[index]
+def _pad_constant(x, pads, fill=0.0):
+    """x [N, C, *spatial] with `pads` [(begin, end)] around its spatial dims, filled with
+    `fill` (an allocation and one copy; np.pad costs more than the copy on small tensors)."""
+    if not any(b or e for b, e in pads):
+        return x
+    shape = x.shape[:2] + tuple(
+        size + b + e for size, (b, e) in zip(x.shape[2:], pads, strict=True)
+    )
+    out = np.full(shape, fill, dtype=x.dtype)
+    out[
+        (slice(None), slice(None))
+        + tuple(slice(b, b + size) for size, (b, _) in zip(x.shape[2:], pads, strict=True))
+    ] = x
+    return out
+
+
+def _tap_index(offset, dilations, sizes, strides):
+    """Index into [N, C, *spatial] of the `sizes` positions, `strides` apart, that kernel tap
+    `offset` (spread by `dilations`) touches."""
+    return (slice(None), slice(None)) + tuple(
+        slice(o * d, o * d + (size - 1) * s + 1, s)
+        for o, d, size, s in zip(offset, dilations, sizes, strides, strict=True)
+    )
 
 
 @kernel("conv")
@@ -96,22 +109,20 @@ def conv(op, v, ctx):
     groups = int(_scalar(v.get("groups"), 1))
     kernels = list(w.shape[2:])
     effective = [(k - 1) * d + 1 for k, d in zip(kernels, dilations, strict=True)]
-    pads = _pads(v, x.shape[2:], effective, strides)
-    x = np.pad(x, [(0, 0), (0, 0)] + pads)
-    win = _windows(x, kernels, strides, dilations)  # N, C, *out, *k
-    n, c = win.shape[:2]
-    out_sizes = win.shape[2 : 2 + nd]
+    x = _pad_constant(x, _pads(v, x.shape[2:], effective, strides))
+    out_sizes = [
+        (size - e) // s + 1 for size, e, s in zip(x.shape[2:], effective, strides, strict=True)
+    ]
+    n, c = x.shape[:2]
     cout, cg = w.shape[0], w.shape[1]
-    og = cout // groups
-    positions = int(np.prod(out_sizes))
     taps = int(np.prod(kernels))
-    # im2col: [N, G, P, Cg*K] @ [G, Cg*K, Og] -> [N, G, P, Og]
-    cols = win.reshape(n, groups, cg, *out_sizes, *kernels)
-    order = [0, 1] + list(range(3, 3 + nd)) + [2] + list(range(3 + nd, 3 + 2 * nd))
-    cols = np.ascontiguousarray(cols.transpose(order)).reshape(n, groups, positions, cg * taps)
-    weights = w.reshape(groups, og, cg * taps).transpose(0, 2, 1)
-    out = np.matmul(cols, weights)  # N, G, P, Og
-    out = out.transpose(0, 1, 3, 2).reshape(n, cout, *out_sizes)
+    # im2col, one strided copy per kernel tap: [N, C, K, *out] -> [N, G, Cg*K, P]
+    cols = np.empty((n, c, taps, *out_sizes), dtype=np.float32)
+    for tap, offset in enumerate(np.ndindex(*kernels)):
+        cols[:, :, tap] = x[_tap_index(offset, dilations, out_sizes, strides)]
+    cols = cols.reshape(n, groups, cg * taps, -1)
+    out = np.matmul(w.reshape(groups, cout // groups, cg * taps), cols)  # N, G, Og, P
+    out = out.reshape(n, cout, *out_sizes)
     if v.get("bias") is not None:
         out = out + np.asarray(v["bias"]).reshape([1, cout] + [1] * nd)
     return out
@@ -140,11 +151,7 @@ def conv_transpose(op, v, ctx):
         # [N, G, Og, P] contribution of one kernel tap, scattered with the stride
         part = np.matmul(wg[:, :, :, tap].transpose(0, 2, 1)[None], xg)
         part = part.reshape(n, groups * og, *in_sizes)
-        index = (slice(None), slice(None)) + tuple(
-            slice(o * d, o * d + (i - 1) * s + 1, s)
-            for o, d, i, s in zip(offset, dilations, in_sizes, strides, strict=True)
-        )
-        acc[index] += part
+        acc[_tap_index(offset, dilations, in_sizes, strides)] += part
     out_shape = v.get("output_shape")
     pad_type = v.get("pad_type", "valid")
     if pad_type == "custom":
@@ -178,12 +185,12 @@ def _pool(op, v, reduce_max: bool):
     ceil_mode = bool(_scalar(v.get("ceil_mode"), False))
     pads = _pads(v, x.shape[2:], kernels, strides, ceil_mode)
     fill = -np.inf if reduce_max else 0.0
-    padded = np.pad(x, [(0, 0), (0, 0)] + pads, constant_values=fill)
+    padded = _pad_constant(x, pads, fill)
     total = _reduce_taps(padded, kernels, strides, np.maximum if reduce_max else np.add)
     if reduce_max:
         return total
     if bool(_scalar(v.get("exclude_padding_from_average"), False)):
-        ones = np.pad(np.ones((1, 1) + x.shape[2:], np.float32), [(0, 0), (0, 0)] + pads)
+        ones = _pad_constant(np.ones((1, 1) + x.shape[2:], np.float32), pads)
         return total / _reduce_taps(ones, kernels, strides, np.add)
     return total / float(np.prod(kernels))
 
@@ -197,11 +204,7 @@ def _reduce_taps(padded, kernels, strides, ufunc):
     ]
     total = None
     for tap in itertools.product(*(range(k) for k in kernels)):
-        index = (slice(None), slice(None)) + tuple(
-            slice(t, t + s * (o - 1) + 1, s)
-            for t, s, o in zip(tap, strides, out_shape, strict=True)
-        )
-        view = padded[index]
+        view = padded[_tap_index(tap, [1] * nd, out_shape, strides)]
         if total is None:
             total = np.array(view, dtype=np.float32)
         else:
