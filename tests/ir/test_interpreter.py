@@ -209,9 +209,11 @@ def test_conv_transpose_groups_and_output_padding():
 
 @given(hnp.arrays(np.uint32, hnp.array_shapes(max_dims=2, max_side=64)))
 def test_round_to_fp16_equals_numpy_cast_on_any_bits(bits):
-    from milsparse.ir.interpreter import round_to_fp16
+    from milsparse.ir.interpreter import ROUND_BY_CAST_BELOW, round_to_fp16
 
-    x = bits.view(np.float32)
+    # padded past the size where numpy's cast takes over, so the bit path is the one tested
+    padded = np.concatenate([bits.ravel(), np.zeros(ROUND_BY_CAST_BELOW, np.uint32)])
+    x = padded.view(np.float32)
     with np.errstate(over="ignore"):
         want = x.astype(np.float16).astype(np.float32)
     got = round_to_fp16(x)
@@ -220,14 +222,15 @@ def test_round_to_fp16_equals_numpy_cast_on_any_bits(bits):
 
 
 def test_round_to_fp16_edges():
-    from milsparse.ir.interpreter import round_to_fp16
+    from milsparse.ir.interpreter import ROUND_BY_CAST_BELOW, round_to_fp16
 
     edges = np.array(
         [0.0, -0.0, 2**-24, 2**-25, 3 * 2**-26, 2**-14, 2**-14 - 2**-25, 65504, 65519.99,
          65520, -65520, np.inf, -np.inf, np.nan, 1 + 2**-11, 1 + 3 * 2**-11, 2048 + 1],
         np.float32,
     )  # fmt: skip
-    with np.errstate(over="ignore"):
-        want = edges.astype(np.float16).astype(np.float32)
-    np.testing.assert_array_equal(round_to_fp16(edges), want)
-    assert np.signbit(round_to_fp16(edges)[1])
+    for x in (edges, np.resize(edges, ROUND_BY_CAST_BELOW + 1)):  # both paths
+        with np.errstate(over="ignore"):
+            want = x.astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(round_to_fp16(x), want)
+        assert np.signbit(round_to_fp16(x)[1])
