@@ -23,7 +23,14 @@ import numpy as np
 from coremltools.converters.mil.mil import types
 from milsparse.ir.errors import ConfigError, UnsupportedOpError
 
-__all__ = ["KERNELS", "kernel", "unsupported_ops", "evaluate_program", "run_block"]
+__all__ = [
+    "KERNELS",
+    "kernel",
+    "unsupported_ops",
+    "evaluate_program",
+    "run_block",
+    "static_values",
+]
 
 Kernel = Callable[..., Any]
 KERNELS: dict[str, Kernel] = {}
@@ -348,3 +355,27 @@ def evaluate_program(
         env[id(var)] = _conform(value, var)
     results = run_block(func, env, None, cache)
     return {var.name: _external(val, var) for var, val in zip(func.outputs, results, strict=True)}
+
+
+def static_values(op, cache: dict | None = None) -> list:
+    """The output values of a const or constexpr op (a whole constexpr chain decoded), in the
+    interpreter's form; taken from, and stored in, `cache` like `run_block` does."""
+    if not _is_static(op):
+        raise ValueError(f"{op.op_type} {op.name!r} is not a const or constexpr op")
+    if cache is not None and id(op) in cache:
+        return cache[id(op)]
+    _load_kernels()
+    values = {}
+    for name, var in op.inputs.items():
+        if isinstance(var, (list, tuple)):
+            raise ValueError(f"{op.op_type} {op.name!r} has a list operand")
+        if var.op is not None and _is_static(var.op):
+            values[name] = static_values(var.op, cache)[var.op.outputs.index(var)]
+        else:
+            values[name] = _read({}, var)
+    result = KERNELS[op.op_type](op, values, None)
+    results = result if len(op.outputs) > 1 else (result,)
+    out = [_conform(value, var) for value, var in zip(results, op.outputs, strict=True)]
+    if cache is not None:
+        cache[id(op)] = out
+    return out

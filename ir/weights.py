@@ -111,10 +111,13 @@ def _sparsity_of_chain(op, out_var) -> float:
     return float("nan")
 
 
-def weight_table(prog) -> list[WeightRow]:
-    """One row per weight of every function of `prog`, in program order."""
+def weight_table(prog, functions=None) -> list[WeightRow]:
+    """One row per weight of every function of `prog` (or of the named `functions`), in
+    program order."""
     rows = []
-    for func in prog.functions.values():
+    for name, func in prog.functions.items():
+        if functions is not None and name not in functions:
+            continue
         for op in walk_ops(func):
             row = _row_for(op)
             if row is not None:

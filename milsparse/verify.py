@@ -21,7 +21,8 @@ import numpy as np
 from milsparse import _io
 from milsparse.errors import ConfigError, UnsupportedModelError
 from milsparse.ir import masks
-from milsparse.ir.interpreter import evaluate_program
+from milsparse.ir.graph import walk_ops
+from milsparse.ir.interpreter import evaluate_program, static_values
 from milsparse.ir.weights import weight_table
 from milsparse.report import format_table
 
@@ -43,6 +44,24 @@ class Tolerances:
     min_cosine: float | None = 0.98
     max_rel_l2: float | None = None
     max_abs: float | None = None
+
+    def __post_init__(self):
+        # NaN compares false with everything, so a NaN bound would switch its check off.
+        for name, low, high in (
+            ("min_snr_db", -math.inf, math.inf),
+            ("min_cosine", -1.0, 1.0),
+            ("max_rel_l2", 0.0, math.inf),
+            ("max_abs", 0.0, math.inf),
+        ):  # bounds are finite: an infinite one would also switch its check off
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number or None, got {value!r}")
+            if not (math.isfinite(value) and low <= value <= high):
+                where = f"in [{low:g}, {high:g}]" if math.isfinite(low + high) else "finite"
+                where += " and >= 0" if low == 0 else ""
+                raise ConfigError(f"{name} must be a number {where}, got {value!r}")
 
 
 @dataclass
@@ -175,26 +194,24 @@ def _default_shape(array_type) -> list[int]:
     return shape
 
 
-def _gather_bound(prog, name: str) -> int | None:
-    """Smallest table size among gather ops the integer input `name` indexes (through casts and
-    elementwise index arithmetic), or None if it feeds no gather."""
-    func = prog.functions["main"]
+# Ops an index goes through unchanged on its way to a gather: casts, shape changes, and the
+# negative-index wrap (`select(x >= 0, x, x + size)`) that converters emit. Arithmetic that
+# scales an index (mul, ...) is not followed.
+_INDEX_PASSTHROUGH = frozenset(
+    {
+        "cast", "reshape", "squeeze", "expand_dims", "transpose", "identity", "slice_by_index",
+        "slice_by_size", "tile", "concat", "select", "add", "sub", "greater_equal", "less",
+    }
+)  # fmt: skip
+
+
+def _gather_bound(func, name: str) -> int | None:
+    """Smallest table size among the gathers that integer input `name` indexes (through
+    `_INDEX_PASSTHROUGH` ops), or None if it indexes no gather."""
     start = func.inputs.get(name)
     if start is None:
         return None
     bound, frontier, seen = None, [start], set()
-    passthrough = {
-        "cast",
-        "add",
-        "sub",
-        "select",
-        "greater_equal",
-        "less",
-        "mul",
-        "reshape",
-        "squeeze",
-        "expand_dims",
-    }
     while frontier:
         var = frontier.pop()
         if id(var) in seen:
@@ -206,21 +223,63 @@ def _gather_bound(prog, name: str) -> int | None:
                 size = op.x.shape[axis]
                 if isinstance(size, int):
                     bound = size if bound is None else min(bound, size)
-            elif op.op_type in passthrough:
+            elif op.op_type in _INDEX_PASSTHROUGH:
                 frontier.extend(op.outputs)
     return bound
 
 
-def generate_inputs(mlmodel, prog, samples: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Random inputs from the model's input description: standard normal floats; integers that
-    index a gather uniform over its table; other integers in [0, 10). Flexible shapes use their
-    default. Deterministic for a seed."""
+def integer_input_range(func, name: str, dtype) -> tuple[int, int]:
+    """[low, high) of generated values for integer input `name`.
+
+    An input that indexes a gather (an embedding's token ids) spans the smallest table it
+    indexes. Any other integer input is taken for a mask or flag used in arithmetic (an
+    attention mask turned into `(1 - mask) * -10000`) and gets {0, 1}: wider values would
+    overflow such arithmetic in fp16, or mean nothing to the model.
+    """
+    bound = _gather_bound(func, name)
+    high = 2 if bound is None else bound
+    return 0, min(high, int(np.iinfo(dtype).max) + 1)
+
+
+def _input_descriptions(mlmodel, function: str):
+    """The input descriptions of `function` (a multifunction model keeps them per function)."""
+    description = mlmodel.get_spec().description
+    for fdesc in description.functions:
+        if fdesc.name == function:
+            return list(fdesc.input)
+    return list(description.input)
+
+
+def default_function(mlmodel, prog) -> str:
+    """The function verify runs: the model's default function (`main` for single-function
+    models, `defaultFunctionName` for multifunction ones)."""
+    default = mlmodel.get_spec().description.defaultFunctionName if mlmodel is not None else ""
+    if default and default in prog.functions:
+        return default
+    if "main" in prog.functions:
+        return "main"
+    return next(iter(prog.functions))
+
+
+def generate_inputs(
+    mlmodel, prog, samples: int = 4, seed: int = 0, function: str | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Random inputs from the model's input description, deterministic for a seed.
+
+    Floats: standard normal. Images: uniform over [0, 255]. Integers: see
+    `integer_input_range` (a gather's table for indices, {0, 1} otherwise). Flexible shapes
+    use their declared default.
+    """
+    _check_count("samples", samples, low=1)
+    _check_count("seed", seed, low=0)
+    function = function or default_function(mlmodel, prog)
+    func = prog.functions[function]
     rng = np.random.default_rng(seed)
     feeds = []
-    description = mlmodel.get_spec().description
+    descriptions = _input_descriptions(mlmodel, function)
     for _ in range(samples):
         feed = {}
-        for spec_input in description.input:
+        for spec_input in descriptions:
             kind = spec_input.type.WhichOneof("Type")
             if kind == "imageType":
                 image = spec_input.type.imageType
@@ -242,22 +301,38 @@ def generate_inputs(mlmodel, prog, samples: int = 4, seed: int = 0) -> list[dict
                     "pass inputs to verify explicitly"
                 )
             if np.issubdtype(dtype, np.integer):
-                high = min(_gather_bound(prog, spec_input.name) or 10, np.iinfo(dtype).max + 1)
-                feed[spec_input.name] = rng.integers(0, high, shape).astype(dtype)
+                low, high = integer_input_range(func, spec_input.name, dtype)
+                feed[spec_input.name] = rng.integers(low, high, shape).astype(dtype)
             else:
                 feed[spec_input.name] = rng.standard_normal(shape).astype(dtype)
         feeds.append(feed)
     return feeds
 
 
+def _check_count(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 def _read_inputs(inputs) -> list[dict[str, np.ndarray]]:
     if isinstance(inputs, (str, Path)):
         path = Path(inputs)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file")
         try:
-            with np.load(path) as data:
-                return [{k: data[k] for k in data.files}]
-        except (OSError, ValueError) as e:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
             raise ConfigError(f"{path}: cannot read inputs (.npz expected): {e}") from e
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ConfigError(
+                f"{path}: an .npz archive of arrays keyed by input name is expected "
+                "(np.savez(path, x=...)), not a single array"
+            )
+        with data:
+            try:
+                return [{k: data[k] for k in data.files}]
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{path}: cannot read inputs: {e}") from e
     if isinstance(inputs, Mapping):
         return [dict(inputs)]
     if isinstance(inputs, Sequence) and all(isinstance(i, Mapping) for i in inputs):
@@ -265,6 +340,33 @@ def _read_inputs(inputs) -> list[dict[str, np.ndarray]]:
             raise ConfigError("inputs is an empty list; give at least one sample")
         return [dict(i) for i in inputs]
     raise ConfigError("inputs must be a dict of arrays, a list of such dicts, or an .npz path")
+
+
+def _check_feeds(feeds: list[dict], func) -> None:
+    """Every sample names exactly the function's inputs, each a real numeric array (shapes are
+    the interpreter's to check)."""
+    expected = set(func.inputs)
+    for i, feed in enumerate(feeds):
+        where = f"input sample {i}" if len(feeds) > 1 else "inputs"
+        extra = sorted(set(feed) - expected)
+        missing = sorted(expected - set(feed))
+        if extra or missing:
+            parts = []
+            if missing:
+                parts.append(
+                    f"missing input {missing[0]!r}" if len(missing) == 1 else f"missing {missing}"
+                )
+            parts += [f"not inputs of the model: {extra}"] if extra else []
+            raise ConfigError(
+                f"{where}: {'; '.join(parts)}; the model takes {sorted(expected)}"
+            )
+        for name, value in feed.items():
+            kind = np.asarray(value).dtype.kind
+            if kind not in "biuf":
+                what = {"c": "complex", "U": "string", "S": "bytes", "O": "object"}.get(kind, kind)
+                raise ConfigError(
+                    f"{where}: {name!r} is a {what} array; inputs must be real numbers"
+                )
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -296,9 +398,15 @@ def output_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances
     err = c - r
     noise = float(err @ err)
     signal = float(r @ r)
-    norms = math.sqrt(signal) * math.sqrt(float(c @ c))
-    cosine = float(r @ c) / norms if norms else (1.0 if noise == 0 else 0.0)
-    cosine = min(max(cosine, -1.0), 1.0)  # rounding can step just past 1
+    if noise == 0:
+        # Identical outputs: exactly cosine 1 and infinite SNR. Computed, the cosine of two equal
+        # vectors can come out one ulp below 1 (sqrt(r.r) * sqrt(c.c) rounds differently from
+        # r.c, and how depends on the BLAS build).
+        cosine = 1.0
+    else:
+        norms = math.sqrt(signal * float(c @ c))
+        cosine = float(r @ c) / norms if norms else 0.0
+        cosine = min(max(cosine, -1.0), 1.0)  # rounding can step just past 1
     peak = float(np.max(r * r)) if r.size else 0.0
     m = OutputMetrics(
         name=name,
@@ -362,17 +470,17 @@ def declared_pruning(model) -> dict[str, dict]:
     return json.loads(meta[PRUNE_METADATA_KEY]) if PRUNE_METADATA_KEY in meta else {}
 
 
-def _weight_checks(candidate_model, candidate_prog, cache: dict) -> list[WeightCheck]:
-    """Format, sparsity and declared pattern of each compressed weight; the decoded values come
-    from the interpreter's `cache` of the runs just made (no second decode)."""
+def _weight_checks(candidate_model, candidate_prog, function: str, cache: dict) -> list[WeightCheck]:
+    """Format, sparsity and declared pattern of each compressed weight of `function`, nested
+    blocks included; decoded values come from the interpreter's `cache` of the runs just made
+    (a weight in a branch that did not run is decoded here)."""
     declared = declared_pruning(candidate_model)
+    func = candidate_prog.functions[function]
     sparse_ops = {
-        op.name: op
-        for op in candidate_prog.functions["main"].operations
-        if op.op_type == "constexpr_sparse_to_dense"
+        op.name: op for op in walk_ops(func) if op.op_type == "constexpr_sparse_to_dense"
     }
     checks = []
-    for row in weight_table(candidate_prog):
+    for row in weight_table(candidate_prog, functions=[function]):
         if not row.format.startswith("sparse") and row.name not in declared:
             continue
         check = WeightCheck(row.name, row.format, row.sparsity)
@@ -381,7 +489,7 @@ def _weight_checks(candidate_model, candidate_prog, cache: dict) -> list[WeightC
             check.pattern = info["spec"]
             op = sparse_ops.get(row.name)
             if info.get("axis") is not None and op is not None:
-                (weight,) = cache[id(op)]
+                (weight,) = static_values(op, cache)
                 check.pattern_holds, check.detail = _pattern_holds(
                     weight, info["spec"], info["axis"]
                 )
@@ -420,12 +528,21 @@ def verify(
     """Compare `candidate` with `reference` (Programs, MLModels or paths) on the same inputs.
 
     `inputs`: a dict of arrays, a list of dicts, or an .npz path; by default `samples` random
-    inputs generated from the reference's input description with `seed`.
+    inputs generated from the reference's input description with `seed` (see
+    `generate_inputs`). A reference whose outputs are not finite on the inputs is a
+    ConfigError: the comparison would mean nothing, and it is not the candidate's fault.
     """
     tolerances = tolerances or Tolerances()
+    _check_count("samples", samples, low=1)
+    _check_count("seed", seed, low=0)
     ref_model, ref_prog = _program_of(reference)
     cand_model, cand_prog = _program_of(candidate)
-    ref_fn, cand_fn = ref_prog.functions["main"], cand_prog.functions["main"]
+    function = default_function(ref_model, ref_prog)
+    if function not in cand_prog.functions:
+        raise UnsupportedModelError(
+            f"the candidate has no function {function!r} (it has {sorted(cand_prog.functions)})"
+        )
+    ref_fn, cand_fn = ref_prog.functions[function], cand_prog.functions[function]
     for what, ref_names, cand_names in (
         ("inputs", list(ref_fn.inputs), list(cand_fn.inputs)),
         ("outputs", [v.name for v in ref_fn.outputs], [v.name for v in cand_fn.outputs]),
@@ -435,19 +552,23 @@ def verify(
                 f"the models have different {what}: {sorted(ref_names)} vs {sorted(cand_names)}; "
                 "is the candidate a compression of this reference?"
             )
-    if inputs is None:
+    generated = inputs is None
+    if generated:
         if ref_model is None:
             raise ConfigError("give inputs when the reference is a Program (no input description)")
-        feeds = generate_inputs(ref_model, ref_prog, samples=samples, seed=seed)
+        feeds = generate_inputs(ref_model, ref_prog, samples=samples, seed=seed, function=function)
     else:
         feeds = _read_inputs(inputs)
+    _check_feeds(feeds, ref_fn)
     ref_cache, cand_cache = {}, {}
     ref_out: dict[str, list] = {}
     cand_out: dict[str, list] = {}
-    for feed in feeds:
-        for name, value in evaluate_program(ref_prog, feed, cache=ref_cache).items():
+    for i, feed in enumerate(feeds):
+        for name, value in evaluate_program(ref_prog, feed, function, cache=ref_cache).items():
+            if not np.all(np.isfinite(value)):
+                raise ConfigError(_non_finite_reference(name, i, generated))
             ref_out.setdefault(name, []).append(value)
-        for name, value in evaluate_program(cand_prog, feed, cache=cand_cache).items():
+        for name, value in evaluate_program(cand_prog, feed, function, cache=cand_cache).items():
             cand_out.setdefault(name, []).append(value)
     outputs = []
     for name in ref_out:
@@ -456,5 +577,20 @@ def verify(
         )
         metrics.shape = metrics.shape[1:]  # one sample's shape; metrics cover all samples
         outputs.append(metrics)
-    weights = _weight_checks(cand_model, cand_prog, cand_cache) if cand_model is not None else []
+    weights = (
+        _weight_checks(cand_model, cand_prog, function, cand_cache) if cand_model is not None else []
+    )
     return VerifyReport(outputs, weights, tolerances, len(feeds))
+
+
+def _non_finite_reference(output: str, sample: int, generated: bool) -> str:
+    if generated:
+        return (
+            f"the reference model's output {output!r} is not finite (inf or nan) on generated "
+            f"input sample {sample}: the generated inputs are not ones this model can run. "
+            "Pass real inputs (CLI: --inputs FILE.npz; API: inputs=...)"
+        )
+    return (
+        f"the reference model's output {output!r} is not finite (inf or nan) on input sample "
+        f"{sample}; verify needs inputs on which the reference itself is finite"
+    )

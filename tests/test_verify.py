@@ -79,7 +79,19 @@ def test_identical_models_have_zero_error(reference):
     report = ms.verify(reference, reference, samples=2)
     assert report.passed and report.samples == 2
     for o in report.outputs:
-        assert o.max_abs == 0 and o.cosine == 1 and o.snr_db == float("inf")
+        # exact by construction (no error at all), not by the luck of a BLAS build
+        assert o.max_abs == 0 and o.cosine == 1.0 and o.snr_db == float("inf")
+
+
+def test_identical_outputs_give_exactly_cosine_one_whatever_the_values():
+    """sqrt(r.r) * sqrt(c.c) can round one ulp away from r.c; identical outputs must still give
+    cosine 1 and infinite SNR."""
+    rng = np.random.default_rng(3)
+    for size in (3, 1000, 4097):
+        r = (rng.standard_normal(size) * rng.uniform(0.1, 100)).astype(np.float32)
+        m = output_metrics("y", r, r.copy(), Tolerances(min_cosine=1.0))
+        assert m.cosine == 1.0 and m.snr_db == float("inf") and m.rel_l2 == 0
+        assert m.passed
 
 
 def test_one_moved_mask_bit_fails_and_names_the_output(reference):
@@ -229,7 +241,7 @@ def test_report_json_round_trips_and_tolerances_apply(reference):
 def test_output_metrics_by_hand():
     ref = np.array([3.0, 4.0])
     m = output_metrics("y", ref, np.array([3.0, 4.5]), Tolerances())
-    assert m.max_abs == 0.5 and m.mean_abs == 0.25
+    assert m.max_abs == pytest.approx(0.5) and m.mean_abs == pytest.approx(0.25)
     assert m.rel_l2 == pytest.approx(0.1)
     assert m.snr_db == pytest.approx(20.0)  # 25 / 0.25
     assert m.psnr_db == pytest.approx(10 * np.log10(16 / 0.125))
@@ -301,3 +313,134 @@ def test_structured_patterns_verify_on_both_mask_forms(save_program, opset, spec
         assert check.format.startswith("sparse") and check.pattern == spec
         assert check.pattern_holds is True, check.detail
     assert report.passed
+
+
+def _masked_bert(precision=ct.precision.FLOAT16):
+    torch = pytest.importorskip("torch", reason="the test extra installs torch")
+    from milsparse.fixtures import torch_models
+
+    torch.manual_seed(0)
+    module = torch_models.MaskedBert().eval()
+    ids, mask = module.example()
+    traced = torch.jit.trace(module, (ids, mask), check_trace=False)
+    inputs = [
+        ct.TensorType(name="ids", shape=tuple(ids.shape), dtype=np.int32),
+        ct.TensorType(name="mask", shape=tuple(mask.shape), dtype=np.int32),
+    ]
+    model = ct.convert(
+        traced,
+        inputs=inputs,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=precision,
+        skip_model_load=True,
+    )
+    return module, model
+
+
+def test_generated_inputs_for_a_bert_style_model_with_an_int_attention_mask():
+    """ids index the embedding table; the mask feeds (1 - mask) * -10000 in fp16, where a
+    value of 10 overflows: it must be generated as 0/1, and the model verifies against itself."""
+    module, model = _masked_bert()
+    prog = ms.load_program(model)
+    feeds = generate_inputs(model, prog, samples=16, seed=2)
+    ids = np.stack([f["ids"] for f in feeds])
+    mask = np.stack([f["mask"] for f in feeds])
+    assert ids.min() >= 0 and ids.max() < module.tok.num_embeddings and ids.max() > 50
+    assert set(np.unique(mask)) == {0, 1}
+    for feed in feeds[:2]:
+        (out,) = ms.evaluate(model, feed).values()
+        assert np.all(np.isfinite(out))
+    report = ms.verify(model, model)
+    assert report.passed, report
+    assert all(o.cosine == 1.0 for o in report.outputs)
+    assert ms.verify(model, ms.compress(model, "unstructured:0.1")).passed
+
+
+def _overflowing(save_program):
+    """exp(100 x): finite for inputs near zero, inf for the standard normal samples verify
+    generates."""
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 16))], opset_version=ct.target.iOS18)
+    def prog(x):
+        w = mb.const(val=np.eye(16, dtype=np.float32), name="w")
+        return mb.exp(x=mb.mul(x=mb.linear(x=x, weight=w), y=100.0), name="y")
+
+    return save_program(prog)
+
+
+def test_a_reference_not_finite_on_generated_inputs_is_a_clear_error(save_program, tmp_path):
+    from milsparse.cli import main
+
+    path = _overflowing(save_program)
+    with pytest.raises(ConfigError, match=r"not finite .* generated input sample 0.*--inputs"):
+        ms.verify(path, path)
+    assert main(["verify", str(path), str(path)]) == 2  # a user error, not a FAIL (1)
+    np.savez(tmp_path / "small.npz", x=np.full((2, 16), 0.01, np.float32))
+    assert ms.verify(path, path, tmp_path / "small.npz").passed
+    with pytest.raises(ConfigError, match="not finite .* input sample 0; verify needs"):
+        ms.verify(path, path, {"x": np.full((2, 16), 9.0, np.float32)})
+
+
+def test_pattern_checks_reach_weights_inside_control_flow(save_program):
+    rng = np.random.default_rng(0)
+    w_then = rng.standard_normal((64, 64)).astype(np.float32)
+    w_else = rng.standard_normal((64, 64)).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 64))], opset_version=ct.target.iOS18)
+    def prog(x):
+        positive = mb.greater(x=mb.reduce_sum(x=x), y=0.0)
+        return mb.cond(
+            pred=positive,
+            _true_fn=lambda: mb.linear(x=x, weight=mb.const(val=w_then, name="w_then")),
+            _false_fn=lambda: mb.linear(x=x, weight=mb.const(val=w_else, name="w_else")),
+            name="y",
+        )
+
+    path = save_program(prog)
+    candidate = ms.compress(path, "2:4")
+    report = ms.verify(path, candidate, tolerances=Tolerances(None, None), samples=1)
+    checks = {w.name: w for w in report.weights}
+    assert set(checks) == {"w_then", "w_else"}  # one branch ran, both are checked
+    assert all(c.pattern == "2:4" and c.pattern_holds for c in checks.values())
+
+
+@pytest.mark.parametrize(
+    "tolerances",
+    [
+        {"min_snr_db": float("nan")},
+        {"min_cosine": float("nan")},
+        {"min_cosine": 2},
+        {"min_cosine": -1.5},
+        {"max_rel_l2": -1},
+        {"max_abs": float("inf")},
+        {"min_snr_db": True},
+        {"min_snr_db": "15"},
+    ],
+)
+def test_tolerances_that_would_switch_checks_off_are_refused(tolerances):
+    with pytest.raises(ConfigError):
+        Tolerances(**tolerances)
+
+
+def test_verify_refuses_zero_samples_and_negative_seeds(reference):
+    with pytest.raises(ConfigError, match="samples must be an integer >= 1"):
+        ms.verify(reference, reference, samples=0)
+    with pytest.raises(ConfigError, match="seed must be an integer >= 0"):
+        ms.verify(reference, reference, seed=-1)
+
+
+def test_input_files_and_dicts_are_checked(reference, tmp_path):
+    x = np.ones((2, 64), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(ConfigError, match="not a single array"):
+        ms.verify(reference, reference, tmp_path / "x.npy")
+    np.savez(tmp_path / "s.npz", x=np.array(["a", "b"]))
+    with pytest.raises(ConfigError, match="'x' is a string array"):
+        ms.verify(reference, reference, tmp_path / "s.npz")
+    with pytest.raises(ConfigError, match="'x' is a complex array"):
+        ms.verify(reference, reference, {"x": x + 1j})
+    with pytest.raises(ConfigError, match=r"not inputs of the model: \['y'\]"):
+        ms.verify(reference, reference, {"x": x, "y": x})
+    with pytest.raises(ConfigError, match="input sample 1: missing input 'x'"):
+        ms.verify(reference, reference, [{"x": x}, {}])
