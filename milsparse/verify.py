@@ -357,9 +357,7 @@ def _check_feeds(feeds: list[dict], func) -> None:
                     f"missing input {missing[0]!r}" if len(missing) == 1 else f"missing {missing}"
                 )
             parts += [f"not inputs of the model: {extra}"] if extra else []
-            raise ConfigError(
-                f"{where}: {'; '.join(parts)}; the model takes {sorted(expected)}"
-            )
+            raise ConfigError(f"{where}: {'; '.join(parts)}; the model takes {sorted(expected)}")
         for name, value in feed.items():
             kind = np.asarray(value).dtype.kind
             if kind not in "biuf":
@@ -470,15 +468,15 @@ def declared_pruning(model) -> dict[str, dict]:
     return json.loads(meta[PRUNE_METADATA_KEY]) if PRUNE_METADATA_KEY in meta else {}
 
 
-def _weight_checks(candidate_model, candidate_prog, function: str, cache: dict) -> list[WeightCheck]:
+def _weight_checks(
+    candidate_model, candidate_prog, function: str, cache: dict
+) -> list[WeightCheck]:
     """Format, sparsity and declared pattern of each compressed weight of `function`, nested
     blocks included; decoded values come from the interpreter's `cache` of the runs just made
     (a weight in a branch that did not run is decoded here)."""
     declared = declared_pruning(candidate_model)
     func = candidate_prog.functions[function]
-    sparse_ops = {
-        op.name: op for op in walk_ops(func) if op.op_type == "constexpr_sparse_to_dense"
-    }
+    sparse_ops = {op.name: op for op in walk_ops(func) if op.op_type == "constexpr_sparse_to_dense"}
     checks = []
     for row in weight_table(candidate_prog, functions=[function]):
         if not row.format.startswith("sparse") and row.name not in declared:
@@ -578,7 +576,9 @@ def verify(
         metrics.shape = metrics.shape[1:]  # one sample's shape; metrics cover all samples
         outputs.append(metrics)
     weights = (
-        _weight_checks(cand_model, cand_prog, function, cand_cache) if cand_model is not None else []
+        _weight_checks(cand_model, cand_prog, function, cand_cache)
+        if cand_model is not None
+        else []
     )
     return VerifyReport(outputs, weights, tolerances, len(feeds))
 
