@@ -8,24 +8,31 @@ mlmodel = ct.convert(traced, pass_pipeline=ms.coreml_pipeline("unstructured:0.5"
 """
 
 import logging as _logging
+import warnings as _warnings
 
 
-class _ImportNoise(_logging.Filter):
-    """coremltools warns on import that it cannot load its macOS-only prediction proxies and that
-    the torch version is untested; both are expected here (milsparse never predicts with Core ML)
-    and are hidden while milsparse imports it. Nothing else is filtered, and only during import."""
+class _ImportNotes(_logging.Filter):
+    """What importing coremltools says is about the environment, not about milsparse's work:
+    its macOS-only prediction proxies do not load here, and the versions of torch, scikit-learn,
+    TensorFlow or XGBoost it finds are untested or unsupported for conversions milsparse never
+    makes. Those messages are kept in `IMPORT_NOTES` (the CLI shows them with --debug) instead
+    of printed; only during the import, and errors still go through."""
 
     def filter(self, record):
-        msg = record.getMessage()
-        return not (
-            msg.startswith("Failed to load _") or "has not been tested with coremltools" in msg
-        )
+        if record.levelno >= _logging.ERROR:
+            return True
+        IMPORT_NOTES.append(record.getMessage())
+        return False
 
 
-_filter = _ImportNoise()
+IMPORT_NOTES: list[str] = []
+_filter = _ImportNotes()
 _logging.getLogger("coremltools").addFilter(_filter)
 try:
-    import coremltools as _ct  # noqa: F401
+    with _warnings.catch_warnings(record=True) as _caught:
+        _warnings.simplefilter("always")
+        import coremltools as _ct  # noqa: F401
+    IMPORT_NOTES.extend(str(w.message) for w in _caught)
 finally:
     _logging.getLogger("coremltools").removeFilter(_filter)
 
@@ -56,6 +63,7 @@ from milsparse.verify import Tolerances, VerifyReport, evaluate, verify
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMPORT_NOTES",
     "compress",
     "compress_with_report",
     "coreml_pipeline",

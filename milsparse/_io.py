@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -39,29 +40,40 @@ __all__ = [
     "save_package",
     "write_program",
     "check_output_path",
+    "source_path",
+    "package_bytes",
+    "remove_stale_temporaries",
 ]
 
+# The deployment targets milsparse writes: constexpr_sparse_to_dense needs iOS16; the iOS18
+# opset adds the uint1 mask and the joint forms. The same opsets under their other platforms'
+# names (macOS13-15, tvOS16-18, watchOS9-11) are accepted too.
 TARGETS = {
     "ios16": AvailableTarget.iOS16,
     "ios17": AvailableTarget.iOS17,
     "ios18": AvailableTarget.iOS18,
 }
-if hasattr(AvailableTarget, "iOS26"):
-    TARGETS["ios26"] = AvailableTarget.iOS26
+_TARGET_ALIASES = {
+    name.lower(): member
+    for name, member in AvailableTarget.__members__.items()
+    if member in TARGETS.values()
+}
 
 
 def parse_target(target) -> AvailableTarget | None:
-    """None, an AvailableTarget (ct.target.iOS18) or a name like 'ios18' / 'macOS15'."""
-    if target is None or isinstance(target, AvailableTarget):
+    """None, a ct.target from iOS16 to iOS18, or a name: 'ios16' | 'ios17' | 'ios18', or the
+    same opsets as 'macOS13'-'macOS15', 'tvOS16'-'tvOS18', 'watchOS9'-'watchOS11' (any case)."""
+    if target is None:
+        return None
+    if isinstance(target, AvailableTarget) and target in TARGETS.values():
         return target
-    if isinstance(target, str):
-        key = target.strip().lower()
-        if key in TARGETS:
-            return TARGETS[key]
-        for member in AvailableTarget:
-            if member.name.lower() == key:
-                return member
-    raise ConfigError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    if isinstance(target, str) and target.strip().lower() in _TARGET_ALIASES:
+        return _TARGET_ALIASES[target.strip().lower()]
+    shown = target.name if isinstance(target, AvailableTarget) else repr(target)
+    raise ConfigError(
+        f"unsupported target {shown}; use one of {', '.join(TARGETS)} "
+        "(or macOS13-15, tvOS16-18, watchOS9-11)"
+    )
 
 
 def open_model(model) -> ct.models.MLModel:
@@ -76,6 +88,8 @@ def open_model(model) -> ct.models.MLModel:
             raise UnsupportedModelError(f"{path}: no such file or directory")
         if path.is_dir() and not (path / "Manifest.json").exists():
             raise UnsupportedModelError(f"{path}: not an .mlpackage (no Manifest.json inside)")
+        if not path.is_dir():
+            _refuse_bare_spec(path)
         try:
             mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
         except Exception as e:  # coremltools raises bare Exceptions for unreadable packages
@@ -91,6 +105,24 @@ def open_model(model) -> ct.models.MLModel:
             "ct.convert(..., convert_to='mlprogram', minimum_deployment_target=ct.target.iOS16)."
         )
     return mlmodel
+
+
+def _refuse_bare_spec(path: Path) -> None:
+    """A bare model file: an ML program's weights live beside its spec inside the package, and
+    coremltools would read `weights/weight.bin` relative to the current directory."""
+    from coremltools.proto import Model_pb2
+
+    spec = Model_pb2.Model()
+    try:
+        spec.ParseFromString(path.read_bytes())
+        kind = spec.WhichOneof("Type")
+    except Exception:
+        kind = None
+    if kind == "mlProgram" or kind is None:
+        raise UnsupportedModelError(
+            f"{path}: give the .mlpackage folder; an ML program's weights live inside its "
+            "package, not beside a bare model file"
+        )
 
 
 _BLOB_SENTINEL = 0xDEADBEEF
@@ -119,9 +151,23 @@ def read_blob(path: str, offset: int, dtype, shape) -> np.ndarray:
     page cache. The source file must not be modified in place while the program is alive
     (milsparse itself only ever writes new packages).
     """
+    try:
+        file_size = os.path.getsize(path)
+    except OSError as e:
+        raise UnsupportedModelError(f"{path}: cannot read the weight file: {e.strerror}") from e
+    if offset + 24 > file_size:
+        raise UnsupportedModelError(
+            f"{path}: weight file is truncated ({file_size} bytes; the model reads a record at "
+            f"offset {offset})"
+        )
     sentinel_and_type, size, data_offset = np.fromfile(path, np.uint64, 3, offset=offset)
     if int(sentinel_and_type) & 0xFFFFFFFF != _BLOB_SENTINEL:
         raise UnsupportedModelError(f"{path}: no weight record at offset {offset}")
+    if int(data_offset) + int(size) > file_size:
+        raise UnsupportedModelError(
+            f"{path}: weight file is truncated ({file_size} bytes; a record needs "
+            f"{int(data_offset) + int(size)})"
+        )
     count = int(size) // np.dtype(dtype).itemsize
     expected = int(np.prod(shape, dtype=np.int64))
     if count != expected:
@@ -169,12 +215,24 @@ def _mapped_weight_reads():
 def load_program(mlmodel: ct.models.MLModel):
     """A fresh pymil Program read from the model's spec and weight file."""
     spec = mlmodel.get_spec()
-    with _mapped_weight_reads():
-        return milproto.load(
-            spec,
-            specification_version=spec.specificationVersion,
-            file_weights_dir=mlmodel.weights_dir or "",
-        )
+    weights_dir = mlmodel.weights_dir or ""
+    try:
+        with _mapped_weight_reads():
+            return milproto.load(
+                spec,
+                specification_version=spec.specificationVersion,
+                file_weights_dir=weights_dir,
+            )
+    except UnsupportedModelError:
+        raise
+    except Exception as e:
+        # coremltools' loader raises bare errors for a damaged package (sub-byte weights of a
+        # truncated file, a missing blob); they are the package's fault, not milsparse's.
+        where = os.path.dirname(weights_dir) if weights_dir else "the model"
+        raise UnsupportedModelError(
+            f"{where}: cannot read the ML program ({type(e).__name__}: {e}); is the package "
+            "complete?"
+        ) from e
 
 
 def retarget(prog, spec_version: int, target: AvailableTarget | None) -> int:
@@ -285,7 +343,8 @@ def program_to_model(
 
     The package lives in a temporary folder removed when the model is garbage-collected.
     """
-    folder = tempfile.mkdtemp(prefix="milsparse-")
+    remove_stale_temporaries(tempfile.gettempdir())
+    folder = tempfile.mkdtemp(prefix=_temp_prefix(""))
     try:
         package = Path(folder) / "model.mlpackage"
         _write_package(prog, spec_version, source, package, metadata)
@@ -326,15 +385,122 @@ def _make_deterministic(package: Path) -> None:
         spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
 
-def check_output_path(path, *, overwrite: bool) -> Path:
+def source_path(model) -> Path | None:
+    """The package a model was read from (a path, or an MLModel's package), or None."""
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model)
+    package = getattr(model, "package_path", None)
+    return Path(package) if package else None
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output_path(path, *, overwrite: bool, inputs=(), needed_bytes: int = 0) -> Path:
+    """Refuse, before any work, an output that cannot be written or would touch an input.
+
+    The output must end in .mlpackage, lie in an existing, writable folder with room for
+    `needed_bytes`, not be a symbolic link, and be neither an input, inside one, nor a folder
+    holding one. An existing output is replaced only with `overwrite`, and only if it is an
+    .mlpackage itself.
+    """
     path = Path(path)
     if path.suffix != ".mlpackage":
         raise ConfigError(f"{path}: output must end in .mlpackage")
-    if path.exists() and not overwrite:
-        raise ConfigError(f"{path} exists; choose another path or allow overwriting (--force)")
-    if not path.parent.exists():
+    if path.is_symlink():
+        raise ConfigError(f"{path} is a symbolic link; give the real output path")
+    resolved = path.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if resolved == src:
+            raise ConfigError("output is the input; milsparse never modifies its input")
+        if _is_within(resolved, src):
+            raise ConfigError(f"{path} is inside the input {source}; write the output elsewhere")
+        if _is_within(src, resolved):
+            raise ConfigError(f"{path} holds the input {source}; write the output elsewhere")
+    if path.exists():
+        if not overwrite:
+            raise ConfigError(f"{path} exists; choose another path or allow overwriting (--force)")
+        if not (path.is_dir() and (path / "Manifest.json").is_file()):
+            raise ConfigError(f"{path} exists and is not an .mlpackage; it is not overwritten")
+    parent = resolved.parent
+    if not parent.exists():
         raise ConfigError(f"{path.parent}: output folder does not exist")
+    if not parent.is_dir():
+        raise ConfigError(f"{path.parent} is not a folder")
+    _check_writable(parent)
+    if needed_bytes:
+        free = shutil.disk_usage(parent).free
+        if free < needed_bytes:
+            raise ConfigError(
+                f"{path.parent}: {free / 2**20:.1f} MiB free, the output needs up to "
+                f"{needed_bytes / 2**20:.1f} MiB"
+            )
     return path
+
+
+def _check_writable(folder: Path) -> None:
+    """Create and remove a folder there: the only test that holds for root and read-only
+    mounts alike (os.access says yes to root)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=_temp_prefix(".probe"), dir=folder)
+        os.rmdir(probe)
+    except OSError as e:
+        raise ConfigError(f"{folder}: cannot write there: {e.strerror}") from e
+
+
+def package_bytes(model) -> int:
+    """Bytes of the files in a model's package (0 when it has none on disk)."""
+    root = source_path(model)
+    if root is None or not root.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+# -- temporary folders ------------------------------------------------------------------------
+# Every temporary folder milsparse makes is named `<prefix>milsparse-tmp-<pid>-<random>`, so a
+# later run can recognise those left by a process that is gone (SIGKILL, power loss) and remove
+# them; SIGINT, SIGTERM and SIGHUP unwind normally and clean up on the way out.
+_TEMP_TAG = "milsparse-tmp-"
+
+
+def _temp_prefix(prefix: str) -> str:
+    return f"{prefix}{_TEMP_TAG}{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Remove temporary folders of milsparse processes that no longer run; return them."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        tag = entry.name.find(_TEMP_TAG)
+        if tag < 0 or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid_text = entry.name[tag + len(_TEMP_TAG) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @contextlib.contextmanager
@@ -342,13 +508,20 @@ def _staged(path: Path):
     """Yield a path in a sibling temporary folder; on success it atomically becomes `path`.
 
     An existing package at `path` is moved aside and only dropped once the new one is in place;
-    on any failure the old package stays and nothing is left behind.
+    on any failure the old package stays and nothing is left behind. A full disk or a folder
+    that refuses writes is a ConfigError.
     """
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    remove_stale_temporaries(path.parent)
+    staging = Path(tempfile.mkdtemp(prefix=_temp_prefix(f".{path.name}."), dir=path.parent))
     try:
         staged = staging / path.name
-        yield staged
-        _make_deterministic(staged)
+        try:
+            yield staged
+            _make_deterministic(staged)
+        except OSError as e:
+            if e.errno in _DISK_ERRORS:
+                raise ConfigError(f"{path}: cannot write the output: {e.strerror}") from e
+            raise
         if path.exists():
             backup = staging / "previous"
             os.replace(path, backup)
@@ -365,7 +538,9 @@ def _staged(path: Path):
 
 def save_package(model: ct.models.MLModel, path, *, overwrite: bool = False) -> Path:
     """Write `model` to `path` (.mlpackage) atomically; never leaves a half-written package."""
-    path = check_output_path(path, overwrite=overwrite)
+    path = check_output_path(
+        path, overwrite=overwrite, inputs=[source_path(model)], needed_bytes=package_bytes(model)
+    )
     with _staged(path) as staged:
         model.save(str(staged))
     return path

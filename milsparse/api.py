@@ -8,7 +8,7 @@ from pathlib import Path
 import coremltools as ct
 
 from milsparse import _io
-from milsparse.errors import ConfigError, MilsparseError, PassError
+from milsparse.errors import MilsparseError, PassError
 from milsparse.ir.weights import weight_table
 from milsparse.passes.prune import PruneWeights
 from milsparse.passes.registry import place_in_pipeline
@@ -55,13 +55,16 @@ def compress_with_report(
 ) -> tuple[ct.models.MLModel, CompressReport]:
     """Like `compress`, and also return the per-weight report."""
     recipe = Recipe.coerce(config)
-    if output is not None:
-        _io.check_output_path(output, overwrite=overwrite)
     target = _io.parse_target(target if target is not None else recipe.target)
     source = _io.open_model(model)
-    if output is not None and isinstance(model, (str, Path)):
-        if Path(output).resolve() == Path(model).resolve():
-            raise ConfigError("output is the input; milsparse never modifies its input")
+    if output is not None:
+        # before any work: an output that would touch the input, or cannot be written
+        _io.check_output_path(
+            output,
+            overwrite=overwrite,
+            inputs=[_io.source_path(model)],
+            needed_bytes=_io.package_bytes(model),
+        )
     prog = _io.load_program(source)
     spec_version = _io.retarget(prog, source.get_spec().specificationVersion, target)
     prune = PruneWeights(recipe.prune)

@@ -8,9 +8,12 @@ error, also one line. No traceback unless --debug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,7 +45,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     how.add_argument("--recipe", metavar="YAML", help="a recipe file (see README: Recipes)")
     comp.add_argument(
-        "--target", choices=["ios16", "ios17", "ios18"], help="raise the program's opset first"
+        "--target",
+        metavar="NAME",
+        help="raise the program's opset first: ios16 | ios17 | ios18 (or macOS13-15, ...)",
     )
     comp.add_argument(
         "--op-types", metavar="LIST", help="comma list, default linear,conv,conv_transpose,matmul"
@@ -83,14 +88,17 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_VERIFY_OPTIONS = ("inputs", "samples", "seed", "min_snr", "min_cosine")
+
+
 def _verify_options(parser) -> None:
     parser.add_argument(
         "--inputs", metavar="NPZ", help="inputs (.npz keyed by input name); default: generated"
     )
     parser.add_argument(
-        "--samples", type=int, default=4, metavar="N", help="generated input samples (default 4)"
+        "--samples", type=int, metavar="N", help="generated input samples (default 4)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of generated inputs (default 0)")
+    parser.add_argument("--seed", type=int, help="seed of generated inputs (default 0)")
     parser.add_argument(
         "--min-snr", type=float, metavar="DB", help="minimum SNR per output (default 15)"
     )
@@ -113,17 +121,16 @@ def _run_verify(reference, candidate, args):
     import milsparse as ms
     from milsparse.errors import ConfigError
 
-    if args.samples < 1:
+    samples = 4 if args.samples is None else args.samples
+    seed = 0 if args.seed is None else args.seed
+    if samples < 1:
         raise ConfigError("--samples must be at least 1")
+    if seed < 0:
+        raise ConfigError("--seed must be at least 0")
     if args.inputs is not None and not Path(args.inputs).exists():
         raise ConfigError(f"{args.inputs}: no such file")
     return ms.verify(
-        reference,
-        candidate,
-        args.inputs,
-        tolerances=_tolerances(args),
-        samples=args.samples,
-        seed=args.seed,
+        reference, candidate, args.inputs, tolerances=_tolerances(args), samples=samples, seed=seed
     )
 
 
@@ -159,17 +166,22 @@ def _recipe_from_args(args):
 
 def _cmd_compress(args) -> int:
     import milsparse as ms
+    from milsparse import _io
     from milsparse.errors import ConfigError
 
     src, dst = Path(args.input), Path(args.output)
     if not src.exists():
         raise ConfigError(f"{src}: no such file or directory")
-    if dst.suffix != ".mlpackage":
-        raise ConfigError(f"{dst}: output must end in .mlpackage")
-    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
-        raise ConfigError("output is the input; milsparse never modifies its input")
-    if dst.exists() and not args.force:
-        raise ConfigError(f"{dst} exists; pass --force to overwrite it")
+    if not args.verify:
+        given = [
+            f"--{o.replace('_', '-')}" for o in _VERIFY_OPTIONS if getattr(args, o) is not None
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --verify")
+    # Every check on the output before any work (nothing is learned only after compressing).
+    _io.check_output_path(
+        dst, overwrite=args.force, inputs=[src], needed_bytes=_io.package_bytes(src)
+    )
     recipe = _recipe_from_args(args)
     verdict = None
     if args.verify:
@@ -261,32 +273,78 @@ def _quiet_coremltools_progress() -> None:
     pass_pipeline.tqdm = functools.partial(tqdm, disable=True)
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that every `finally` and context manager
+    cleans up on the way out, exactly as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    handled = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {}
+    try:
+        for signum in handled:
+            previous[signum] = signal.signal(signum, _raise_terminated)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _report(message: str, debug: bool, code: int) -> int:
+    """One line on stderr; with --debug the traceback first. The exit code does not change."""
+    if debug:
+        traceback.print_exc()
+    print(message, file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    if not args.debug:
+    if args.debug:
+        _replay_import_notes()
+    else:
         # Errors are printed by us, once; coremltools' own warnings would only repeat them.
         logging.getLogger("coremltools").setLevel(logging.ERROR)
         _quiet_coremltools_progress()
-    try:
-        from milsparse.errors import MilsparseError
+    with _terminate_cleanly():
+        try:
+            from milsparse.errors import MilsparseError
 
-        return _COMMANDS[args.command](args)
-    except MilsparseError as e:
-        if args.debug:
-            raise
-        print(f"milsparse: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("milsparse: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # an internal failure: still one line, the traceback behind --debug
-        if args.debug:
-            raise
-        print(
-            f"milsparse: internal error: {type(e).__name__}: {e} (rerun with --debug)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+            return _COMMANDS[args.command](args)
+        except MilsparseError as e:
+            return _report(f"milsparse: error: {e}", args.debug, EXIT_USAGE)
+        except KeyboardInterrupt:
+            print("milsparse: interrupted", file=sys.stderr)
+            return 130
+        except _Terminated as e:
+            print(f"milsparse: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
+            return 128 + e.signum
+        except Exception as e:  # an internal failure: one line, the traceback with --debug
+            return _report(
+                f"milsparse: internal error: {type(e).__name__}: {e} (rerun with --debug)",
+                args.debug,
+                EXIT_INTERNAL,
+            )
+
+
+def _replay_import_notes() -> None:
+    """--debug shows what importing coremltools logged (hidden otherwise: see milsparse)."""
+    import milsparse
+
+    for record in milsparse.IMPORT_NOTES:
+        print(f"coremltools (on import): {record}", file=sys.stderr)
 
 
 if __name__ == "__main__":

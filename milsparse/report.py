@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)
+
+
+def _json_safe(value):
+    """`value` with every non-finite float replaced by None (JSON has no NaN or inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _is_number(value) -> bool:
@@ -132,9 +144,8 @@ class InspectReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str).replace(
-            "NaN", "null"
-        )
+        # an unknown sparsity (a palettized or quantized weight has no mask) is NaN: JSON null
+        return json.dumps(_json_safe(self.to_dict()), indent=2, allow_nan=False, default=str)
 
     def __str__(self) -> str:
         rows = [

@@ -117,7 +117,7 @@ def test_existing_output_needs_force_and_input_is_never_the_output(model, tmp_pa
     assert main(["compress", str(model), "-o", str(out), "--prune", "2:4"]) == 0
     digest = tree_digest(out)
     assert main(["compress", str(model), "-o", str(out), "--prune", "unstructured:0.9"]) == 2
-    assert "pass --force" in capsys.readouterr().err
+    assert "allow overwriting (--force)" in capsys.readouterr().err
     assert tree_digest(out) == digest
     assert (
         main(["compress", str(model), "-o", str(out), "--prune", "unstructured:0.9", "--force"])
