@@ -217,23 +217,39 @@ def _check_fraction(name: str, value: float) -> None:
 
 
 def threshold_mask(weight: np.ndarray, threshold: float) -> np.ndarray:
-    """Keep |w| > threshold (compared in float32 or wider)."""
+    """Keep |w| > threshold, compared in float64 (a chunk at a time).
+
+    Not in the weight's own precision: float32(0.1) = 0.10000000149 is above the threshold 0.1,
+    but a float32 comparison would round the threshold to the same value and prune it.
+    """
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     weight = np.asarray(weight)
     flat = weight.ravel()
     keep = np.empty(flat.size, dtype=bool)
+    limit = np.float64(threshold)
     for sl in _chunks(flat.size):
-        np.greater(importance(flat[sl]), threshold, out=keep[sl])
+        np.greater(np.abs(flat[sl].astype(np.float64)), limit, out=keep[sl])
     return keep.reshape(weight.shape)
 
 
 def magnitude_mask(
-    weight: np.ndarray, sparsity: float, scores: np.ndarray | None = None
+    weight: np.ndarray,
+    sparsity: float,
+    scores: np.ndarray | None = None,
+    axis: int | None = None,
 ) -> np.ndarray:
-    """Prune exactly round_half_up(sparsity * N) elements of the lowest score."""
+    """Prune exactly round_half_up(sparsity * N) elements of the lowest score.
+
+    With `axis`, each slice along it (each output channel) is ranked on its own and loses
+    exactly round_half_up(sparsity * slice size) elements: after batchnorm folding, channels
+    differ in scale by orders of magnitude, and one ranking over the whole tensor would empty
+    the low-scale channels.
+    """
     _check_fraction("sparsity", sparsity)
     weight = np.asarray(weight)
+    if axis is not None:
+        return _magnitude_mask_per_slice(weight, sparsity, _channel_axis(weight, axis), scores)
     k = round_half_up(sparsity * weight.size)
     if scores is None and weight.dtype in _KEY_TYPES:
         keep = _select_lowest_magnitudes(weight, k)
@@ -241,6 +257,41 @@ def magnitude_mask(
         return keep.reshape(weight.shape)
     s = _scores_for(weight, scores)
     return ~select_lowest(s, k)
+
+
+def _magnitude_mask_per_slice(weight, sparsity, axis, scores) -> np.ndarray:
+    """Per-slice magnitude selection: every slice along `axis` keeps exactly its share.
+
+    Each element's key is made unique by its position inside the slice (key * size + index),
+    so one partition per row finds exactly k elements, ties to the lower index as everywhere.
+    """
+    source = np.moveaxis(weight if scores is None else _scores_for(weight, scores), axis, 0)
+    rows = source.shape[0]
+    size = int(np.prod(source.shape[1:], dtype=np.int64))
+    k = round_half_up(sparsity * size)
+    keep = np.ones((rows, size), dtype=bool)
+    if k == 0 or size == 0:
+        return np.moveaxis(keep.reshape(source.shape), 0, axis)
+    position = np.arange(size, dtype=np.uint64)
+    step = max(1, CHUNK // max(size, 1))
+    for start in range(0, rows, step):
+        block = np.ascontiguousarray(source[start : start + step]).reshape(-1, size)
+        if scores is None and block.dtype in _KEY_TYPES and block.dtype.itemsize <= 4:
+            keys = magnitude_keys(block).astype(np.uint64)
+        else:  # scores, or float64 weights: rank by value, then position
+            order = np.argsort(
+                np.argsort(
+                    _scores_for(block, None) if scores is None else block, axis=1, kind="stable"
+                ),
+                axis=1,
+                kind="stable",
+            )
+            keys = order.astype(np.uint64)
+        keys *= np.uint64(size)
+        keys += position
+        kth = np.partition(keys, k - 1, axis=1)[:, k - 1 : k]
+        keep[start : start + step] = keys > kth
+    return np.moveaxis(keep.reshape(source.shape), 0, axis)
 
 
 def _channel_axis(weight: np.ndarray, axis: int) -> int:
@@ -275,16 +326,33 @@ def block_mask(
     channels = s.shape[0]
     nblocks = -(-channels // block_size)
     tail = channels - (nblocks - 1) * block_size
-    squared = np.square(s)
-    pad = nblocks * block_size - channels
-    if pad:
-        squared = np.concatenate([squared, np.zeros((pad,) + s.shape[1:], squared.dtype)])
-    energy = squared.reshape((nblocks, block_size) + s.shape[1:]).sum(axis=1)
+    energy = _block_energy(s, block_size, nblocks)
     if tail != block_size:
         energy[-1] *= block_size / tail
     prune_blocks = select_lowest(energy, round_half_up(sparsity * energy.size))
     prune = np.repeat(prune_blocks, block_size, axis=0)[:channels]
     return np.moveaxis(~prune, 0, axis)
+
+
+def _block_energy(s: np.ndarray, block_size: int, nblocks: int) -> np.ndarray:
+    """Sum of squares of each block of `block_size` rows of `s`, in float64.
+
+    float32 squares overflow for |w| above ~1.8e19 and vanish below ~1e-23, which would rank
+    blocks by position instead of norm; float64 holds the square of any float32. Worked a slab
+    of rows at a time, so the float64 copy stays small.
+    """
+    rest = s.shape[1:]
+    energy = np.zeros((nblocks,) + rest, dtype=np.float64)
+    per_row = max(1, int(np.prod(rest, dtype=np.int64)))
+    rows_per_step = max(block_size, (CHUNK // per_row) // block_size * block_size)
+    for start in range(0, s.shape[0], rows_per_step):
+        slab = s[start : start + rows_per_step].astype(np.float64)
+        np.square(slab, out=slab)
+        first = start // block_size
+        # rows of a slab start on a block boundary; np.add.reduceat sums each block's rows
+        offsets = np.arange(0, slab.shape[0], block_size)
+        energy[first : first + offsets.size] += np.add.reduceat(slab, offsets, axis=0)
+    return energy
 
 
 def nm_mask(

@@ -78,7 +78,11 @@ def compress_with_report(
             prog, spec_version, source, output, overwrite=overwrite, metadata=metadata
         )
     opset = max(f.opset_version for f in prog.functions.values())
-    return compressed, CompressReport(prune.report, target=opset.name)
+    notes = [
+        f"override {pattern!r} matched no weight or op of this model"
+        for pattern in prune.unused_overrides()
+    ]
+    return compressed, CompressReport(prune.report, target=opset.name, notes=notes)
 
 
 def _pruned_metadata(source, decisions) -> dict[str, str]:

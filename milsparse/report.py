@@ -59,6 +59,7 @@ class CompressReport:
 
     decisions: list[WeightDecision] = field(default_factory=list)
     target: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def compressed(self) -> list[WeightDecision]:
@@ -84,6 +85,7 @@ class CompressReport:
             "target": self.target,
             "weights": [d.to_dict() for d in self.decisions],
             "totals": self.totals(),
+            "notes": list(self.notes),
         }
 
     def to_json(self) -> str:
@@ -115,7 +117,8 @@ class CompressReport:
             f"{human_bytes(t['dense_bytes'])} -> {human_bytes(t['stored_bytes'])} "
             f"(saved {human_bytes(t['bytes_saved'])})"
         )
-        return f"{table}\n{summary}"
+        notes = "".join(f"\nnote: {n}" for n in self.notes)
+        return f"{table}\n{summary}{notes}"
 
 
 @dataclass

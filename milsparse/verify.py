@@ -459,6 +459,13 @@ def _pattern_holds(weight: np.ndarray, spec: str, axis: int) -> tuple[bool, str]
         if have < need:
             return False, f"{have} all-zero blocks, expected at least {need}"
         return True, f"{have} all-zero blocks"
+    if parsed.pattern == "magnitude" and parsed.scope == "channel":
+        rows = np.moveaxis(zero, axis, 0).reshape(weight.shape[axis], -1)
+        need = masks.round_half_up(parsed.sparsity * rows.shape[1])
+        short = int(np.count_nonzero(rows.sum(axis=1) < need))
+        if short:
+            return False, f"{short} output channels have fewer than {need} zeros"
+        return True, f"every output channel has {need} zeros"
     return True, "unstructured"
 
 

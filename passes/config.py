@@ -31,10 +31,24 @@ __all__ = [
 PATTERNS = ("magnitude", "threshold", "block", "n:m")
 DEFAULT_OP_TYPES = ("linear", "conv", "conv_transpose", "matmul")
 _AXES = ("input", "output")
+SCOPES = ("tensor", "channel")
+# The fields each pattern reads; any other field given with it is a mistake worth reporting.
+_PATTERN_FIELDS = {
+    "magnitude": {"sparsity", "scope"},
+    "threshold": {"threshold", "min_sparsity"},
+    "block": {"sparsity", "block_size", "axis"},
+    "n:m": {"n", "m", "axis"},
+}
+_FIELD_DEFAULTS = {"min_sparsity": 0.0, "scope": "tensor"}
+
+
+def _is_number(value) -> bool:
+    """A real number, and not a bool (YAML's `true` would otherwise read as 1.0)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _fraction(instance, attribute, value):
-    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+    if value is not None and not (_is_number(value) and 0.0 <= value <= 1.0):
         raise ConfigError(f"{attribute.name} must be a number in [0, 1], got {value!r}")
 
 
@@ -54,6 +68,9 @@ class PruneSpec:
         consecutive channels along `axis`, by L2 norm) or "n:m" (n zeros in every m along `axis`).
     axis: "input" (the axis the consuming op reduces over) or "output" (the other channel axis);
         defaults: "input" for n:m, "output" for block.
+    scope: magnitude only: "tensor" ranks the whole weight at once; "channel" ranks each output
+        channel on its own, every channel pruned to the same sparsity (the choice for conv
+        weights with batchnorm folded in, whose channels differ in scale).
     """
 
     pattern: str = attrs.field(validator=attrs.validators.in_(PATTERNS))
@@ -64,8 +81,23 @@ class PruneSpec:
     n: int | None = None
     m: int | None = attrs.field(default=None, validator=_positive_int_or_none)
     axis: str | None = None
+    scope: str = "tensor"
 
     def __attrs_post_init__(self):
+        stray = sorted(
+            name
+            for name in ("sparsity", "threshold", "min_sparsity", "block_size", "n", "m", "axis",
+                         "scope")
+            if name not in _PATTERN_FIELDS[self.pattern]
+            and getattr(self, name) != _FIELD_DEFAULTS.get(name)
+        )  # fmt: skip
+        if stray:
+            raise ConfigError(
+                f"pattern {self.pattern!r} takes {', '.join(sorted(_PATTERN_FIELDS[self.pattern]))}"
+                f"; {', '.join(stray)} do not apply to it"
+            )
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be 'tensor' or 'channel', got {self.scope!r}")
         need = {
             "magnitude": ("sparsity",),
             "threshold": ("threshold",),
@@ -76,9 +108,9 @@ class PruneSpec:
         if missing:
             raise ConfigError(f"pattern {self.pattern!r} needs {', '.join(missing)}")
         if self.threshold is not None and not (
-            isinstance(self.threshold, (int, float)) and self.threshold >= 0
+            _is_number(self.threshold) and 0 <= self.threshold < float("inf")
         ):
-            raise ConfigError(f"threshold must be a number >= 0, got {self.threshold!r}")
+            raise ConfigError(f"threshold must be a finite number >= 0, got {self.threshold!r}")
         if self.pattern == "n:m" and not (
             isinstance(self.n, int) and not isinstance(self.n, bool) and 0 <= self.n <= self.m
         ):
@@ -102,23 +134,31 @@ class PruneSpec:
         return float(self.sparsity)
 
     def to_string(self) -> str:
-        """The CLI form, e.g. `2:4`, `block4@in:0.5`; threshold's min_sparsity is not in it."""
+        """The CLI form, e.g. `2:4`, `block4@in:0.5`, `unstructured@channel:0.3`; numbers are
+        written exactly (shortest round-trip repr), so parsing it gives this spec back.
+        Threshold's min_sparsity is not in it."""
         axis = "" if self.axis is None else "@" + ("in" if self.axis == "input" else "out")
         if self.pattern == "magnitude":
-            return f"unstructured:{self.sparsity:g}"
+            scope = "@channel" if self.scope == "channel" else ""
+            return f"unstructured{scope}:{_exact(self.sparsity)}"
         if self.pattern == "threshold":
-            return f"threshold:{self.threshold:g}"
+            return f"threshold:{_exact(self.threshold)}"
         if self.pattern == "block":
-            return f"block{self.block_size}{axis}:{self.sparsity:g}"
+            return f"block{self.block_size}{axis}:{_exact(self.sparsity)}"
         return f"{self.n}:{self.m}{axis}"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in attrs.asdict(self).items() if v is not None}
 
 
+def _exact(value: float) -> str:
+    """The shortest text that reads back as exactly `value` (0.1234556, not 0.123456)."""
+    return repr(float(value))
+
+
 _SPEC_RE = re.compile(
     r"""^(?:
-        unstructured:(?P<mag>[^:@]+)
+        unstructured(?:@(?P<scope>\w+))?:(?P<mag>[^:@]+)
       | threshold:(?P<thr>[^:@]+)
       | block(?P<bs>\d+)(?:@(?P<baxis>\w+))?:(?P<bsp>[^:@]+)
       | (?P<n>\d+):(?P<m>\d+)(?:@(?P<nmaxis>\w+))?
@@ -151,21 +191,26 @@ def _axis_word(text: str | None, spec: str) -> str | None:
 
 
 def parse_prune_spec(text: str) -> PruneSpec:
-    """Parse `unstructured:S`, `threshold:T`, `blockB[@AXIS]:S` or `N:M[@AXIS]`.
+    """Parse `unstructured[@channel]:S`, `threshold:T`, `blockB[@AXIS]:S` or `N:M[@AXIS]`.
 
     AXIS is 0/out (output channels) or 1/in (input channels, the axis the consumer reduces).
     """
+    if not isinstance(text, str):
+        raise ConfigError(f"a prune spec must be a string, got {type(text).__name__}")
     spec = text.strip()
     match = _SPEC_RE.match(spec)
     if match is None:
         raise ConfigError(
-            f"bad prune spec {text!r}: use unstructured:S, threshold:T, blockB[@0|@1]:S "
+            f"bad prune spec {text!r}: use unstructured[@channel]:S, threshold:T, blockB[@0|@1]:S "
             "or N:M[@0|@1]"
             " (e.g. unstructured:0.5, threshold:1e-3, block4:0.5, 2:4)"
         )
     g = match.groupdict()
     if g["mag"] is not None:
-        return PruneSpec("magnitude", sparsity=_number(g["mag"], "sparsity"))
+        scope = g["scope"] or "tensor"
+        if scope not in SCOPES:
+            raise ConfigError(f"bad scope {scope!r} in {spec!r}: use unstructured@channel:S")
+        return PruneSpec("magnitude", sparsity=_number(g["mag"], "sparsity"), scope=scope)
     if g["thr"] is not None:
         return PruneSpec("threshold", threshold=_number(g["thr"], "threshold"))
     if g["bs"] is not None:
@@ -215,11 +260,27 @@ def _overrides(value) -> tuple[tuple[str, PruneSpec | None], ...]:
 
 
 def _str_tuple(value) -> tuple[str, ...]:
+    """A comma-separated string or a list of strings, as a tuple of the names."""
     if value is None:
         return ()
     if isinstance(value, str):
         return tuple(v.strip() for v in value.split(",") if v.strip())
-    return tuple(str(v) for v in value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(v.strip() for v in value)
+    raise ConfigError(f"expected a comma-separated string or a list of names, got {value!r}")
+
+
+def _op_types(value) -> tuple[str, ...]:
+    names = _str_tuple(value)
+    unknown = [n for n in names if n not in DEFAULT_OP_TYPES]
+    if unknown:
+        hints = [f"{n!r} (did you mean {n.lower()!r}?)" if n.lower() in DEFAULT_OP_TYPES
+                 else repr(n) for n in unknown]  # fmt: skip
+        raise ConfigError(
+            f"unknown op types {', '.join(hints)}; weights are pruned in "
+            f"{', '.join(DEFAULT_OP_TYPES)} (select other consts by name with op_names)"
+        )
+    return names
 
 
 def _min_size(instance, attribute, value):
@@ -242,7 +303,7 @@ class PruneConfig:
     """
 
     spec: PruneSpec
-    op_types: tuple[str, ...] = attrs.field(default=DEFAULT_OP_TYPES, converter=_str_tuple)
+    op_types: tuple[str, ...] = attrs.field(default=DEFAULT_OP_TYPES, converter=_op_types)
     op_names: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     overrides: tuple[tuple[str, PruneSpec | None], ...] = attrs.field(
         default=(), converter=_overrides

@@ -31,6 +31,7 @@ to the first consumer in program order) wins, and the report notes it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import numpy as np
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
@@ -134,6 +135,19 @@ class PruneWeights(AbstractGraphPass):
             # Report in program order, whatever order the two phases produced the rows in.
             self.report.extend(d for _, d in sorted(decisions, key=lambda item: item[0]))
 
+    def unused_overrides(self) -> list[str]:
+        """Override patterns that matched no weight or consumer the pass looked at (a typo,
+        or a name from another model): worth telling the user, never silently ignored."""
+        names = set()
+        for d in self.report:
+            names.add(d.name)
+            names.update(c.rsplit(".", 1)[0] for c in d.consumers)
+        return [
+            pattern
+            for pattern, _ in (self._config.overrides if self._config else ())
+            if not any(fnmatchcase(name, pattern) for name in names)
+        ]
+
     # -- matching -------------------------------------------------------------------------
     def _match_structure(self, op) -> MatchResult[_Candidate] | None:
         """None for consts nobody would call weights (small or non-float and unselected)."""
@@ -146,19 +160,20 @@ class PruneWeights(AbstractGraphPass):
         if not uses:
             return None
         named = bool(cfg.op_names) and cfg.names_selected(op.name)
-        weight_uses = [
-            u
-            for u in uses
-            if u.input_name in WEIGHT_OPERANDS.get(u.op_type, ())
-            and u.op_type in cfg.op_types
-            and cfg.names_selected(op.name, u.op.name)
-        ]
+        operand_uses = [u for u in uses if u.input_name in WEIGHT_OPERANDS.get(u.op_type, ())]
+        typed_uses = [u for u in operand_uses if u.op_type in cfg.op_types]
+        weight_uses = [u for u in typed_uses if cfg.names_selected(op.name, u.op.name)]
         is_float = val.dtype in _FLOAT_DTYPES
         if not (weight_uses or named or (is_float and val.size > formats.INLINE_MAX_ELEMENTS)):
             return None
         if any(u.op_type.startswith("constexpr_") for u in uses):
             return MatchResult.fail("already compressed: feeds a constexpr op")
         if not weight_uses and not named:
+            if typed_uses:
+                return MatchResult.fail("not selected: no op_names pattern matches it")
+            if operand_uses:
+                kinds = sorted({u.op_type for u in operand_uses})
+                return MatchResult.fail(f"not selected: op_types excludes {', '.join(kinds)}")
             read_by = sorted({f"{u.op_type}.{u.input_name}" for u in uses})
             return MatchResult.fail(f"not a weight: read by {', '.join(read_by)}")
         if not is_float:
@@ -194,9 +209,21 @@ class PruneWeights(AbstractGraphPass):
                     f"of {chosen_use.op.name} (least aggressive)"
                 )
         axis = None
+        input_axis, output_axis = channel_axes(chosen_use, rank)
         if spec.pattern in ("block", "n:m"):
-            input_axis, output_axis = channel_axes(chosen_use, rank)
             axis = input_axis if spec.resolved_axis == "input" else output_axis
+        elif spec.pattern == "magnitude" and spec.scope == "channel":
+            axis = output_axis
+        shape = op.outputs[0].shape
+        if spec.pattern == "n:m" and shape[axis] < spec.m:
+            # round(n * r / m) zeros of r < m would be all of them for 2:4 on a length-1 axis
+            # (a depthwise conv's input axis): that is not an n:m pattern, only a wiped weight.
+            other = "output" if spec.resolved_axis == "input" else "input"
+            return MatchResult.fail(
+                f"{spec.to_string()}: its {spec.resolved_axis} axis ({axis}) has {shape[axis]} "
+                f"< {spec.m} elements, no whole group (ask for the {other} axis with "
+                f"@{'out' if other == 'output' else 'in'})"
+            )
         return MatchResult.ok(_Candidate(op, all_uses, spec, axis, note))
 
     def _match_values(self, cand: _Candidate, ios18: bool) -> MatchResult[np.ndarray]:
@@ -269,7 +296,7 @@ def _build_mask(weight: np.ndarray, spec: PruneSpec, axis: int | None) -> np.nda
     if spec.pattern == "threshold":
         return masks.threshold_mask(weight, spec.threshold)
     if spec.pattern == "magnitude":
-        return masks.magnitude_mask(weight, spec.sparsity)
+        return masks.magnitude_mask(weight, spec.sparsity, axis=axis)
     if spec.pattern == "block":
         return masks.block_mask(weight, spec.sparsity, spec.block_size, axis)
     return masks.nm_mask(weight, spec.n, spec.m, axis)

@@ -352,3 +352,84 @@ def test_19_the_cli_takes_the_same_target_names(model, tmp_path, capsys):
 def test_unreadable_models_are_unsupported_model_errors(tmp_path):
     with pytest.raises(UnsupportedModelError):
         ms.inspect_model(tmp_path)
+
+
+# -- 8. config validation holes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"spec": {"pattern": "magnitude", "sparsity": True}}, "sparsity must be a number"),
+        ("spec:\n  pattern: magnitude\n  sparsity: true\n", "sparsity must be a number"),
+        ({"spec": "2:4", "op_types": 5}, "list of names"),
+        ({"spec": {"pattern": "magnitude", "sparsity": 0.5, "n": 2}}, "n do not apply"),
+        ({"spec": {"pattern": "n:m", "n": 2, "m": 4, "scope": "channel"}}, "scope do not apply"),
+        ({"spec": "2:4", "op_types": ["LINEAR"]}, "did you mean 'linear'"),
+        ({"spec": "2:4", "op_types": "linear,foo"}, "unknown op types 'foo'"),
+        ({"spec": {"pattern": "threshold", "threshold": float("nan")}}, "finite number"),
+    ],
+)
+def test_8_config_values_that_meant_something_else_are_refused(config, message):
+    from milsparse.passes.config import parse_prune_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_prune_config(config)
+
+
+def test_8_cli_op_types_and_unmatched_overrides(model, tmp_path, capsys):
+    out = tmp_path / "o.mlpackage"
+    for bad in ("foo", "LINEAR"):
+        assert main(["compress", str(model), "-o", str(out), "--prune", "2:4",
+                     "--op-types", bad]) == 2  # fmt: skip
+        assert "unknown op types" in capsys.readouterr().err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "prune:\n  spec: '2:4'\n  overrides:\n    'fc1*': dense\n    'dense_*': dense\n"
+    )
+    assert main(["compress", str(model), "-o", str(out), "--recipe", str(recipe), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert notes == ["override 'dense_*' matched no weight or op of this model"]
+
+
+# -- 9. specs are recorded exactly ----------------------------------------------------------------
+
+
+def test_9_a_spec_with_more_than_six_digits_verifies_on_a_large_weight(save_program, tmp_path):
+    """0.1234556 rounded to 6 digits is 0.123456: on 1.2M blocks, one block more than done."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((1200, 1000)).astype(np.float16)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 1000), dtype=types.fp16)],
+                opset_version=ct.target.iOS18)  # fmt: skip
+    def prog(x):
+        return mb.linear(x=x, weight=mb.const(val=weight, name="w"), name="y")
+
+    path = save_program(prog)
+    out = tmp_path / "o.mlpackage"
+    assert main(["compress", str(path), "-o", str(out), "--prune", "block1:0.1234556",
+                 "--verify", "--min-snr", "0", "--min-cosine", "0"]) == 0  # fmt: skip
+    report = ms.verify(path, out, samples=1)
+    (check,) = report.weights
+    assert check.pattern == "block1:0.1234556" and check.pattern_holds, check.detail
+
+
+def test_9_spec_strings_read_back_as_the_same_spec():
+    from hypothesis import given
+    from hypothesis import strategies as st
+    from milsparse.passes.config import PruneSpec, parse_prune_spec
+
+    fractions = st.floats(0, 1, allow_nan=False)
+    specs = st.one_of(
+        st.builds(lambda s, c: PruneSpec("magnitude", sparsity=s, scope=c), fractions,
+                  st.sampled_from(["tensor", "channel"])),
+        st.builds(lambda t: PruneSpec("threshold", threshold=t), st.floats(0, 1e30)),
+        st.builds(lambda s, b, a: PruneSpec("block", sparsity=s, block_size=b, axis=a),
+                  fractions, st.integers(1, 64), st.sampled_from([None, "input", "output"])),
+    )  # fmt: skip
+
+    @given(specs)
+    def round_trip(spec):
+        assert parse_prune_spec(spec.to_string()) == spec
+
+    round_trip()

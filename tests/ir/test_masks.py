@@ -197,3 +197,47 @@ def test_magnitude_keys_order_like_absolute_values():
     assert np.all(np.diff(np.abs(w.astype(np.float64))[order]) >= 0)
     assert keys[0] == keys[1] == 0
     assert masks.all_finite(w) and not masks.all_finite(np.array([1.0, np.inf], np.float32))
+
+
+@pytest.mark.parametrize("scale", [1e-24, 1e21, 1e-40])
+def test_block_scores_rank_by_norm_at_any_float32_scale(scale):
+    """Probe finding 14: squares of fp32 weights near 1e-24 underflow and near 1e21 overflow
+    float32, so every block scored 0 (or inf) and blocks were chosen by position."""
+    rng = np.random.default_rng(0)
+    norms = rng.permutation(np.arange(1, 9, dtype=np.float64))  # block i's magnitude
+    weight = (np.repeat(norms, 4)[:, None] * np.ones((1, 16)) * scale).astype(np.float32)
+    assert np.all(np.isfinite(weight)) and np.all(weight > 0)
+    keep = masks.block_mask(weight, 0.5, 4, axis=0)
+    pruned_blocks = ~keep[::4, 0]
+    assert set(norms[pruned_blocks]) == {1, 2, 3, 4}
+
+
+def test_threshold_compares_in_float64_as_the_readme_says():
+    """Probe finding 15: float32(0.1) = 0.10000000149 > 0.1 must be kept by threshold 0.1."""
+    w = np.array([[0.1, -0.1, 0.05, 0.2]], dtype=np.float32)
+    keep = masks.threshold_mask(w, 0.1)
+    assert keep.tolist() == [[True, True, False, True]]
+    assert masks.threshold_mask(w, float(np.float32(0.1))).tolist() == [[False, False, False, True]]
+    h = np.array([[0.1, 0.0999]], dtype=np.float16)  # fp16(0.1) = 0.0999755859375 < 0.1
+    assert masks.threshold_mask(h, 0.1).tolist() == [[False, False]]
+
+
+@st.composite
+def per_channel_case(draw):
+    weight = draw(tied_weights(min_dims=2, max_dims=4, max_side=9))
+    axis = draw(st.integers(0, weight.ndim - 1))
+    return weight, axis, draw(st.floats(0, 1))
+
+
+@given(per_channel_case())
+def test_channel_scope_prunes_exactly_k_lowest_in_every_slice(case):
+    weight, axis, sparsity = case
+    keep = masks.magnitude_mask(weight, sparsity, axis=axis)
+    rows = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+    kept = np.moveaxis(keep, axis, 0).reshape(rows.shape)
+    k = round_half_up(sparsity * rows.shape[1])
+    for row, row_keep in zip(rows, kept, strict=True):
+        # the same choice as a whole-tensor selection over this one row
+        expected = ~masks.magnitude_mask(row[None], sparsity)[0]
+        assert (~row_keep).sum() == k
+        np.testing.assert_array_equal(~row_keep, expected)

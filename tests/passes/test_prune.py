@@ -5,7 +5,7 @@ from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 from milsparse.fixtures import programs
 from milsparse.ir import masks
-from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config
+from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config, parse_prune_spec
 from milsparse.passes.prune import PruneWeights
 
 from milsparse.errors import ConfigError, UnsupportedModelError
@@ -265,7 +265,7 @@ def test_op_types_restrict_selection():
         prog, PruneConfig(PruneSpec("magnitude", sparsity=0.5), op_types=("linear",), min_size=16)
     )
     assert _decision(pass_, "head_weight").compressed
-    assert _decision(pass_, "conv1_weight").reason == "not a weight: read by conv.weight"
+    assert _decision(pass_, "conv1_weight").reason == "not selected: op_types excludes conv"
 
 
 def test_block_pruning_through_the_pass():
@@ -299,3 +299,48 @@ def test_registered_in_coremltools_and_configurable_with_strings():
 
     PassPipelineManager.apply_pipeline(prog, pipeline)
     assert _ops(prog).count("constexpr_sparse_to_dense") == 2
+
+
+def test_weights_not_selected_by_name_say_so():
+    """Probe finding 18: a linear weight outside --op-names was reported as 'not a weight'."""
+    prog = programs.mlp(sizes=(64, 128, 64))
+    pass_ = _run(prog, PruneConfig(PruneSpec("n:m", n=2, m=4), op_names=("fc0*",), min_size=16))
+    assert _decision(pass_, "fc0_weight").compressed
+    assert _decision(pass_, "fc1_weight").reason == "not selected: no op_names pattern matches it"
+
+
+def test_nm_on_an_axis_shorter_than_m_leaves_the_weight_dense():
+    """Probe finding 3: 2:4 on a depthwise conv weight [64, 1, 7, 7] zeroed all of it (the
+    short-group rule gives round(2 * 1 / 4) = 1 zero of 1), and 3:4 wiped any axis of 2."""
+    for shape, spec in (((64, 1, 7, 7), "2:4"), ((32, 2, 3, 3), "3:4")):
+        prog = programs.single_op("conv", shape=shape)
+        weight = _op(prog, "weight").outputs[0].val.copy()
+        pass_ = _run(prog, PruneConfig(parse_prune_spec(spec), min_size=16))
+        d = _decision(pass_, "weight")
+        assert not d.compressed and "input axis (1) has" in d.reason and "@out" in d.reason
+        np.testing.assert_array_equal(_op(prog, "weight").outputs[0].val, weight)
+    # asked for the output axis, the depthwise weight is pruned 2:4 along it
+    prog = programs.single_op("conv", shape=(64, 1, 7, 7))
+    pass_ = _run(prog, PruneConfig(parse_prune_spec("2:4@out"), min_size=16))
+    assert _decision(pass_, "weight").compressed and _decision(pass_, "weight").sparsity == 0.5
+
+
+def test_channel_scope_prunes_every_output_channel_to_the_same_sparsity():
+    """After batchnorm folding, output channels differ in scale: a tensor-wide ranking empties
+    the small ones, the per-channel ranking prunes each channel to the target."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    weight *= np.logspace(-3, 1, 16, dtype=np.float32)[:, None, None, None]
+    results = {}
+    for scope in ("tensor", "channel"):
+        prog = programs.single_op("conv", shape=weight.shape, weight=weight)
+        pass_ = _run(prog, PruneConfig(PruneSpec("magnitude", sparsity=0.3, scope=scope),
+                                       min_size=16))  # fmt: skip
+        d = _decision(pass_, "weight")
+        assert d.compressed and d.sparsity == pytest.approx(0.3, abs=0.01)
+        dense = _materialize(_op(prog, "weight"))
+        results[scope] = (dense == 0).reshape(16, -1).sum(axis=1)
+        if scope == "channel":
+            assert d.axis == 0 and d.spec == "unstructured@channel:0.3"
+    assert list(results["channel"]) == [22] * 16  # round(0.3 * 72) in every channel
+    assert results["tensor"][0] == 72  # the smallest channel is wiped out
