@@ -12,6 +12,7 @@ from milsparse.errors import MilsparseError, PassError
 from milsparse.ir.weights import weight_table
 from milsparse.passes.prune import PruneWeights
 from milsparse.passes.registry import place_in_pipeline
+from milsparse.passes.upgrade import upgrade_constexpr_ops
 from milsparse.recipe import Recipe
 from milsparse.report import CompressReport, InspectReport
 from milsparse.verify import PRUNE_METADATA_KEY, declared_pruning
@@ -67,6 +68,8 @@ def compress_with_report(
         )
     prog = _io.load_program(source)
     spec_version = _io.retarget(prog, source.get_spec().specificationVersion, target)
+    # compressed weights of an older opset move to the new one's forms (or nothing loads it)
+    upgrade_constexpr_ops(prog)
     prune = PruneWeights(recipe.prune)
     # The pass removes the consts it replaces, so no cleanup pass is needed afterwards.
     run_passes(prog, [("milsparse::prune", prune)])

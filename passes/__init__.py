@@ -1,7 +1,7 @@
 """MIL graph passes of milsparse, one per module, each registered with coremltools and here."""
 
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
-from milsparse.passes import prune
+from milsparse.passes import prune, upgrade
 from milsparse.passes.registry import PassSpec, register
 
 register(
@@ -26,4 +26,4 @@ register(
     )
 )
 
-__all__ = ["prune", "register", "PassSpec"]
+__all__ = ["prune", "upgrade", "register", "PassSpec"]

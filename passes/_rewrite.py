@@ -1,8 +1,9 @@
 """The one place where milsparse passes mutate a MIL program.
 
-Every rewrite has the same shape: build the replacement right before the old `const`, point
-every use of the old value at the new one, delete the old op, and give the replacement the old
-name (so reports, the verifier and a second run see the same weight names).
+Every rewrite has the same shape: build the replacement right before the old op, point every
+use of the old value at the new one, delete the old op (and the consts that only it read), and
+give the replacement the old name (so reports, the verifier and a second run see the same
+weight names).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import Operation, Var
 
-__all__ = ["replace_const", "named_const"]
+__all__ = ["replace_const", "replace_op", "named_const"]
 
 
 def named_const(val: np.ndarray, name: str, before_op: Operation) -> Var:
@@ -22,34 +23,58 @@ def named_const(val: np.ndarray, name: str, before_op: Operation) -> Var:
 
 
 def replace_const(op: Operation, build: Callable[[Operation, str], Var]) -> Var:
-    """Replace `const` op `op` by whatever `build(op, tmp_name)` constructs before it.
+    """Replace `const` op `op` by whatever `build(op, tmp_name)` constructs before it."""
+    return replace_op(op, build)
+
+
+def replace_op(op: Operation, build: Callable[[Operation, str], Var]) -> Var:
+    """Replace the single-output op `op` (a const or a constexpr op) by whatever
+    `build(op, tmp_name)` constructs before it.
 
     `build` receives the anchor op and a temporary name for its root op; it must create every op
-    with `before_op=op`. Returns the new var, renamed to the old const's name.
+    with `before_op=op`. The consts that only `op` read are removed with it. Returns the new
+    var, renamed to the old op's name.
     """
     block = op.enclosing_block
-    old_var = op.outputs[0]
+    old_var = op.outputs[-1]
     name = op.name
     with block:
         new_var = build(op, f"{name}__milsparse_tmp")
     block.replace_uses_of_var_after_op(
         anchor_op=op, old_var=old_var, new_var=new_var, force_replace=True
     )
+    dead_inputs = _consts_read_only_by(op)
     block.remove_ops([op])
     _release_value(op)
+    for const in dead_inputs:
+        const.enclosing_block.remove_ops([const])
+        _release_value(const)
     new_var.op.name = name
     new_var.name = name
     return new_var
 
 
+def _consts_read_only_by(op: Operation) -> list[Operation]:
+    found = []
+    for var in op.inputs.values():
+        if not isinstance(var, Var) or var.op is None or var.op.op_type != "const":
+            continue
+        if all(child is op for child in var.child_ops) and var.op not in found:
+            found.append(var.op)
+    return found
+
+
 def _release_value(op: Operation) -> None:
-    """Drop the removed const's array now.
+    """Drop a removed const's array now.
 
     A removed op and its output var reference each other, so its (possibly huge) value would
     live until the next full garbage collection; peak memory would then hold the dense and the
-    compressed copy of every weight at once.
+    compressed copy of every weight at once. Only the op's own values are dropped: the values
+    of its inputs belong to ops that may stay.
     """
+    if op.op_type != "const":
+        return
     # A const keeps its value on its output var and on its `val` attribute (an internal var).
-    for var in (*op.outputs, *op.inputs.values(), getattr(op, "val", None)):
+    for var in (*op.outputs, getattr(op, "val", None)):
         if hasattr(var, "_sym_val"):
             var._sym_val = None

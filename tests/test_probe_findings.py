@@ -433,3 +433,70 @@ def test_9_spec_strings_read_back_as_the_same_spec():
         assert parse_prune_spec(spec.to_string()) == spec
 
     round_trip()
+
+
+# -- 1. retargeting a compressed model -----------------------------------------------------------
+
+
+def _ios16_compressed(save_program, opset=ct.target.iOS17):
+    """Every iOS16/17 constexpr form, as milsparse and coremltools write them: a packed-mask
+    sparse weight, a palettized one, an affine-quantized one and an fp16 constexpr_cast."""
+    from milsparse.ir import formats
+
+    rng = np.random.default_rng(0)
+    w_sparse = rng.standard_normal((32, 64)).astype(np.float16)
+    keep = rng.random((32, 64)) > 0.5
+    enc = formats.encode_sparse_ios16(w_sparse, keep)
+    lut = np.sort(rng.standard_normal(16)).astype(np.float16)
+    packed = np.packbits(
+        np.unpackbits(rng.integers(0, 16, 32 * 32).astype(np.uint8)[:, None], axis=1,
+                      bitorder="little")[:, :4].ravel(), bitorder="little")  # fmt: skip
+    quantized = rng.integers(-128, 128, (32, 32)).astype(np.int8)
+    cast_source = rng.standard_normal((32, 32)).astype(np.float16)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 64), dtype=types.fp16)],
+                opset_version=opset)  # fmt: skip
+    def prog(x):
+        w1 = mb.constexpr_sparse_to_dense(nonzero_data=enc.nonzero_data, mask=enc.mask,
+                                          shape=enc.shape, name="sparse_w")  # fmt: skip
+        w2 = mb.constexpr_lut_to_dense(lut=lut, indices=packed,
+                                       shape=np.array([32, 32], np.uint32), name="lut_w")  # fmt: skip
+        w3 = mb.constexpr_affine_dequantize(
+            quantized_data=quantized, zero_point=np.int8(3), scale=np.float16(0.01), axis=0,
+            name="quant_w",
+        )  # fmt: skip
+        w4 = mb.constexpr_cast(source_val=cast_source, output_dtype="fp32", name="cast_w")
+        h = mb.linear(x=x, weight=w1, name="h")
+        h = mb.linear(x=h, weight=w2, name="h2")
+        h = mb.linear(x=h, weight=w3, name="h3")
+        return mb.linear(x=mb.cast(x=h, dtype="fp32"), weight=w4, name="y")
+
+    return save_program(prog)
+
+
+def test_1_retargeting_compressed_weights_writes_a_loadable_ios18_package(
+    save_program, tmp_path, capsys
+):
+    source = _ios16_compressed(save_program)
+    out = tmp_path / "o.mlpackage"
+    assert main(["compress", str(source), "-o", str(out), "--prune", "2:4", "--target",
+                 "ios18"]) == 0  # fmt: skip
+    capsys.readouterr()
+    ct.models.MLModel(str(out), skip_model_load=True)  # coremltools loads it
+    prog = ms.load_program(out)
+    ops = {op.name: op for op in prog.functions["main"].operations}
+    assert "shape" not in ops["sparse_w"].inputs and ops["sparse_w"].mask.shape == (32, 64)
+    assert "shape" not in ops["lut_w"].inputs and ops["lut_w"].lut.shape == (1, 1, 16, 1)
+    assert ops["quant_w"].op_type == "constexpr_affine_dequantize"
+    assert main(["inspect", str(out)]) == 0
+    assert main(["verify", str(source), str(out), "--min-snr", "100"]) == 0
+    report = ms.verify(source, out)
+    assert all(o.max_abs == 0 and o.cosine == 1.0 for o in report.outputs)
+    # the weights decode to exactly what they were, op by op
+    before = {op.name: op for op in ms.load_program(source).functions["main"].operations}
+    for name in ("sparse_w", "lut_w", "cast_w"):
+        from milsparse.ir.interpreter import static_values
+
+        (old,) = static_values(before[name])
+        (new,) = static_values(ops[name])
+        np.testing.assert_array_equal(old, new)
