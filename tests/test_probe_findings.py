@@ -459,8 +459,8 @@ def _ios16_compressed(save_program, opset=ct.target.iOS17):
     def prog(x):
         w1 = mb.constexpr_sparse_to_dense(nonzero_data=enc.nonzero_data, mask=enc.mask,
                                           shape=enc.shape, name="sparse_w")  # fmt: skip
-        w2 = mb.constexpr_lut_to_dense(lut=lut, indices=packed,
-                                       shape=np.array([32, 32], np.uint32), name="lut_w")  # fmt: skip
+        shape = np.array([32, 32], np.uint32)
+        w2 = mb.constexpr_lut_to_dense(lut=lut, indices=packed, shape=shape, name="lut_w")
         w3 = mb.constexpr_affine_dequantize(
             quantized_data=quantized, zero_point=np.int8(3), scale=np.float16(0.01), axis=0,
             name="quant_w",
