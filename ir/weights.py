@@ -7,7 +7,7 @@ stored bytes are the weight-file bytes of every const feeding the chain.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,8 @@ class WeightRow:
     sparsity: float
     dense_bytes: int
     stored_bytes: int
+    function: str | None = None  # set for multifunction programs
+    shared_with: str | None = None  # another function stores this weight (counted there)
 
     @property
     def num_elements(self) -> int:
@@ -115,14 +117,26 @@ def weight_table(prog, functions=None) -> list[WeightRow]:
     """One row per weight of every function of `prog` (or of the named `functions`), in
     program order."""
     rows = []
+    multifunction = len(prog.functions) > 1
+    stored_by: dict[tuple, str] = {}  # the arrays a weight is stored in -> first function
     for name, func in prog.functions.items():
         if functions is not None and name not in functions:
             continue
         for op in walk_ops(func):
             row = _row_for(op)
-            if row is not None:
-                rows.append(row)
+            if row is None:
+                continue
+            if multifunction:
+                # the loader gives functions that share a weight-file record the same array
+                key = tuple(id(v.val) for v in _stored_vars(op))
+                first = stored_by.setdefault(key, name)
+                row = replace(row, function=name, shared_with=None if first == name else first)
+            rows.append(row)
     return rows
+
+
+def _stored_vars(op) -> list:
+    return [op.outputs[0]] if op.op_type == "const" else _chain_inputs(op, set())
 
 
 def _row_for(op) -> WeightRow | None:

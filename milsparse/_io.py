@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -194,16 +195,24 @@ def _mapped_weight_reads():
     """
     original = milproto._load_value
     direct = _direct_blob_dtypes()
+    # One array per weight-file record: the functions of a multifunction package that share a
+    # weight then hold the very same array, which is how passes and reports recognise sharing.
+    loaded: dict[tuple[str, int, bytes], np.ndarray] = {}
 
     def load_value(context, value_spec):
-        if value_spec.WhichOneof("value") == "blobFileValue" and not value_spec.docString:
+        if value_spec.WhichOneof("value") != "blobFileValue" or value_spec.docString:
+            return original(context, value_spec)
+        blob = value_spec.blobFileValue
+        path = os.path.join(context.weights_dir, blob.fileName.split("/")[-1])
+        key = (path, int(blob.offset), value_spec.type.SerializeToString(deterministic=True))
+        if key not in loaded:
             valuetype = milproto.proto_to_types(value_spec.type)
             primitive = getattr(valuetype, "get_primitive", lambda: None)()
             if primitive in direct:
-                blob = value_spec.blobFileValue
-                path = os.path.join(context.weights_dir, blob.fileName.split("/")[-1])
-                return read_blob(path, blob.offset, direct[primitive], valuetype.get_shape())
-        return original(context, value_spec)
+                loaded[key] = read_blob(path, blob.offset, direct[primitive], valuetype.get_shape())
+            else:  # sub-byte values (uint1 masks, uint4 indices): coremltools unpacks them
+                loaded[key] = original(context, value_spec)
+        return loaded[key]
 
     milproto._load_value = load_value
     try:
@@ -218,11 +227,13 @@ def load_program(mlmodel: ct.models.MLModel):
     weights_dir = mlmodel.weights_dir or ""
     try:
         with _mapped_weight_reads():
-            return milproto.load(
+            prog = milproto.load(
                 spec,
                 specification_version=spec.specificationVersion,
                 file_weights_dir=weights_dir,
             )
+        _keep_functions(prog, spec.description)
+        return prog
     except UnsupportedModelError:
         raise
     except Exception as e:
@@ -233,6 +244,62 @@ def load_program(mlmodel: ct.models.MLModel):
             f"{where}: cannot read the ML program ({type(e).__name__}: {e}); is the package "
             "complete?"
         ) from e
+
+
+def _keep_functions(prog, description) -> None:
+    """Carry a multifunction package's default function over, and fix the function order.
+
+    The loader names no default function (coremltools then looks for `main`) and lists the
+    functions in the order of a protobuf map, which may change with PYTHONHASHSEED and would
+    reorder the output's weight file. The default comes first, the rest by name.
+    """
+    if description.functions:
+        prog.default_function_name = description.defaultFunctionName or "main"
+        prog.export_as_multifunction = True
+    default = prog.default_function_name
+    order = sorted(prog.functions, key=lambda name: (name != default, name))
+    functions = {name: prog.functions[name] for name in order}
+    prog.functions.clear()
+    prog.functions.update(functions)
+
+
+def share_identical_consts(prog) -> int:
+    """Mark equal weight consts of different functions to be stored once; return how many
+    consts share a record with another.
+
+    coremltools' serialiser writes each function's consts on their own unless they carry the
+    same `weight_id` (as `save_multifunction` sets them). Equal means same dtype, shape and
+    bytes: the same array (shared on load), or equal content (a weight pruned the same way in
+    every function). Ids are given in program order, so the output is deterministic.
+    """
+    if len(prog.functions) < 2:
+        return 0
+    groups: dict[tuple, list] = {}
+    by_identity: dict[int, tuple] = {}
+    for func in prog.functions.values():
+        for op in _walk(func):
+            val = op.outputs[0].val if op.op_type == "const" else None
+            if not isinstance(val, np.ndarray) or val.size <= 9:
+                continue
+            key = by_identity.get(id(val))
+            if key is None:
+                digest = hashlib.blake2b(np.ascontiguousarray(val).view(np.uint8).data)
+                key = (str(val.dtype), val.shape, digest.hexdigest())
+                by_identity[id(val)] = key
+            groups.setdefault(key, []).append(op)
+    shared = 0
+    for index, ops in enumerate(g for g in groups.values() if len(g) > 1):
+        for op in ops:
+            op.weight_id = f"milsparse_shared_{index}"
+        shared += len(ops)
+    return shared
+
+
+def _walk(block):
+    for op in list(block.operations):
+        yield op
+        for inner in op.blocks:
+            yield from _walk(inner)
 
 
 def retarget(prog, spec_version: int, target: AvailableTarget | None) -> int:
@@ -312,6 +379,7 @@ def _write_package(
     data = package / "Data" / "com.apple.CoreML"
     weights = data / "weights"
     weights.mkdir(parents=True)
+    share_identical_consts(prog)
     try:
         spec, _ = mil_convert_to_proto(
             prog,

@@ -49,6 +49,13 @@ def _json_safe(value):
     return value
 
 
+def _with_functions(headers, rows, items):
+    """Add a function column when the rows come from several functions."""
+    if len({getattr(i, "function", None) for i in items}) < 2:
+        return headers, rows
+    return ["function", *headers], [[i.function, *r] for i, r in zip(items, rows, strict=True)]
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -70,11 +77,13 @@ class CompressReport:
         return [d for d in self.decisions if not d.compressed]
 
     def totals(self) -> dict[str, Any]:
-        dense = sum(d.dense_bytes for d in self.decisions)
-        stored = sum(d.stored_bytes for d in self.decisions)
+        # a weight the functions of a multifunction package share is stored, and counted, once
+        own = [d for d in self.decisions if d.shared_with is None]
+        dense = sum(d.dense_bytes for d in own)
+        stored = sum(d.stored_bytes for d in own)
         return {
-            "weights": len(self.decisions),
-            "compressed": len(self.compressed),
+            "weights": len(own),
+            "compressed": sum(1 for d in own if d.compressed),
             "dense_bytes": dense,
             "stored_bytes": stored,
             "bytes_saved": dense - stored,
@@ -97,6 +106,9 @@ class CompressReport:
             what = d.spec if d.compressed else f"dense: {d.reason}"
             if d.note:
                 what += f" ({d.note})"
+            stored = human_bytes(d.stored_bytes)
+            if d.shared_with is not None:
+                stored = f"shared with {d.shared_with}"
             rows.append(
                 [
                     d.name,
@@ -104,13 +116,12 @@ class CompressReport:
                     d.dtype,
                     round(d.sparsity, 4),
                     human_bytes(d.dense_bytes),
-                    human_bytes(d.stored_bytes),
+                    stored,
                     what,
                 ]
             )
-        table = format_table(
-            ["weight", "shape", "dtype", "sparsity", "dense", "stored", "result"], rows
-        )
+        headers = ["weight", "shape", "dtype", "sparsity", "dense", "stored", "result"]
+        table = format_table(*_with_functions(headers, rows, self.decisions))
         t = self.totals()
         summary = (
             f"{t['compressed']} of {t['weights']} weights compressed; "
@@ -129,12 +140,13 @@ class InspectReport:
     path: str | None = None
 
     def totals(self) -> dict[str, Any]:
-        n = sum(r.num_elements for r in self.rows)
-        stored = sum(r.stored_bytes for r in self.rows)
+        own = [r for r in self.rows if r.shared_with is None]  # shared weights count once
+        n = sum(r.num_elements for r in own)
+        stored = sum(r.stored_bytes for r in own)
         return {
-            "weights": len(self.rows),
+            "weights": len(own),
             "elements": n,
-            "dense_bytes": sum(r.dense_bytes for r in self.rows),
+            "dense_bytes": sum(r.dense_bytes for r in own),
             "stored_bytes": stored,
             "bits_per_weight": 8.0 * stored / n if n else 0.0,
         }
@@ -159,15 +171,22 @@ class InspectReport:
                 r.dtype,
                 r.format,
                 "-" if r.sparsity != r.sparsity else round(r.sparsity, 4),
-                human_bytes(r.stored_bytes),
+                human_bytes(r.stored_bytes) if r.shared_with is None else f"= {r.shared_with}",
                 round(r.bits_per_weight, 2),
             ]
             for r in self.rows
         ]
-        table = format_table(
-            ["weight", "consumers", "shape", "dtype", "format", "sparsity", "stored", "bits/w"],
-            rows,
-        )
+        headers = [
+            "weight",
+            "consumers",
+            "shape",
+            "dtype",
+            "format",
+            "sparsity",
+            "stored",
+            "bits/w",
+        ]
+        table = format_table(*_with_functions(headers, rows, self.rows))
         t = self.totals()
         return (
             f"{table}\n{t['weights']} weights, {t['elements']} elements: "

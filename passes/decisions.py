@@ -29,6 +29,8 @@ class WeightDecision:
     dense_bytes: int = 0
     stored_bytes: int = 0
     note: str | None = None
+    function: str | None = None  # set for multifunction programs
+    shared_with: str | None = None  # the function whose row counts this shared weight's bytes
 
     @property
     def bytes_saved(self) -> int:

@@ -30,6 +30,7 @@ to the first consumer in program order) wins, and the report notes it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -98,6 +99,7 @@ class PruneWeights(AbstractGraphPass):
     def __init__(self, config: PruneConfig | str | dict | None = None):
         self._config = None if config is None else parse_prune_config(config)
         self.report: list[WeightDecision] = []
+        self._encoded: dict[tuple, tuple] = {}
 
     @property
     def config(self) -> PruneConfig | None:
@@ -114,15 +116,22 @@ class PruneWeights(AbstractGraphPass):
                 "milsparse::prune has no config: pipeline.set_options('milsparse::prune', "
                 "{'config': '2:4'}) or use milsparse.coreml_pipeline(config)"
             )
+        # The functions of a multifunction package share weights: the loader gives them the
+        # same array. Each is pruned once (one mask for every function) and reported once; the
+        # writer stores the equal results once (`_io.share_identical_consts`).
+        self._encoded: dict[tuple, tuple] = {}
+        first_reader: dict[int, str] = {}
+        multifunction = len(prog.functions) > 1
         for fname, func in prog.functions.items():
             ios18 = _check_opset(fname, func.opset_version)
-            candidates, decisions = [], []
+            candidates, decisions, storage = [], [], {}
             for position, op in enumerate(walk_ops(func)):
                 if op.op_type != "const":
                     continue
                 match = self._match_structure(op)
                 if match is None:
                     continue
+                storage[position] = id(op.outputs[0].val)
                 if match.matched:
                     candidates.append((position, match.value))
                 else:
@@ -133,7 +142,14 @@ class PruneWeights(AbstractGraphPass):
             for position, cand in progress:
                 decisions.append((position, self._prune_one(cand, ios18)))
             # Report in program order, whatever order the two phases produced the rows in.
-            self.report.extend(d for _, d in sorted(decisions, key=lambda item: item[0]))
+            for position, decision in sorted(decisions, key=lambda item: item[0]):
+                if multifunction:
+                    shared = first_reader.setdefault(storage[position], fname)
+                    decision = dataclasses.replace(
+                        decision, function=fname, shared_with=None if shared == fname else shared
+                    )
+                self.report.append(decision)
+        self._encoded = {}
 
     def unused_overrides(self) -> list[str]:
         """Override patterns that matched no weight or consumer the pass looked at (a typo,
@@ -245,17 +261,29 @@ class PruneWeights(AbstractGraphPass):
         return MatchResult.ok(keep)
 
     # -- rewriting --------------------------------------------------------------------------
+    def _encode(self, cand: _Candidate, ios18: bool):
+        """(encoded operands, None) or (None, reason); a weight array that another function
+        shares is encoded once and its result reused."""
+        weight = cand.op.outputs[0].val
+        key = (id(weight), cand.spec, cand.axis, ios18)
+        if key not in self._encoded:
+            match = self._match_values(cand, ios18)
+            if not match.matched:
+                self._encoded[key] = (None, match.reason)
+            else:
+                encode = formats.encode_sparse_ios18 if ios18 else formats.encode_sparse_ios16
+                self._encoded[key] = (encode(weight, match.value, exact=True), None)
+        return self._encoded[key]
+
     def _prune_one(self, cand: _Candidate, ios18: bool) -> WeightDecision:
         op = cand.op
         weight = op.outputs[0].val
-        match = self._match_values(cand, ios18)
-        if not match.matched:
-            return _dense_decision(op, match.reason, cand)
-        keep = match.value
-        nnz = int(np.count_nonzero(keep))
+        enc, reason = self._encode(cand, ios18)
+        if enc is None:
+            return _dense_decision(op, reason, cand)
+        nnz = enc.nonzero_data.size
         name = op.name
         if ios18:
-            enc = formats.encode_sparse_ios18(weight, keep, exact=True)
 
             def build(anchor, tmp_name):
                 nonzero = named_const(enc.nonzero_data, f"{name}_nonzero_data", anchor)
@@ -264,7 +292,6 @@ class PruneWeights(AbstractGraphPass):
                     nonzero_data=nonzero, mask=mask, name=tmp_name, before_op=anchor
                 )
         else:
-            enc = formats.encode_sparse_ios16(weight, keep, exact=True)
 
             def build(anchor, tmp_name):
                 nonzero = named_const(enc.nonzero_data, f"{name}_nonzero_data", anchor)

@@ -91,9 +91,7 @@ def _lut(op):
     def build(anchor, tmp_name):
         idx = named_const(indices.astype(_UINT_TYPES[nbits]), f"{name}_indices", anchor)
         lut_var = named_const(table, f"{name}_lut", anchor)
-        return mb.constexpr_lut_to_dense(
-            indices=idx, lut=lut_var, name=tmp_name, before_op=anchor
-        )
+        return mb.constexpr_lut_to_dense(indices=idx, lut=lut_var, name=tmp_name, before_op=anchor)
 
     return build
 
