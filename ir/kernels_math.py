@@ -97,6 +97,7 @@ def _erf_into(x: np.ndarray, out: np.ndarray, scale: np.float32 = _ONE) -> None:
             q += c
         xc *= p
         xc /= q
+        np.clip(xc, -1, 1, out=xc)  # the fit overshoots 1 by an ulp near the clamp
 
 
 def erf(x: np.ndarray) -> np.ndarray:

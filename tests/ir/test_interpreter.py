@@ -168,6 +168,79 @@ def test_conv_same_padding_with_groups(stride, dilation):
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "channels, size, stride, pad_type",
+    [
+        (4, 12, 1, "same"),  # depthwise, NCHW taps (few channels, wide maps)
+        (32, 7, 2, "same"),  # depthwise, channels-last taps (channels >= 2 * output width)
+        (24, 5, 1, "valid"),
+        (24, 9, 2, "custom"),
+    ],
+)
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_depthwise_conv_both_layouts(channels, size, stride, pad_type, dilation):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, channels, size, size + 1)).astype(np.float32)
+    w = rng.standard_normal((channels, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(channels).astype(np.float32)
+    pad = [1, 2, 0, 1] if pad_type == "custom" else None
+
+    def build(x):
+        kwargs = {"pad": pad} if pad else {}
+        return mb.conv(x=x, weight=w, bias=b, strides=[stride] * 2, dilations=[dilation] * 2,
+                       pad_type=pad_type, groups=channels, **kwargs)  # fmt: skip
+
+    got = _run_single(build, x)
+    tx = torch.from_numpy(x)
+    if pad_type == "same":
+        pads = []
+        for n in (size, size + 1):
+            total = max((-(-n // stride) - 1) * stride + 2 * dilation + 1 - n, 0)
+            pads += [total // 2, total - total // 2]
+        tx = torch.nn.functional.pad(tx, (pads[2], pads[3], pads[0], pads[1]))
+    elif pad:
+        tx = torch.nn.functional.pad(tx, (pad[2], pad[3], pad[0], pad[1]))
+    want = torch.nn.functional.conv2d(
+        tx, torch.from_numpy(w), torch.from_numpy(b), stride, 0, dilation, groups=channels
+    )
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_pointwise_conv_and_linear_over_leading_dims(groups):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 8, 5, 6)).astype(np.float32)
+    w = rng.standard_normal((12, 8 // groups, 1, 1)).astype(np.float32)
+    got = _run_single(lambda x: mb.conv(x=x, weight=w, groups=groups), x)
+    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), groups=groups)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+    lw = rng.standard_normal((7, 6)).astype(np.float32)
+    lb = rng.standard_normal(7).astype(np.float32)
+    got = _run_single(lambda x: mb.linear(x=x, weight=lw, bias=lb), x)
+    np.testing.assert_allclose(got, x @ lw.T + lb, rtol=1e-4, atol=1e-5)
+    my = rng.standard_normal((6, 3)).astype(np.float32)
+    got = _run_single(lambda x: mb.matmul(x=x, y=my), x)
+    np.testing.assert_allclose(got, x @ my, rtol=1e-4, atol=1e-5)
+
+
+def test_erf_and_exact_gelu_at_float32_accuracy():
+    import math
+
+    from milsparse.ir.kernels_math import erf, gelu_exact
+
+    x = np.concatenate([np.linspace(-9, 9, 200_001), [0.0, -0.0, 1e-30, -1e-8, 3.92, 4.5]])
+    x = x.astype(np.float32)
+    want = np.array([math.erf(float(v)) for v in x])
+    got = erf(x)
+    assert got.dtype == np.float32
+    assert np.max(np.abs(got - want)) < 4e-7
+    tiny = np.abs(x) < 1e-3
+    assert np.max(np.abs(got[tiny] - want[tiny]) / np.maximum(np.abs(want[tiny]), 1e-38)) < 4e-7
+    assert np.all(np.abs(got) <= 1)
+    gelu = 0.5 * x.astype(np.float64) * (1 + np.array([math.erf(v / math.sqrt(2)) for v in x]))
+    assert np.max(np.abs(gelu_exact(x) - gelu) / np.maximum(np.abs(x), 1)) < 4e-7
+
+
 def test_max_pool_and_batch_norm():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
