@@ -64,6 +64,12 @@ def _build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--min-sparsity", type=float, metavar="S", help="threshold: leave dense below this sparsity"
     )
+    comp.add_argument(
+        "--scope",
+        choices=["tensor", "channel"],
+        help="unstructured: rank the whole tensor, or each output channel on its own "
+        "(for convs with batchnorm folded in)",
+    )
     comp.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     comp.add_argument("--json", action="store_true", help="print the report as JSON")
     comp.add_argument(
@@ -160,6 +166,10 @@ def _recipe_from_args(args):
         if prune.spec.pattern != "threshold":
             raise ConfigError("--min-sparsity applies to threshold:T pruning only")
         prune = attrs.evolve(prune, spec=attrs.evolve(prune.spec, min_sparsity=args.min_sparsity))
+    if args.scope is not None:
+        if prune.spec.pattern != "magnitude":
+            raise ConfigError("--scope applies to unstructured:S pruning only")
+        prune = attrs.evolve(prune, spec=attrs.evolve(prune.spec, scope=args.scope))
     target = args.target or (recipe.target if recipe else None)
     return Recipe(prune=prune, target=target)
 

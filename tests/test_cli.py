@@ -232,3 +232,21 @@ def test_a_clean_run_prints_nothing_on_stderr(model, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no coremltools progress bars or import noise
     assert "PASS" in done.stdout and out.exists()
+
+
+def test_scope_channel_prunes_each_output_channel_and_verify_checks_it(model, tmp_path, capsys):
+    out = tmp_path / "out.mlpackage"
+    args = ["compress", str(model), "-o", str(out), "--prune", "unstructured:0.3"]
+    assert main(args + ["--scope", "channel", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["weights"]}
+    assert rows["fc0_weight"]["spec"] == "unstructured@channel:0.3"
+    assert rows["fc0_weight"]["axis"] == 0
+    assert (
+        main(["verify", str(model), str(out), "--json", "--min-snr", "0", "--min-cosine", "0"]) == 0
+    )
+    checks = {w["name"]: w for w in json.loads(capsys.readouterr().out)["weights"]}
+    assert checks["fc0_weight"]["pattern_holds"] is True
+    assert "every output channel has 19 zeros" == checks["fc0_weight"]["detail"]
+    assert main(["compress", str(model), "-o", str(out), "--prune", "2:4", "--scope",
+                 "channel", "--force"]) == 2  # fmt: skip
+    assert "--scope applies to unstructured" in capsys.readouterr().err
