@@ -29,3 +29,15 @@ def test_readme_documents_every_cli_option():
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help":
                     assert f"{flag}" in text, f"{name} {flag} is not in the README"
+
+
+def test_readme_benchmark_tables_show_the_recorded_results():
+    """The tables are rendered from benchmarks/results/*.json (benchmarks/readme_tables.py)."""
+    import importlib.util
+
+    path = README.parent / "benchmarks" / "readme_tables.py"
+    spec = importlib.util.spec_from_file_location("readme_tables", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = README.read_text()
+    assert module.render(text) == text, "run python benchmarks/readme_tables.py"

@@ -1,0 +1,84 @@
+"""Render the README's benchmark tables from `benchmarks/results/*.json`.
+
+    python benchmarks/readme_tables.py          # rewrite the tables between the markers
+    python benchmarks/readme_tables.py --check  # exit 1 if the README differs from the results
+
+The tables sit between `<!-- NAME -->` and `<!-- /NAME -->` markers; the numbers come only from
+the results files the benchmark scripts write, so the README shows what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _table(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def interpreter_table() -> str:
+    data = json.loads((RESULTS / "interpreter.json").read_text())
+    rows = []
+    for r in data["rows"]:
+        fidelity = (
+            f"max rel err {r['max_rel_err']:.1e}"
+            if "max_rel_err" in r
+            else f"cosine {r['cosine']:.7f}"
+        )
+        rows.append([r["case"], r["precision"], r["ops"], f"{r['torch_ms']:.2f}",
+                     f"{r['interpreter_ms']:.2f}", f"{r['ratio']:.2f}x", fidelity])  # fmt: skip
+    headers = ["model", "precision", "ops", "torch ms", "interpreter ms", "ratio", "vs torch"]
+    return _table(headers, rows)
+
+
+def scope_table() -> str:
+    data = json.loads((RESULTS / "scope.json").read_text())
+    rows = [
+        [f"`{r['spec']}`", r["scope"], f"{r['logits_cosine']:.4f}", f"{r['logits_snr_db']:.2f}",
+         f"{100 * r['dead_output_channels']:.1f}%"]
+        for r in data["rows"]
+    ]  # fmt: skip
+    headers = ["spec", "scope", "logits cosine", "logits SNR dB", "output channels left all zero"]
+    return _table(headers, rows)
+
+
+TABLES = {"interpreter": interpreter_table, "scope": scope_table}
+
+
+def render(text: str) -> str:
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- {name} -->\n).*?(<!-- /{name} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README has no <!-- {name} --> markers")
+        table = make()
+        text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            print("README.md tables differ from benchmarks/results; run readme_tables.py")
+            return 1
+        return 0
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
