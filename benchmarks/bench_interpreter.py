@@ -23,12 +23,11 @@ cosine for fp16), so a fast but wrong kernel cannot hide. Ratios are computed wi
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
+import _results  # benchmarks/_results.py, beside this script
 import coremltools as ct
 import numpy as np
 import torch
@@ -148,21 +147,7 @@ def main() -> None:
     parser.add_argument("--cases", metavar="TEXT", help="only the cases whose name contains TEXT")
     args = parser.parse_args()
     rows = run(args.repeats, args.cases)
-    result = {
-        "machine": {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "torch": torch.__version__,
-            "coremltools": ct.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-        },
-        "repeats": args.repeats,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    _results.write(args.out, {"repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

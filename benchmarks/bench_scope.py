@@ -19,10 +19,9 @@ one run; nothing is hard-coded.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from pathlib import Path
 
+import _results  # benchmarks/_results.py, beside this script
 import coremltools as ct
 import numpy as np
 import torch
@@ -97,19 +96,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scope.json"))
     args = parser.parse_args()
     rows = run(args.samples)
-    result = {
-        "model": "MobileNetV2Like (3.5M parameters, 224x224, batchnorm folded by ct.convert), fp32",
-        "machine": {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "coremltools": ct.__version__,
-        },
-        "samples": args.samples,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    model = "MobileNetV2Like (3.5M parameters, 224x224, batchnorm folded by ct.convert), fp32"
+    _results.write(args.out, {"model": model, "samples": args.samples, "rows": rows})
 
 
 if __name__ == "__main__":
