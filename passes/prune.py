@@ -99,7 +99,7 @@ class PruneWeights(AbstractGraphPass):
     def __init__(self, config: PruneConfig | str | dict | None = None):
         self._config = None if config is None else parse_prune_config(config)
         self.report: list[WeightDecision] = []
-        self._encoded: dict[tuple, tuple] = {}
+        self._encoded: dict[tuple, tuple] | None = None  # during apply, for multifunction
 
     @property
     def config(self) -> PruneConfig | None:
@@ -119,9 +119,11 @@ class PruneWeights(AbstractGraphPass):
         # The functions of a multifunction package share weights: the loader gives them the
         # same array. Each is pruned once (one mask for every function) and reported once; the
         # writer stores the equal results once (`_io.share_identical_consts`).
-        self._encoded: dict[tuple, tuple] = {}
-        first_reader: dict[int, str] = {}
+        # Keys are ids of weight arrays; all of them are alive (held by their consts) from the
+        # start of the pass, so no two share an id. Single-function programs keep no cache.
         multifunction = len(prog.functions) > 1
+        self._encoded = {} if multifunction else None
+        first_reader: dict[int, str] = {}
         for fname, func in prog.functions.items():
             ios18 = _check_opset(fname, func.opset_version)
             candidates, decisions, storage = [], [], {}
@@ -149,7 +151,7 @@ class PruneWeights(AbstractGraphPass):
                         decision, function=fname, shared_with=None if shared == fname else shared
                     )
                 self.report.append(decision)
-        self._encoded = {}
+        self._encoded = None
 
     def unused_overrides(self) -> list[str]:
         """Override patterns that matched no weight or consumer the pass looked at (a typo,
@@ -266,14 +268,17 @@ class PruneWeights(AbstractGraphPass):
         shares is encoded once and its result reused."""
         weight = cand.op.outputs[0].val
         key = (id(weight), cand.spec, cand.axis, ios18)
-        if key not in self._encoded:
-            match = self._match_values(cand, ios18)
-            if not match.matched:
-                self._encoded[key] = (None, match.reason)
-            else:
-                encode = formats.encode_sparse_ios18 if ios18 else formats.encode_sparse_ios16
-                self._encoded[key] = (encode(weight, match.value, exact=True), None)
-        return self._encoded[key]
+        if self._encoded is not None and key in self._encoded:
+            return self._encoded[key]
+        match = self._match_values(cand, ios18)
+        if not match.matched:
+            result = (None, match.reason)
+        else:
+            encode = formats.encode_sparse_ios18 if ios18 else formats.encode_sparse_ios16
+            result = (encode(weight, match.value, exact=True), None)
+        if self._encoded is not None:
+            self._encoded[key] = result
+        return result
 
     def _prune_one(self, cand: _Candidate, ios18: bool) -> WeightDecision:
         op = cand.op
