@@ -39,6 +39,9 @@ __all__ = [
     "tensor_storage_bytes",
     "dense_bytes",
     "sparse_bytes",
+    "stored_bytes",
+    "dense_tensors",
+    "sparse_tensors",
     "SPARSE_VALUE_DTYPES",
 ]
 
@@ -181,18 +184,38 @@ def tensor_storage_bytes(num_elements: int, bits_per_element: int) -> int:
     return BLOB_METADATA_BYTES + padded
 
 
+def stored_bytes(tensors) -> int:
+    """Storage of a weight kept as the tensors `[(element count, bits per element), ...]`: every
+    form's bytes are this sum over the tensors it stores."""
+    return sum(tensor_storage_bytes(count, bits) for count, bits in tensors)
+
+
+def dense_tensors(num_elements: int, dtype) -> list[tuple[int, int]]:
+    """The tensors of a dense `const` weight."""
+    return [(num_elements, np.dtype(dtype).itemsize * 8)]
+
+
+def sparse_tensors(
+    num_elements: int, num_nonzero: int, value_bits: int, *, ios18: bool, rank: int = 2
+) -> list[tuple[int, int]]:
+    """The tensors of a `constexpr_sparse_to_dense` weight whose kept values take `value_bits`
+    each: the values, the mask (iOS18: uint1 with the weight's shape; iOS16: packed uint8), and
+    on iOS16 the uint32 shape. Joint forms store their values' tables beside these."""
+    values = (num_nonzero, value_bits)
+    if ios18:
+        return [values, (num_elements, 1)]
+    return [values, ((num_elements + 7) // 8, 8), (rank, 32)]
+
+
 def dense_bytes(num_elements: int, dtype) -> int:
     """Storage of a dense `const` weight."""
-    return tensor_storage_bytes(num_elements, np.dtype(dtype).itemsize * 8)
+    return stored_bytes(dense_tensors(num_elements, dtype))
 
 
 def sparse_bytes(num_elements: int, num_nonzero: int, dtype, *, ios18: bool, rank: int = 2) -> int:
     """Storage of a `constexpr_sparse_to_dense` weight: values, mask, and (iOS16) the shape."""
-    values = tensor_storage_bytes(num_nonzero, np.dtype(dtype).itemsize * 8)
-    if ios18:
-        return values + tensor_storage_bytes(num_elements, 1)
-    mask = tensor_storage_bytes((num_elements + 7) // 8, 8)
-    return values + mask + tensor_storage_bytes(rank, 32)
+    bits = np.dtype(dtype).itemsize * 8
+    return stored_bytes(sparse_tensors(num_elements, num_nonzero, bits, ios18=ios18, rank=rank))
 
 
 # -- decoders of the other constexpr formats (one per format; the interpreter calls these) ----

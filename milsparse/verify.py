@@ -84,11 +84,12 @@ class OutputMetrics:
 @dataclass
 class WeightCheck:
     name: str
-    format: str
+    format: str  # the weight chain's label (sparse, sparse+lut4, ...)
     sparsity: float
     pattern: str | None = None
     pattern_holds: bool | None = None
     detail: str | None = None
+    sparse: bool = False  # the weight is stored with a mask
 
 
 @dataclass
@@ -152,9 +153,7 @@ class VerifyReport:
             ["output", "shape", "max abs", "mean abs", "rel L2", "SNR dB", "PSNR dB", "cosine", ""],
             rows,
         )
-        checked = [
-            w for w in self.weights if w.pattern is not None or w.format.startswith("sparse")
-        ]
+        checked = [w for w in self.weights if w.pattern is not None or w.sparse]
         if checked:
             wrows = [
                 [
@@ -486,9 +485,9 @@ def _weight_checks(
     sparse_ops = {op.name: op for op in walk_ops(func) if op.op_type == "constexpr_sparse_to_dense"}
     checks = []
     for row in weight_table(candidate_prog, functions=[function]):
-        if not row.format.startswith("sparse") and row.name not in declared:
+        if not row.sparse and row.name not in declared:
             continue
-        check = WeightCheck(row.name, row.format, row.sparsity)
+        check = WeightCheck(row.name, row.format, row.sparsity, sparse=row.sparse)
         info = declared.get(row.name)
         if info:
             check.pattern = info["spec"]

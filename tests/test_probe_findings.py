@@ -113,7 +113,7 @@ def test_5_inspect_json_of_a_palettized_model_holds_null_not_nan(save_program, c
     assert main(["inspect", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     row = {r["name"]: r for r in data["weights"]}["w"]
-    assert row["format"] == "lut" and row["sparsity"] is None
+    assert row["format"] == "lut4" and row["form"] == "palettized" and row["sparsity"] is None
 
 
 # -- 6. a bare model.mlmodel path ----------------------------------------------------------------
