@@ -1,0 +1,276 @@
+"""The weight-pass template: the walk and selection every compression pass shares.
+
+select -> resolve the spec -> (the pass) match values and emit -> decision
+
+A `WeightPass` walks every function (nested blocks included), and for each float `const` it
+looks at decides, in one place for every pass:
+
+- selection: the consumer op types and operands that hold weights (`WEIGHT_OPERANDS`), the
+  config's `op_types`, `op_names` (fnmatch patterns of weight or consumer names), `min_size`,
+  rank >= 2; a failed selection is a `MatchResult` reason for the report;
+- the spec, from per-name overrides (the weight's own name first, then each consumer's), and
+  for a weight shared by several ops the least aggressive of their specs (`spec_key`);
+- shared weights of multifunction programs (the loader gives the functions the same array):
+  reported once, with the other functions' rows marked `shared_with`;
+- progress over the candidates, and the report in program order.
+
+A subclass gives its config parser (`parse_config`), the check of a function's opset
+(`check_function`, returning what `compress` needs to know of it), the order of its specs
+(`spec_key`), an optional last structural check with the axis it works along (`prepare`), and
+`compress`, which matches one weight's values and emits its replacement, returning the
+decision. Its config must offer `spec`, `op_types`, `op_names`, `overrides`, `min_size` and
+`override_for` / `names_selected` (as `passes.config.PruneConfig` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import numpy as np
+from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+from milsparse.ir import formats
+from milsparse.ir.errors import ConfigError
+from milsparse.ir.graph import Use, uses_of, walk_ops
+from milsparse.passes._match import MatchResult
+from milsparse.passes.decisions import WeightDecision
+from tqdm.auto import tqdm
+
+__all__ = ["WEIGHT_OPERANDS", "Candidate", "WeightPass", "channel_axes", "dense_decision"]
+
+# Operands that hold a layer's weight; matmul's weight may be either side.
+WEIGHT_OPERANDS = {
+    "linear": ("weight",),
+    "conv": ("weight",),
+    "conv_transpose": ("weight",),
+    "matmul": ("x", "y"),
+}
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+def channel_axes(use: Use, rank: int) -> tuple[int, int]:
+    """(input axis, output axis) of a weight read through `use`.
+
+    The input axis is the one the consumer reduces over: 1 for linear [out, in] and conv
+    [Cout, Cin/g, *k], 0 for conv_transpose [Cin, Cout/g, *k], K of matmul's operand.
+    """
+    if use.op_type == "conv_transpose":
+        return 0, 1
+    if use.op_type == "matmul":
+        last, second = rank - 1, rank - 2
+        if use.input_name == "y":
+            transposed = bool(use.op.transpose_y.val)
+            return (last, second) if transposed else (second, last)
+        transposed = bool(use.op.transpose_x.val)
+        return (second, last) if transposed else (last, second)
+    return 1, 0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A weight selected for compression: its const, every use, the resolved spec, the axis
+    the pass works along (if any) and a note for the report."""
+
+    op: Any
+    uses: tuple[Use, ...]
+    spec: Any
+    axis: int | None
+    note: str | None
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.op.outputs[0].val
+
+
+def consumers(uses) -> tuple[str, ...]:
+    return tuple(f"{u.op.name}.{u.input_name}" for u in uses)
+
+
+def dense_decision(op, reason: str, cand: Candidate | None = None) -> WeightDecision:
+    """The report row of a const left as it is."""
+    val = op.outputs[0].val
+    uses = cand.uses if cand else tuple(uses_of(op.outputs[0]))
+    zeros = int(val.size - np.count_nonzero(val)) if val.size else 0
+    size = formats.dense_bytes(val.size, val.dtype)
+    return WeightDecision(
+        name=op.name,
+        consumers=consumers(uses),
+        shape=tuple(val.shape),
+        dtype=str(val.dtype),
+        compressed=False,
+        reason=reason,
+        spec=cand.spec.to_string() if cand else None,
+        sparsity=zeros / val.size if val.size else 0.0,
+        dense_bytes=size,
+        stored_bytes=size,
+        note=cand.note if cand else None,
+    )
+
+
+class WeightPass(AbstractGraphPass):
+    """The template (see the module docstring). Subclasses set `pass_name`."""
+
+    pass_name = "milsparse::?"
+
+    def __init__(self, config=None):
+        self._config = None if config is None else self.parse_config(config)
+        self.report: list[WeightDecision] = []
+
+    # -- what a subclass gives ---------------------------------------------------------------
+    @staticmethod
+    def parse_config(value):
+        raise NotImplementedError
+
+    def check_function(self, fname: str, opset):
+        """Raise if the function's opset cannot hold the pass's forms; return what `compress`
+        needs to know of the function (e.g. whether it emits the iOS18 forms)."""
+        raise NotImplementedError
+
+    def spec_key(self, spec) -> float:
+        """Orders specs from least to most aggressive (a shared weight takes the least)."""
+        raise NotImplementedError
+
+    def prepare(self, op, spec, use: Use, rank: int) -> MatchResult:
+        """A last structural check of `spec` on the weight read through `use`; its value is
+        the axis the pass works along (None if it has none)."""
+        return MatchResult.ok(None)
+
+    def compress(self, cand: Candidate, context) -> WeightDecision:
+        """Match the weight's values, emit its replacement, return the decision."""
+        raise NotImplementedError
+
+    # -- the config, as ct.PassPipeline.set_options hands it over -------------------------------
+    @property
+    def config(self):
+        return self._config
+
+    @config.setter
+    def config(self, value) -> None:
+        self._config = self.parse_config(value)
+
+    # -- the walk ----------------------------------------------------------------------------
+    def apply(self, prog) -> None:
+        if self._config is None:
+            raise ConfigError(
+                f"{self.pass_name} has no config: pipeline.set_options('{self.pass_name}', "
+                "{'config': ...}) or use milsparse.coreml_pipeline(recipe)"
+            )
+        self._before(prog)
+        multifunction = len(prog.functions) > 1
+        first_reader: dict[int, str] = {}
+        for fname, func in prog.functions.items():
+            context = self.check_function(fname, func.opset_version)
+            candidates, decisions, storage = [], [], {}
+            for position, op in enumerate(walk_ops(func)):
+                if op.op_type != "const":
+                    continue
+                match = self._match_structure(op)
+                if match is None:
+                    continue
+                storage[position] = id(op.outputs[0].val)
+                if match.matched:
+                    candidates.append((position, match.value))
+                else:
+                    decisions.append((position, dense_decision(op, match.reason)))
+            progress = tqdm(
+                candidates, desc=self.pass_name, unit="weight", leave=False, disable=None
+            )
+            for position, cand in progress:
+                decisions.append((position, self.compress(cand, context)))
+            # Report in program order, whatever order the two phases produced the rows in.
+            for position, decision in sorted(decisions, key=lambda item: item[0]):
+                if multifunction:
+                    # the loader gives functions that share a weight the same array
+                    shared = first_reader.setdefault(storage[position], fname)
+                    decision = dataclasses.replace(
+                        decision, function=fname, shared_with=None if shared == fname else shared
+                    )
+                self.report.append(decision)
+        self._after(prog)
+
+    def _before(self, prog) -> None:
+        """Set up per-run state (subclasses); the pass instance may be reused."""
+
+    def _after(self, prog) -> None:
+        """Drop per-run state (subclasses)."""
+
+    def unused_overrides(self) -> list[str]:
+        """Override patterns that matched no weight or consumer the pass looked at (a typo,
+        or a name from another model): worth telling the user, never silently ignored."""
+        names = set()
+        for d in self.report:
+            names.add(d.name)
+            names.update(c.rsplit(".", 1)[0] for c in d.consumers)
+        return [
+            pattern
+            for pattern, _ in (self._config.overrides if self._config else ())
+            if not any(fnmatchcase(name, pattern) for name in names)
+        ]
+
+    # -- selection -----------------------------------------------------------------------------
+    def _match_structure(self, op) -> MatchResult[Candidate] | None:
+        """None for consts nobody would call weights (small or non-float and unselected)."""
+        cfg = self._config
+        var = op.outputs[0]
+        val = var.val
+        if not isinstance(val, np.ndarray):
+            return None
+        uses = uses_of(var)
+        if not uses:
+            return None
+        named = bool(cfg.op_names) and cfg.names_selected(op.name)
+        operand_uses = [u for u in uses if u.input_name in WEIGHT_OPERANDS.get(u.op_type, ())]
+        typed_uses = [u for u in operand_uses if u.op_type in cfg.op_types]
+        weight_uses = [u for u in typed_uses if cfg.names_selected(op.name, u.op.name)]
+        is_float = val.dtype in _FLOAT_DTYPES
+        if not (weight_uses or named or (is_float and val.size > formats.INLINE_MAX_ELEMENTS)):
+            return None
+        if any(u.op_type.startswith("constexpr_") for u in uses):
+            return MatchResult.fail("already compressed: feeds a constexpr op")
+        if not weight_uses and not named:
+            if typed_uses:
+                return MatchResult.fail("not selected: no op_names pattern matches it")
+            if operand_uses:
+                kinds = sorted({u.op_type for u in operand_uses})
+                return MatchResult.fail(f"not selected: op_types excludes {', '.join(kinds)}")
+            read_by = sorted({f"{u.op_type}.{u.input_name}" for u in uses})
+            return MatchResult.fail(f"not a weight: read by {', '.join(read_by)}")
+        if not is_float:
+            return MatchResult.fail(f"not float: {val.dtype}")
+        if val.ndim < 2:
+            return MatchResult.fail(f"{val.ndim}-D")
+        if val.size < cfg.min_size:
+            return MatchResult.fail(f"small: {val.size} elements < min_size {cfg.min_size}")
+        return self._resolve_spec(op, tuple(uses), tuple(weight_uses or uses), val.ndim)
+
+    def _resolve_spec(self, op, all_uses, uses, rank) -> MatchResult[Candidate]:
+        """Pick the spec for a weight read through `uses`: an override naming the const, else
+        each consumer's (an override on it, or the default), the least aggressive winning."""
+        cfg = self._config
+        found, spec, pattern = cfg.override_for(op.name)
+        note = None
+        chosen_use = uses[0]
+        if found:
+            if spec is None:
+                return MatchResult.fail(f"left dense by override {pattern!r}")
+        else:
+            per_use = []
+            for use in uses:
+                hit, use_spec, use_pattern = cfg.override_for(use.op.name)
+                if hit and use_spec is None:
+                    return MatchResult.fail(
+                        f"left dense by override {use_pattern!r} on consumer {use.op.name}"
+                    )
+                per_use.append((use_spec if hit else cfg.spec, use))
+            spec, chosen_use = min(per_use, key=lambda item: self.spec_key(item[0]))
+            if len({s for s, _ in per_use}) > 1:
+                note = (
+                    f"shared by {len(uses)} ops with different specs; used {spec.to_string()} "
+                    f"of {chosen_use.op.name} (least aggressive)"
+                )
+        prepared = self.prepare(op, spec, chosen_use, rank)
+        if not prepared.matched:
+            return prepared
+        return MatchResult.ok(Candidate(op, all_uses, spec, prepared.value, note))
