@@ -172,7 +172,7 @@ def weight_chain(op) -> WeightChain | None:
         for o in ops
         for name, var in o.inputs.items()
         if var.op is not None and var.op.op_type == "const" and isinstance(var.val, np.ndarray)
-        and name not in ("shape", "vector_axis", "axis", "output_dtype")
+        and name not in ("vector_axis", "axis", "output_dtype")  # scalars, no storage
     )  # fmt: skip
     form, nbits, value_type, vector = _form_of(kinds, ops)
     ios16 = any("shape" in o.inputs for o in ops)

@@ -221,6 +221,14 @@ def sparse_bytes(num_elements: int, num_nonzero: int, dtype, *, ios18: bool, ran
 # -- decoders of the other constexpr formats (one per format; the interpreter calls these) ----
 
 
+def pack_bits(values: np.ndarray, nbits: int) -> np.ndarray:
+    """n-bit unsigned values packed LSB first, one after another (iOS16 LUT indices); the
+    inverse of `unpack_bits`."""
+    values = np.asarray(values, dtype=np.uint8).ravel()
+    bits = np.unpackbits(values[:, None], axis=1, bitorder="little")[:, :nbits]
+    return np.packbits(bits.ravel(), bitorder="little")
+
+
 def unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
     """Elements of `nbits` packed LSB first (iOS16 LUT indices), as uint8."""
     bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")[: count * nbits]

@@ -1,8 +1,8 @@
 """MIL graph passes of milsparse, one per module, each registered with coremltools and here."""
 
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
-from milsparse.passes import prune, upgrade
-from milsparse.passes.registry import PassSpec, register
+from milsparse.passes import palettize, prune, upgrade
+from milsparse.passes.registry import MILSPARSE_PASSES, PassSpec, register
 
 register(
     PassSpec(
@@ -26,4 +26,14 @@ register(
     )
 )
 
-__all__ = ["prune", "upgrade", "register", "PassSpec"]
+register(
+    PassSpec(
+        name="milsparse::palettize",
+        summary="palettize dense weight consts into constexpr_lut_to_dense (k-means or uniform "
+        "tables, per tensor or per grouped channel)",
+        after=("milsparse::prune", *MILSPARSE_PASSES["milsparse::prune"].after),
+        min_target=AvailableTarget.iOS16,
+    )
+)
+
+__all__ = ["palettize", "prune", "upgrade", "register", "PassSpec"]

@@ -244,6 +244,12 @@ def _spec_from(value: Any, where: str) -> PruneSpec | None:
 
 
 def _overrides(value) -> tuple[tuple[str, PruneSpec | None], ...]:
+    return overrides_of(value, _spec_from)
+
+
+def overrides_of(value, spec_from) -> tuple[tuple[str, Any], ...]:
+    """Ordered (name pattern, spec or None) pairs from a mapping or pairs, each spec read by
+    `spec_from(value, where)` (one per pass kind)."""
     if value is None:
         return ()
     items = value.items() if isinstance(value, Mapping) else value
@@ -255,7 +261,7 @@ def _overrides(value) -> tuple[tuple[str, PruneSpec | None], ...]:
             raise ConfigError(
                 f"an override must be a (name pattern, spec) pair, got {item!r}"
             ) from None
-        out.append((str(pattern), _spec_from(spec, f"override {pattern!r}")))
+        out.append((str(pattern), spec_from(spec, f"override {pattern!r}")))
     return tuple(out)
 
 
@@ -288,6 +294,22 @@ def _min_size(instance, attribute, value):
         raise ConfigError(f"min_size must be an integer >= 0, got {value!r}")
 
 
+class SelectionMethods:
+    """What the weight-pass template asks of a config (any config with `overrides` and
+    `op_names`)."""
+
+    def override_for(self, *names: str) -> tuple[bool, Any, str | None]:
+        """(matched, spec, pattern) of the first override matching any of `names` in order."""
+        for name in names:
+            for pattern, spec in self.overrides:
+                if fnmatchcase(name, pattern):
+                    return True, spec, pattern
+        return False, None, None
+
+    def names_selected(self, *names: str) -> bool:
+        return not self.op_names or any(fnmatchcase(n, p) for n in names for p in self.op_names)
+
+
 @attrs.frozen
 class PruneConfig:
     """Which weights the pruning pass touches, and how.
@@ -316,16 +338,8 @@ class PruneConfig:
         if not self.op_types:
             raise ConfigError("op_types must name at least one op type")
 
-    def override_for(self, *names: str) -> tuple[bool, PruneSpec | None, str | None]:
-        """(matched, spec, pattern) of the first override matching any of `names` in order."""
-        for name in names:
-            for pattern, spec in self.overrides:
-                if fnmatchcase(name, pattern):
-                    return True, spec, pattern
-        return False, None, None
-
-    def names_selected(self, *names: str) -> bool:
-        return not self.op_names or any(fnmatchcase(n, p) for n in names for p in self.op_names)
+    override_for = SelectionMethods.override_for
+    names_selected = SelectionMethods.names_selected
 
     def to_dict(self) -> dict[str, Any]:
         return {

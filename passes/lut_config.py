@@ -1,0 +1,169 @@
+"""Typed, frozen, validated options of the palettization pass, and their one parser.
+
+A `PalettizeSpec` says how to palettize one weight; a `PalettizeConfig` which weights, with the
+same selection fields as pruning (`op_types`, `op_names`, `overrides`, `min_size`). The short
+form is `lutN[@gG][:uniform]`: `lut4` (4-bit, one k-means table per tensor), `lut4@g16` (one
+table per group of 16 output channels), `lut6:uniform` (evenly spaced entries).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import yaml
+from milsparse.ir.errors import ConfigError
+from milsparse.passes.config import (
+    DEFAULT_OP_TYPES,
+    SelectionMethods,
+    _min_size,
+    _op_types,
+    _str_tuple,
+    overrides_of,
+)
+
+__all__ = ["PalettizeSpec", "PalettizeConfig", "parse_palettize_spec", "parse_palettize_config"]
+
+NBITS = (1, 2, 3, 4, 6, 8)
+IOS16_NBITS = (1, 2, 4, 6, 8)
+MODES = ("kmeans", "uniform")
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
+
+
+def _positive_int(instance, attribute, value):
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+@attrs.frozen
+class PalettizeSpec:
+    """How to palettize one weight.
+
+    nbits: bits per index, one of 1, 2, 3, 4, 6, 8 (iOS16/17: not 3).
+    mode: "kmeans" (the table minimising the squared error, exact up to 6 bits) or "uniform"
+        (2^nbits evenly spaced entries from the smallest to the largest value).
+    granularity: "per_tensor" (one table) or "per_grouped_channel" (one table per
+        `group_size` consecutive output channels; iOS18).
+    """
+
+    nbits: int = attrs.field(validator=attrs.validators.in_(NBITS))
+    mode: str = attrs.field(default="kmeans", validator=attrs.validators.in_(MODES))
+    granularity: str = attrs.field(
+        default="per_tensor", validator=attrs.validators.in_(GRANULARITIES)
+    )
+    group_size: int = attrs.field(default=32, validator=_positive_int)
+
+    def __attrs_post_init__(self):
+        if isinstance(self.nbits, bool):
+            raise ConfigError("nbits must be an integer, not a bool")
+
+    def to_string(self) -> str:
+        groups = f"@g{self.group_size}" if self.granularity == "per_grouped_channel" else ""
+        mode = ":uniform" if self.mode == "uniform" else ""
+        return f"lut{self.nbits}{groups}{mode}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+_SPEC_RE = re.compile(r"^lut(?P<nbits>\d+)(?:@g(?P<group>\d+))?(?::(?P<mode>\w+))?$")
+
+
+def parse_palettize_spec(text: str) -> PalettizeSpec:
+    """Parse `lutN[@gG][:kmeans|:uniform]`, e.g. `lut4`, `lut4@g16`, `lut6:uniform`."""
+    if not isinstance(text, str):
+        raise ConfigError(f"a palettize spec must be a string, got {type(text).__name__}")
+    match = _SPEC_RE.match(text.strip())
+    if match is None:
+        raise ConfigError(
+            f"bad palettize spec {text!r}: use lutN[@gG][:uniform] (e.g. lut4, lut4@g16)"
+        )
+    group = match["group"]
+    try:
+        return PalettizeSpec(
+            nbits=int(match["nbits"]),
+            mode=match["mode"] or "kmeans",
+            granularity="per_grouped_channel" if group else "per_tensor",
+            group_size=int(group) if group else 32,
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad palettize spec {text!r}: {e}") from e
+
+
+def _spec_from(value: Any, where: str) -> PalettizeSpec | None:
+    if value is None or isinstance(value, PalettizeSpec):
+        return value
+    if isinstance(value, str):
+        if value.strip().lower() in ("dense", "none", "skip"):
+            return None
+        return parse_palettize_spec(value)
+    if isinstance(value, Mapping):
+        unknown = set(value) - {f.name for f in attrs.fields(PalettizeSpec)}
+        if unknown:
+            raise ConfigError(f"unknown keys in {where}: {sorted(unknown)}")
+        try:
+            return PalettizeSpec(**value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"bad {where}: {e}") from e
+    raise ConfigError(f"{where} must be a spec string, a mapping or null, got {value!r}")
+
+
+@attrs.frozen
+class PalettizeConfig(SelectionMethods):
+    """Which weights the palettization pass touches, and how (fields as `PruneConfig`'s)."""
+
+    spec: PalettizeSpec
+    op_types: tuple[str, ...] = attrs.field(default=DEFAULT_OP_TYPES, converter=_op_types)
+    op_names: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    overrides: tuple[tuple[str, PalettizeSpec | None], ...] = attrs.field(
+        default=(), converter=lambda value: overrides_of(value, _spec_from)
+    )
+    min_size: int = attrs.field(default=2048, validator=_min_size)
+
+    def __attrs_post_init__(self):
+        if not isinstance(self.spec, PalettizeSpec):
+            raise ConfigError(f"spec must be a PalettizeSpec, got {type(self.spec).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "op_types": list(self.op_types),
+            "op_names": list(self.op_names),
+            "overrides": {p: (None if s is None else s.to_dict()) for p, s in self.overrides},
+            "min_size": self.min_size,
+        }
+
+
+_KEYS = {"spec", "op_types", "op_names", "overrides", "min_size"}
+
+
+def parse_palettize_config(value: Any) -> PalettizeConfig:
+    """A PalettizeConfig from itself, a spec, a spec string, a mapping, or JSON/YAML text."""
+    if isinstance(value, PalettizeConfig):
+        return value
+    if isinstance(value, PalettizeSpec):
+        return PalettizeConfig(spec=value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] == "{" or "\n" in text or text.startswith("spec:"):
+            try:
+                loaded = json.loads(text) if text[:1] == "{" else yaml.safe_load(text)
+            except (ValueError, yaml.YAMLError) as e:
+                raise ConfigError(f"cannot read palettize config text: {e}") from e
+            return parse_palettize_config(loaded)
+        return PalettizeConfig(spec=parse_palettize_spec(text))
+    if isinstance(value, Mapping):
+        if "spec" not in value and "nbits" in value:
+            return PalettizeConfig(spec=_spec_from(dict(value), "spec"))
+        unknown = set(value) - _KEYS
+        if unknown:
+            raise ConfigError(f"unknown palettize config keys {sorted(unknown)}")
+        spec = _spec_from(value.get("spec"), "spec")
+        if spec is None:
+            raise ConfigError("a palettize config needs a spec (e.g. spec: lut4)")
+        rest = {k: value[k] for k in _KEYS - {"spec"} if k in value}
+        return PalettizeConfig(spec=spec, **rest)
+    raise ConfigError(f"cannot make a palettize config from {type(value).__name__}")
