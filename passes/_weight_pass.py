@@ -30,8 +30,10 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
+from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 from milsparse.ir import formats
+from milsparse.ir.chain import Form, WeightChain, weight_chain
 from milsparse.ir.errors import ConfigError
 from milsparse.ir.graph import Use, uses_of, walk_ops
 from milsparse.passes._match import MatchResult
@@ -70,17 +72,20 @@ def channel_axes(use: Use, rank: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A weight selected for compression: its const, every use, the resolved spec, the axis
-    the pass works along (if any) and a note for the report."""
+    """A weight selected for compression: its const (or the root of its constexpr chain),
+    every use, the resolved spec, the axis the pass works along (if any), a note for the
+    report, and what the weight is now."""
 
     op: Any
     uses: tuple[Use, ...]
     spec: Any
     axis: int | None
     note: str | None
+    chain: WeightChain
 
     @property
     def weight(self) -> np.ndarray:
+        """The dense weight's values (a const's own array)."""
         return self.op.outputs[0].val
 
 
@@ -89,7 +94,22 @@ def consumers(uses) -> tuple[str, ...]:
 
 
 def dense_decision(op, reason: str, cand: Candidate | None = None) -> WeightDecision:
-    """The report row of a const left as it is."""
+    """The report row of a weight left as it is (a const, or a chain root)."""
+    chain = weight_chain(op) if op.op_type != "const" else None
+    if chain is not None:
+        return WeightDecision(
+            name=op.name,
+            consumers=consumers(uses_of(chain.var)),
+            shape=chain.shape,
+            dtype=str(np.dtype(types.nptype_from_builtin(types.string_to_builtin(chain.dtype)))),
+            compressed=False,
+            reason=reason,
+            spec=cand.spec.to_string() if cand else None,
+            sparsity=chain.sparsity or 0.0,
+            dense_bytes=chain.dense_bytes,
+            stored_bytes=chain.stored_bytes,
+            note=cand.note if cand else None,
+        )
     val = op.outputs[0].val
     uses = cand.uses if cand else tuple(uses_of(op.outputs[0]))
     zeros = int(val.size - np.count_nonzero(val)) if val.size else 0
@@ -110,9 +130,11 @@ def dense_decision(op, reason: str, cand: Candidate | None = None) -> WeightDeci
 
 
 class WeightPass(AbstractGraphPass):
-    """The template (see the module docstring). Subclasses set `pass_name`."""
+    """The template (see the module docstring). Subclasses set `pass_name` and the weight
+    forms they take (`accepts`; others are reported as already compressed)."""
 
     pass_name = "milsparse::?"
+    accepts: frozenset = frozenset({Form.DENSE})
 
     def __init__(self, config=None):
         self._config = None if config is None else self.parse_config(config)
@@ -164,12 +186,12 @@ class WeightPass(AbstractGraphPass):
             context = self.check_function(fname, func.opset_version)
             candidates, decisions, storage = [], [], {}
             for position, op in enumerate(walk_ops(func)):
-                if op.op_type != "const":
+                if op.op_type != "const" and not op.op_type.startswith("constexpr_"):
                     continue
                 match = self._match_structure(op)
                 if match is None:
                     continue
-                storage[position] = id(op.outputs[0].val)
+                storage[position] = _storage_key(op)
                 if match.matched:
                     candidates.append((position, match.value))
                 else:
@@ -211,14 +233,21 @@ class WeightPass(AbstractGraphPass):
 
     # -- selection -----------------------------------------------------------------------------
     def _match_structure(self, op) -> MatchResult[Candidate] | None:
-        """None for consts nobody would call weights (small or non-float and unselected)."""
+        """None for consts nobody would call weights (small or non-float and unselected) and
+        for the consts and ops inside a constexpr chain (its root speaks for the weight)."""
         cfg = self._config
-        var = op.outputs[0]
-        val = var.val
-        if not isinstance(val, np.ndarray):
-            return None
+        chain = weight_chain(op)
+        if op.op_type != "const":
+            if chain is None:
+                return None
+            var, val = chain.var, _Shape(chain)
+        else:
+            var = op.outputs[0]
+            val = var.val
+            if not isinstance(val, np.ndarray):
+                return None
         uses = uses_of(var)
-        if not uses:
+        if not uses or any(u.op_type.startswith("constexpr_") for u in uses):
             return None
         named = bool(cfg.op_names) and cfg.names_selected(op.name)
         operand_uses = [u for u in uses if u.input_name in WEIGHT_OPERANDS.get(u.op_type, ())]
@@ -227,8 +256,13 @@ class WeightPass(AbstractGraphPass):
         is_float = val.dtype in _FLOAT_DTYPES
         if not (weight_uses or named or (is_float and val.size > formats.INLINE_MAX_ELEMENTS)):
             return None
-        if any(u.op_type.startswith("constexpr_") for u in uses):
-            return MatchResult.fail("already compressed: feeds a constexpr op")
+        if chain is not None and chain.form not in self.accepts:
+            return MatchResult.fail(f"already compressed: {chain.label}")
+        if chain is not None and chain.ios16_form and chain.form is not Form.DENSE:
+            return MatchResult.fail(
+                f"already compressed: {chain.label}; joint forms need the iOS18 operands "
+                "(compress with target ios18 first)"
+            )
         if not weight_uses and not named:
             if typed_uses:
                 return MatchResult.fail("not selected: no op_names pattern matches it")
@@ -273,4 +307,28 @@ class WeightPass(AbstractGraphPass):
         prepared = self.prepare(op, spec, chosen_use, rank)
         if not prepared.matched:
             return prepared
-        return MatchResult.ok(Candidate(op, all_uses, spec, prepared.value, note))
+        chain = weight_chain(op)
+        return MatchResult.ok(Candidate(op, all_uses, spec, prepared.value, note, chain))
+
+
+class _Shape:
+    """What selection reads of a weight (dtype, size, ndim), for a chain root."""
+
+    def __init__(self, chain: WeightChain):
+        self.dtype = np.dtype(types.nptype_from_builtin(types.string_to_builtin(chain.dtype)))
+        self.size = chain.num_elements
+        self.ndim = len(chain.shape)
+
+
+def _storage_key(op):
+    """What identifies a weight's storage across the functions of a multifunction program:
+    the arrays of its const (or of the consts of its chain), which the loader shares."""
+    if op.op_type == "const":
+        return id(op.outputs[0].val)
+    chain = weight_chain(op)
+    return tuple(
+        id(var.val)
+        for o in chain.ops
+        for var in o.inputs.values()
+        if var.op is not None and var.op.op_type == "const"
+    )

@@ -17,9 +17,19 @@ After, iOS16/iOS17 target (one table per tensor only): `lut` fp16[16], `indices`
 
 Each table is the exact k-means of the values it stands for (`milsparse.ir.lut`; Lloyd's
 algorithm for 8-bit tables), or evenly spaced entries (`mode="uniform"`); every value takes the
-nearest entry. A form that would not be smaller than the dense weight is not emitted. This
-step palettizes dense weights; a weight that is already compressed (sparse, palettized,
-quantized) is left as it is, with that reason.
+nearest entry. A form that would not be smaller than the dense weight is not emitted.
+
+A sparse weight (iOS18 form, e.g. after milsparse::prune) gets the joint form instead: its mask
+is kept, its nonzeros are palettized with tables fitted on the nonzeros only, and
+
+    %w_indices_mask = const(val=<uint1 [512, 256]>)
+    %w_indices_nonzero_data = const(val=<uint4 [D]>)
+    %w_lut = const(val=<fp16 [1, 1, 16, 1]>)
+    %m, %nz = constexpr_lut_to_sparse(indices_mask=..., indices_nonzero_data=..., lut=...)
+    %w = constexpr_sparse_to_dense(nonzero_data=%nz, mask=%m)
+
+replaces its chain, when that is smaller than the sparse form. Palettized or quantized weights
+are left as they are, with that reason.
 """
 
 from __future__ import annotations
@@ -30,10 +40,11 @@ from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 from milsparse.ir import formats, lut, masks
+from milsparse.ir.chain import Form
 from milsparse.ir.errors import UnsupportedModelError
 from milsparse.ir.graph import Use
 from milsparse.passes._match import MatchResult
-from milsparse.passes._rewrite import named_const, replace_const
+from milsparse.passes._rewrite import named_const, replace_const, replace_op
 from milsparse.passes._weight_pass import (
     Candidate,
     WeightPass,
@@ -68,6 +79,7 @@ class PalettizeWeights(WeightPass):
     """Palettize weight consts into constexpr_lut_to_dense (see the module docstring)."""
 
     pass_name = "milsparse::palettize"
+    accepts = frozenset({Form.DENSE, Form.SPARSE})
 
     @staticmethod
     def parse_config(value) -> PalettizeConfig:
@@ -101,6 +113,8 @@ class PalettizeWeights(WeightPass):
         return MatchResult.ok(axis)
 
     def compress(self, cand: Candidate, ios18: bool) -> WeightDecision:
+        if cand.chain.form is Form.SPARSE:
+            return self._compress_sparse(cand)
         op, weight, spec = cand.op, cand.weight, cand.spec
         if not ios18:
             if spec.nbits not in IOS16_NBITS or spec.granularity != "per_tensor":
@@ -138,6 +152,77 @@ class PalettizeWeights(WeightPass):
             stored_bytes=stored,
             note=cand.note,
         )
+
+    def _compress_sparse(self, cand: Candidate) -> WeightDecision:
+        """A sparse weight's nonzeros palettized: the joint iOS18 form, the mask kept as it is,
+        the tables fitted on the nonzeros only (no entry is spent on zero)."""
+        root, spec, chain = cand.op, cand.spec, cand.chain
+        nonzero = np.asarray(root.nonzero_data.val)
+        mask = np.asarray(root.mask.val).view(np.uint8)
+        if not masks.all_finite(nonzero):
+            return dense_decision(root, "non-finite values (inf or nan)", cand)
+        groups = None
+        if cand.axis is not None:
+            channel = np.unravel_index(np.flatnonzero(mask), mask.shape)[cand.axis]
+            groups = channel // spec.group_size
+        count = 1 if groups is None else mask.shape[cand.axis] // spec.group_size
+        tables, indices = _fit_values(nonzero, spec, groups, count)
+        stored = formats.stored_bytes(
+            [(mask.size, 1), (nonzero.size, spec.nbits), (tables.size, nonzero.itemsize * 8)]
+        )
+        if stored >= chain.stored_bytes:
+            return dense_decision(
+                root, f"joint form would not be smaller: {stored} >= {chain.stored_bytes} bytes",
+                cand,
+            )  # fmt: skip
+        shape = [1] * mask.ndim
+        if cand.axis is not None:
+            shape[cand.axis] = count
+        table_value = tables.reshape(*shape, tables.shape[1], 1)
+        name = root.name
+
+        def build(anchor, tmp_name):
+            bits = named_const(mask.view(types.np_uint1_dtype), f"{name}_indices_mask", anchor)
+            codes = named_const(
+                indices.astype(_INDEX_TYPES[spec.nbits]), f"{name}_indices_nonzero_data", anchor
+            )
+            table = named_const(table_value, f"{name}_lut", anchor)
+            sparse_mask, values = mb.constexpr_lut_to_sparse(
+                indices_mask=bits, indices_nonzero_data=codes, lut=table,
+                name=f"{name}_lut_to_sparse", before_op=anchor,
+            )  # fmt: skip
+            return mb.constexpr_sparse_to_dense(
+                nonzero_data=values, mask=sparse_mask, name=tmp_name, before_op=anchor
+            )
+
+        replace_op(root, build)
+        return WeightDecision(
+            name=name,
+            consumers=consumers(cand.uses),
+            shape=chain.shape,
+            dtype=str(nonzero.dtype),
+            compressed=True,
+            spec=f"sparse+{spec.to_string()}",
+            axis=cand.axis,
+            sparsity=chain.sparsity or 0.0,
+            dense_bytes=chain.dense_bytes,
+            stored_bytes=stored,
+            note=cand.note,
+        )
+
+
+def _fit_values(values: np.ndarray, spec: PalettizeSpec, groups, count: int):
+    """(tables [count, 2^n], uint8 indices) for 1-D `values`, one table per group label."""
+    if groups is None:
+        table = lut.fit_lut(values, spec.nbits, mode=spec.mode)
+        return table[None, :], lut.assign_indices(values, table)
+    tables = np.empty((count, 1 << spec.nbits), values.dtype)
+    indices = np.empty(values.size, np.uint8)
+    for g in range(count):
+        members = groups == g
+        tables[g] = lut.fit_lut(values[members], spec.nbits, mode=spec.mode)
+        indices[members] = lut.assign_indices(values[members], tables[g])
+    return tables, indices
 
 
 def _fit(weight: np.ndarray, spec: PalettizeSpec, axis: int | None):

@@ -9,6 +9,7 @@ import pytest
 from milsparse.fixtures import programs
 from milsparse.ir import formats, lut
 from milsparse.ir.chain import Form, weight_chain
+from milsparse.passes.config import PruneConfig, parse_prune_spec
 from milsparse.passes.lut_config import (
     PalettizeConfig,
     PalettizeSpec,
@@ -16,6 +17,7 @@ from milsparse.passes.lut_config import (
     parse_palettize_spec,
 )
 from milsparse.passes.palettize import PalettizeWeights
+from milsparse.passes.prune import PruneWeights
 
 import milsparse as ms
 from milsparse.errors import ConfigError
@@ -102,11 +104,52 @@ def test_what_is_left_as_it_is_says_why():
     pass_ = _run(prog, PalettizeConfig(parse_palettize_spec("lut4@g16"), min_size=16))
     assert "40 output channels are not a multiple of group_size 16" in pass_.report[0].reason
     assert _op(prog, "weight").op_type == "const"
-    prune_first = programs.single_op("linear", shape=(48, 64))
-    ms.run_passes(prune_first, [("milsparse::prune", ms.passes.prune.PruneWeights("2:4"))])
-    pass_ = _run(prune_first, PalettizeConfig(parse_palettize_spec("lut4"), min_size=16))
-    reasons = {d.reason for d in pass_.report if not d.compressed}
-    assert "already compressed: feeds a constexpr op" in reasons
+    pruned16 = programs.single_op("linear", shape=(48, 64), opset=ct.target.iOS16)
+    PruneWeights(PruneConfig(parse_prune_spec("2:4"), min_size=16))(pruned16)
+    pass_ = _run(pruned16, PalettizeConfig(parse_palettize_spec("lut4"), min_size=16))
+    (row,) = [d for d in pass_.report if d.name == "weight"]
+    assert row.reason.startswith("already compressed: sparse(ios16); joint forms need the iOS18")
+    twice = programs.single_op("linear", shape=(48, 64))
+    _run(twice, PalettizeConfig(parse_palettize_spec("lut4"), min_size=16))
+    pass_ = _run(twice, PalettizeConfig(parse_palettize_spec("lut2"), min_size=16))
+    assert [d.reason for d in pass_.report if d.name == "weight"] == ["already compressed: lut4"]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("spec", ["lut4", "lut2@g16", "lut3"])
+def test_sparse_weights_get_the_joint_form_fitted_on_their_nonzeros(dtype, spec, tmp_path):
+    """prune then palettize: constexpr_lut_to_sparse -> constexpr_sparse_to_dense; the zeros
+    stay exactly where pruning put them, and each group's table is the exact k-means of its
+    nonzeros (coremltools fits it with the zeros, spending an entry on them)."""
+    weight = _heavy((64, 96), dtype, seed=2)
+    prog = programs.single_op("linear", dtype=dtype, shape=weight.shape, weight=weight)
+    PruneWeights(PruneConfig(parse_prune_spec("2:4"), min_size=16))(prog)
+    pruned = weight_chain(_op(prog, "weight")).decode()
+    sparse_bytes = weight_chain(_op(prog, "weight")).stored_bytes
+    pass_ = _run(prog, PalettizeConfig(parse_palettize_spec(spec), min_size=16))
+    (d,) = [d for d in pass_.report if d.name == "weight"]
+    assert d.compressed and d.spec == f"sparse+{spec}" and d.stored_bytes < sparse_bytes
+    root = _op(prog, "weight")
+    assert root.op_type == "constexpr_sparse_to_dense"
+    assert root.nonzero_data.op.op_type == "constexpr_lut_to_sparse"
+    chain = weight_chain(root)
+    nbits = int(spec[3])
+    assert chain.form is Form.SPARSE_PALETTIZED and chain.label == f"sparse+lut{nbits}"
+    assert chain.stored_bytes == d.stored_bytes and chain.sparsity == pytest.approx(0.5)
+    ours = chain.decode()
+    np.testing.assert_array_equal(ours, np.asarray(root.materialized_val_inference(), np.float32))
+    np.testing.assert_array_equal(ours == 0, pruned == 0)
+    groups = 4 if "@g16" in spec else 1
+    rows = weight.shape[0] // groups
+    for g in range(groups):
+        kept = pruned[g * rows : (g + 1) * rows]
+        nonzeros = kept[kept != 0].astype(dtype)
+        table = lut.fit_lut(nonzeros, nbits)
+        got = ours[g * rows : (g + 1) * rows]
+        np.testing.assert_array_equal(got[kept != 0], table[lut.assign_indices(nonzeros, table)])
+    path = tmp_path / "joint.mlpackage"
+    programs.program_to_mlmodel(prog).save(str(path))
+    np.testing.assert_array_equal(weight_chain(_op(ms.load_program(path), "weight")).decode(), ours)
 
 
 def test_verify_passes_a_4_bit_mlp(save_program):
