@@ -24,7 +24,7 @@ from coremltools.converters.mil.mil import types
 from milsparse.ir import formats
 from milsparse.ir.graph import uses_of
 
-__all__ = ["Form", "StoredTensor", "WeightChain", "weight_chain", "is_compressed"]
+__all__ = ["Form", "StoredTensor", "WeightChain", "weight_chain", "is_compressed", "bits_of"]
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _SUB_BYTE_BITS = {"uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "int4": 4, "uint6": 6}
@@ -132,7 +132,8 @@ def _weight_var(op):
     return op.outputs[-1] if op.op_type == "constexpr_sparse_to_dense" else op.outputs[0]
 
 
-def _bits_of(var) -> int:
+def bits_of(var) -> int:
+    """Bits per element of a const var's value (uint1 ... uint6 and int4 included)."""
     name = types.builtin_to_string(var.dtype)
     return _SUB_BYTE_BITS.get(name, np.asarray(var.val).dtype.itemsize * 8)
 
@@ -168,7 +169,7 @@ def weight_chain(op) -> WeightChain | None:
     ops = _chain_ops(op)
     kinds = {o.op_type for o in ops}
     stored = tuple(
-        StoredTensor(name, int(np.asarray(var.val).size), _bits_of(var))
+        StoredTensor(name, int(np.asarray(var.val).size), bits_of(var))
         for o in ops
         for name, var in o.inputs.items()
         if var.op is not None and var.op.op_type == "const" and isinstance(var.val, np.ndarray)
@@ -221,7 +222,7 @@ def _form_of(kinds: set, ops: tuple) -> tuple[Form, int | None, str | None, int]
             if n in ("quantized_data", "data", "nonzero_data")
         )  # fmt: skip
         form = Form.SPARSE_QUANTIZED if sparse else Form.QUANTIZED
-        return form, _bits_of(data), types.builtin_to_string(data.dtype), 1
+        return form, bits_of(data), types.builtin_to_string(data.dtype), 1
     if sparse:
         return Form.SPARSE, None, None, 1
     return Form.CAST, None, None, 1

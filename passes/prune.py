@@ -36,10 +36,11 @@ from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 from milsparse.ir import formats, masks
+from milsparse.ir.chain import Form, bits_of
 from milsparse.ir.errors import UnsupportedModelError
 from milsparse.ir.graph import Use
 from milsparse.passes._match import MatchResult
-from milsparse.passes._rewrite import named_const, replace_const
+from milsparse.passes._rewrite import named_const, replace_const, replace_op
 from milsparse.passes._weight_pass import (
     WEIGHT_OPERANDS,
     Candidate,
@@ -59,6 +60,7 @@ class PruneWeights(WeightPass):
     """Prune weight consts into sparse constexpr ops (see the module docstring)."""
 
     pass_name = "milsparse::prune"
+    accepts = frozenset({Form.DENSE, Form.PALETTIZED, Form.QUANTIZED})
 
     def __init__(self, config: PruneConfig | str | dict | None = None):
         super().__init__(config)
@@ -142,6 +144,8 @@ class PruneWeights(WeightPass):
 
     # -- rewriting ---------------------------------------------------------------------------
     def compress(self, cand: Candidate, ios18: bool) -> WeightDecision:
+        if cand.chain.form is not Form.DENSE:
+            return self._compress_compressed(cand, ios18)
         op = cand.op
         weight = cand.weight
         enc, reason = self._encode(cand, ios18)
@@ -183,6 +187,97 @@ class PruneWeights(WeightPass):
             ),
             note=cand.note,
         )
+
+    # -- a palettized or quantized weight: the joint forms, nothing refitted -------------------
+    def _compress_compressed(self, cand: Candidate, ios18: bool) -> WeightDecision:
+        """Prune a palettized (`constexpr_lut_to_dense`) or quantized
+        (`constexpr_blockwise_shift_scale`) weight into the joint iOS18 form. The pattern is
+        chosen on the decoded weight; the kept positions keep their own indices or quantized
+        values, so they decode bit-identically to what the weight decoded to before."""
+        root, chain, spec = cand.op, cand.chain, cand.spec
+        reason = _joint_reason(root, chain, ios18)
+        if reason is not None:
+            return dense_decision(root, reason, cand)
+        decoded = chain.decode()
+        if not masks.all_finite(decoded):
+            return dense_decision(root, "non-finite values (inf or nan)", cand)
+        keep = _build_mask(decoded, spec, cand.axis)
+        masks.exclude_zeros(decoded, keep)
+        nnz = int(np.count_nonzero(keep))
+        if spec.pattern == "threshold" and 1.0 - nnz / keep.size < spec.min_sparsity:
+            return dense_decision(
+                root, f"below minimum sparsity: {1 - nnz / keep.size:.4f} < "
+                f"{spec.min_sparsity:g}", cand,
+            )  # fmt: skip
+        if root.op_type == "constexpr_lut_to_dense":
+            codes, tables = np.asarray(root.indices.val), [("lut", root.lut)]
+        else:
+            codes = np.asarray(root.data.val)
+            tables = [(n, root.inputs[n]) for n in ("scale", "offset") if n in root.inputs]
+        value_bits = chain.nbits
+        table_bytes = [(int(np.prod(v.shape)), bits_of(v)) for _, v in tables]
+        stored = formats.stored_bytes([(keep.size, 1), (nnz, value_bits), *table_bytes])
+        if stored >= chain.stored_bytes:
+            return dense_decision(
+                root, f"joint form would not be smaller: {stored} >= {chain.stored_bytes} bytes",
+                cand,
+            )  # fmt: skip
+        kept_codes = codes[keep]  # row-major, as the mask reads them
+        replace_op(root, _joint_builder(root, keep, kept_codes, tables))
+        return WeightDecision(
+            name=root.name,
+            consumers=consumers(cand.uses),
+            shape=chain.shape,
+            dtype=str(decoded.dtype if chain.dtype != "fp16" else np.dtype(np.float16)),
+            compressed=True,
+            spec=cand.spec.to_string(),
+            axis=cand.axis,
+            sparsity=1.0 - nnz / keep.size,
+            dense_bytes=chain.dense_bytes,
+            stored_bytes=stored,
+            note=cand.note,
+        )
+
+
+def _joint_reason(root, chain, ios18: bool) -> str | None:
+    """Why a compressed weight cannot be pruned into a joint form, or None."""
+    if not ios18 or chain.ios16_form:
+        return (
+            f"already compressed: {chain.label}; joint forms need iOS18 (set the target to ios18)"
+        )
+    if root.op_type not in ("constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"):
+        return f"already compressed: {chain.label} ({root.op_type} has no joint form)"
+    if chain.vector_size > 1:
+        return f"already compressed: {chain.label}; vector-palettized weights are not pruned"
+    if len(chain.ops) > 1:
+        return f"already compressed: {chain.label} (a chain of {len(chain.ops)} ops)"
+    return None
+
+
+def _joint_builder(root, keep, kept_codes, tables):
+    name = root.name
+    mask_value = keep.astype(np.uint8).view(types.np_uint1_dtype)
+    table_values = [(n, np.asarray(v.val)) for n, v in tables]
+
+    def build(anchor, tmp_name):
+        mask = named_const(mask_value, f"{name}_data_mask", anchor)
+        codes = named_const(kept_codes, f"{name}_nonzero_codes", anchor)
+        consts = {n: named_const(v, f"{name}_{n}_kept", anchor) for n, v in table_values}
+        if root.op_type == "constexpr_lut_to_dense":
+            sparse_mask, values = mb.constexpr_lut_to_sparse(
+                indices_mask=mask, indices_nonzero_data=codes, lut=consts["lut"],
+                name=f"{name}_lut_to_sparse", before_op=anchor,
+            )  # fmt: skip
+        else:
+            sparse_mask, values = mb.constexpr_sparse_blockwise_shift_scale(
+                data_mask=mask, nonzero_data=codes, name=f"{name}_shift_scale",
+                before_op=anchor, **consts,
+            )  # fmt: skip
+        return mb.constexpr_sparse_to_dense(
+            nonzero_data=values, mask=sparse_mask, name=tmp_name, before_op=anchor
+        )
+
+    return build
 
 
 def _build_mask(weight: np.ndarray, spec: PruneSpec, axis: int | None) -> np.ndarray:
