@@ -223,24 +223,35 @@ def parse_prune_spec(text: str) -> PruneSpec:
     return PruneSpec("n:m", n=int(g["n"]), m=int(g["m"]), axis=_axis_word(g["nmaxis"], spec))
 
 
-def _spec_from(value: Any, where: str) -> PruneSpec | None:
-    if value is None or isinstance(value, PruneSpec):
-        return value
-    if isinstance(value, str):
-        if value.strip().lower() in ("dense", "none", "skip"):
-            return None
-        return parse_prune_spec(value)
-    if isinstance(value, Mapping):
-        unknown = set(value) - {f.name for f in attrs.fields(PruneSpec)}
-        if unknown:
-            raise ConfigError(f"unknown keys in {where}: {sorted(unknown)}")
-        try:
-            return PruneSpec(**value)
-        except TypeError as e:
-            raise ConfigError(f"bad {where}: {e}") from e
-    raise ConfigError(
-        f"{where} must be a spec string, a mapping or null, got {type(value).__name__}"
-    )
+def spec_reader(spec_type, parse_text):
+    """A reader `(value, where) -> spec or None` of one pass's specs: a spec object, its short
+    text (`parse_text`), a mapping of its fields, or dense/none/skip/null for no spec."""
+
+    def read(value: Any, where: str):
+        if value is None or isinstance(value, spec_type):
+            return value
+        if isinstance(value, str):
+            if value.strip().lower() in ("dense", "none", "skip"):
+                return None
+            return parse_text(value)
+        if isinstance(value, Mapping):
+            unknown = set(value) - {f.name for f in attrs.fields(spec_type)}
+            if unknown:
+                raise ConfigError(f"unknown keys in {where}: {sorted(unknown)}")
+            try:
+                return spec_type(**value)
+            except (TypeError, ValueError) as e:
+                if isinstance(e, ConfigError):
+                    raise
+                raise ConfigError(f"bad {where}: {e}") from e
+        raise ConfigError(
+            f"{where} must be a spec string, a mapping or null, got {type(value).__name__}"
+        )
+
+    return read
+
+
+_spec_from = spec_reader(PruneSpec, parse_prune_spec)
 
 
 def _overrides(value) -> tuple[tuple[str, PruneSpec | None], ...]:
@@ -295,8 +306,8 @@ def _min_size(instance, attribute, value):
 
 
 class SelectionMethods:
-    """What the weight-pass template asks of a config (any config with `overrides` and
-    `op_names`)."""
+    """What the weight-pass template asks of a config, and what every pass's config shares
+    (its fields: `spec`, `op_types`, `op_names`, `overrides`, `min_size`)."""
 
     def override_for(self, *names: str) -> tuple[bool, Any, str | None]:
         """(matched, spec, pattern) of the first override matching any of `names` in order."""
@@ -309,9 +320,26 @@ class SelectionMethods:
     def names_selected(self, *names: str) -> bool:
         return not self.op_names or any(fnmatchcase(n, p) for n in names for p in self.op_names)
 
+    def _check_selection(self, spec_type) -> None:
+        if not isinstance(self.spec, spec_type):
+            raise ConfigError(
+                f"spec must be a {spec_type.__name__}, got {type(self.spec).__name__}"
+            )
+        if not self.op_types:
+            raise ConfigError("op_types must name at least one op type")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "op_types": list(self.op_types),
+            "op_names": list(self.op_names),
+            "overrides": {p: (None if s is None else s.to_dict()) for p, s in self.overrides},
+            "min_size": self.min_size,
+        }
+
 
 @attrs.frozen
-class PruneConfig:
+class PruneConfig(SelectionMethods):
     """Which weights the pruning pass touches, and how.
 
     spec: the default PruneSpec.
@@ -333,22 +361,7 @@ class PruneConfig:
     min_size: int = attrs.field(default=2048, validator=_min_size)
 
     def __attrs_post_init__(self):
-        if not isinstance(self.spec, PruneSpec):
-            raise ConfigError(f"spec must be a PruneSpec, got {type(self.spec).__name__}")
-        if not self.op_types:
-            raise ConfigError("op_types must name at least one op type")
-
-    override_for = SelectionMethods.override_for
-    names_selected = SelectionMethods.names_selected
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "spec": self.spec.to_dict(),
-            "op_types": list(self.op_types),
-            "op_names": list(self.op_names),
-            "overrides": {p: (None if s is None else s.to_dict()) for p, s in self.overrides},
-            "min_size": self.min_size,
-        }
+        self._check_selection(PruneSpec)
 
 
 _CONFIG_KEYS = {"spec", "op_types", "op_names", "overrides", "min_size"}

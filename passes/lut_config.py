@@ -23,6 +23,7 @@ from milsparse.passes.config import (
     _op_types,
     _str_tuple,
     overrides_of,
+    spec_reader,
 )
 
 __all__ = ["PalettizeSpec", "PalettizeConfig", "parse_palettize_spec", "parse_palettize_config"]
@@ -93,22 +94,7 @@ def parse_palettize_spec(text: str) -> PalettizeSpec:
         raise ConfigError(f"bad palettize spec {text!r}: {e}") from e
 
 
-def _spec_from(value: Any, where: str) -> PalettizeSpec | None:
-    if value is None or isinstance(value, PalettizeSpec):
-        return value
-    if isinstance(value, str):
-        if value.strip().lower() in ("dense", "none", "skip"):
-            return None
-        return parse_palettize_spec(value)
-    if isinstance(value, Mapping):
-        unknown = set(value) - {f.name for f in attrs.fields(PalettizeSpec)}
-        if unknown:
-            raise ConfigError(f"unknown keys in {where}: {sorted(unknown)}")
-        try:
-            return PalettizeSpec(**value)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"bad {where}: {e}") from e
-    raise ConfigError(f"{where} must be a spec string, a mapping or null, got {value!r}")
+_spec_from = spec_reader(PalettizeSpec, parse_palettize_spec)
 
 
 @attrs.frozen
@@ -124,17 +110,7 @@ class PalettizeConfig(SelectionMethods):
     min_size: int = attrs.field(default=2048, validator=_min_size)
 
     def __attrs_post_init__(self):
-        if not isinstance(self.spec, PalettizeSpec):
-            raise ConfigError(f"spec must be a PalettizeSpec, got {type(self.spec).__name__}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "spec": self.spec.to_dict(),
-            "op_types": list(self.op_types),
-            "op_names": list(self.op_names),
-            "overrides": {p: (None if s is None else s.to_dict()) for p, s in self.overrides},
-            "min_size": self.min_size,
-        }
+        self._check_selection(PalettizeSpec)
 
 
 _KEYS = {"spec", "op_types", "op_names", "overrides", "min_size"}
