@@ -172,7 +172,8 @@ def weight_chain(op) -> WeightChain | None:
         StoredTensor(name, int(np.asarray(var.val).size), bits_of(var))
         for o in ops
         for name, var in o.inputs.items()
-        if var.op is not None and var.op.op_type == "const" and isinstance(var.val, np.ndarray)
+        if var.op is not None and var.op.op_type == "const"
+        and isinstance(var.val, (np.ndarray, np.generic))
         and name not in ("vector_axis", "axis", "output_dtype")  # scalars, no storage
     )  # fmt: skip
     form, nbits, value_type, vector = _form_of(kinds, ops)

@@ -1,7 +1,7 @@
 """MIL graph passes of milsparse, one per module, each registered with coremltools and here."""
 
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
-from milsparse.passes import palettize, prune, upgrade
+from milsparse.passes import palettize, prune, quantize, upgrade
 from milsparse.passes.registry import MILSPARSE_PASSES, PassSpec, register
 
 register(
@@ -36,4 +36,15 @@ register(
     )
 )
 
-__all__ = ["palettize", "prune", "upgrade", "register", "PassSpec"]
+register(
+    PassSpec(
+        name="milsparse::quantize",
+        summary="linearly quantize weight consts (int8/uint8/int4/uint4, per tensor, channel or "
+        "block) into constexpr_blockwise_shift_scale or constexpr_affine_dequantize",
+        after=("milsparse::prune", *MILSPARSE_PASSES["milsparse::prune"].after),
+        conflicts=("milsparse::palettize",),
+        min_target=AvailableTarget.iOS16,
+    )
+)
+
+__all__ = ["palettize", "prune", "quantize", "upgrade", "register", "PassSpec"]

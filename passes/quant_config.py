@@ -1,0 +1,134 @@
+"""Typed, frozen, validated options of the linear quantization pass, and their one parser.
+
+Short form: `DTYPE[@ch|@t|@bN][:affine]`: `int8` (per output channel, symmetric), `int8@t` (one
+scale per tensor), `int4@b32` (per output channel and block of 32 input channels),
+`uint8:affine` (a zero point per group, the range not forced symmetric).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+from milsparse.ir.errors import ConfigError
+from milsparse.passes.config import (
+    DEFAULT_OP_TYPES,
+    SelectionMethods,
+    _min_size,
+    _op_types,
+    _str_tuple,
+    overrides_of,
+    spec_reader,
+)
+
+__all__ = ["QuantizeSpec", "QuantizeConfig", "parse_quantize_spec", "parse_quantize_config"]
+
+DTYPES = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4}
+MODES = ("linear_symmetric", "linear")
+GRANULARITIES = ("per_tensor", "per_channel", "per_block")
+
+
+def _positive_int(instance, attribute, value):
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+@attrs.frozen
+class QuantizeSpec:
+    """How to quantize one weight: w ~ (q - offset) * scale.
+
+    dtype: "int8", "uint8", "int4", "uint4" (iOS16/17: int8 and uint8 only).
+    mode: "linear_symmetric" (offset 0, or the middle of an unsigned range) or "linear"
+        (affine: a zero point per group, the range from the group's minimum to its maximum,
+        zero included).
+    granularity: "per_tensor", "per_channel" (one scale per output channel; the default), or
+        "per_block" (per output channel and block of `block_size` input channels; iOS18).
+    """
+
+    dtype: str = attrs.field(validator=attrs.validators.in_(tuple(DTYPES)))
+    mode: str = attrs.field(default="linear_symmetric", validator=attrs.validators.in_(MODES))
+    granularity: str = attrs.field(
+        default="per_channel", validator=attrs.validators.in_(GRANULARITIES)
+    )
+    block_size: int = attrs.field(default=32, validator=_positive_int)
+
+    @property
+    def nbits(self) -> int:
+        return DTYPES[self.dtype]
+
+    @property
+    def signed(self) -> bool:
+        return not self.dtype.startswith("u")
+
+    def to_string(self) -> str:
+        where = {"per_tensor": "@t", "per_channel": "", "per_block": f"@b{self.block_size}"}
+        mode = ":affine" if self.mode == "linear" else ""
+        return f"{self.dtype}{where[self.granularity]}{mode}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+_SPEC_RE = re.compile(r"^(?P<dtype>u?int[48])(?:@(?P<where>t|ch|b\d+))?(?::(?P<mode>\w+))?$")
+
+
+def parse_quantize_spec(text: str) -> QuantizeSpec:
+    """Parse `DTYPE[@ch|@t|@bN][:affine|:symmetric]`, e.g. `int8`, `int4@b32`, `uint8:affine`."""
+    if not isinstance(text, str):
+        raise ConfigError(f"a quantize spec must be a string, got {type(text).__name__}")
+    match = _SPEC_RE.match(text.strip())
+    if match is None:
+        raise ConfigError(
+            f"bad quantize spec {text!r}: use DTYPE[@ch|@t|@bN][:affine] with DTYPE int8, "
+            "uint8, int4 or uint4 (e.g. int8, int4@b32)"
+        )
+    where = match["where"] or "ch"
+    modes = {None: "linear_symmetric", "symmetric": "linear_symmetric", "affine": "linear"}
+    if match["mode"] not in modes:
+        raise ConfigError(f"bad mode in {text!r}: use :affine or :symmetric")
+    try:
+        return QuantizeSpec(
+            dtype=match["dtype"],
+            mode=modes[match["mode"]],
+            granularity={"t": "per_tensor", "ch": "per_channel"}.get(where, "per_block"),
+            block_size=int(where[1:]) if where.startswith("b") else 32,
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad quantize spec {text!r}: {e}") from e
+
+
+_spec_from = spec_reader(QuantizeSpec, parse_quantize_spec)
+
+
+@attrs.frozen
+class QuantizeConfig(SelectionMethods):
+    """Which weights the quantization pass touches, and how (fields as `PruneConfig`'s)."""
+
+    spec: QuantizeSpec
+    op_types: tuple[str, ...] = attrs.field(default=DEFAULT_OP_TYPES, converter=_op_types)
+    op_names: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    overrides: tuple[tuple[str, QuantizeSpec | None], ...] = attrs.field(
+        default=(), converter=lambda value: overrides_of(value, _spec_from)
+    )
+    min_size: int = attrs.field(default=2048, validator=_min_size)
+
+    def __attrs_post_init__(self):
+        self._check_selection(QuantizeSpec)
+
+
+def parse_quantize_config(value: Any) -> QuantizeConfig:
+    """A QuantizeConfig from itself, a spec, a spec string or a mapping of its fields."""
+    if isinstance(value, QuantizeConfig):
+        return value
+    if isinstance(value, (QuantizeSpec, str)):
+        return QuantizeConfig(spec=_spec_from(value, "spec"))
+    if isinstance(value, dict):
+        unknown = set(value) - {f.name for f in attrs.fields(QuantizeConfig)}
+        if unknown:
+            raise ConfigError(f"unknown quantize config keys {sorted(unknown)}")
+        spec = _spec_from(value.get("spec"), "spec")
+        if spec is None:
+            raise ConfigError("a quantize config needs a spec (e.g. spec: int8)")
+        return QuantizeConfig(spec=spec, **{k: v for k, v in value.items() if k != "spec"})
+    raise ConfigError(f"cannot make a quantize config from {type(value).__name__}")

@@ -1,0 +1,238 @@
+"""milsparse::quantize: linear quantization of weights, w ~ (q - offset) * scale.
+
+Before (linear with a dense fp16 weight)::
+
+    %w = const(val=<fp16 [512, 256]>)
+
+After, iOS18, int4 per output channel and block of 32 input channels::
+
+    %w_data = const(val=<int4 [512, 256]>)
+    %w_scale = const(val=<fp16 [512, 8]>)
+    %w = constexpr_blockwise_shift_scale(data=%w_data, scale=%w_scale)
+
+iOS16/iOS17 (int8/uint8, per tensor or per channel): `constexpr_affine_dequantize`
+(`quantized_data`, `zero_point`, `scale`, `axis`). A sparse iOS18 weight gets the joint form,
+its ranges taken from its nonzeros only::
+
+    %m, %nz = constexpr_sparse_blockwise_shift_scale(data_mask=<uint1>, nonzero_data=<int8 [D]>,
+                                                      scale=..., offset=...)
+    %w = constexpr_sparse_to_dense(nonzero_data=%nz, mask=%m)
+
+Scales are stored in the weight's dtype and the values rounded against the stored scale (in
+float64), so every value is within half a step of its quantized level. A form that would not be
+smaller than what the weight already is is not emitted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from coremltools.converters.mil._deployment_compatibility import AvailableTarget
+from coremltools.converters.mil.mil import Builder as mb
+from coremltools.converters.mil.mil import types
+from coremltools.converters.mil.mil.passes.pass_registry import register_pass
+from milsparse.ir import formats, masks
+from milsparse.ir.chain import Form
+from milsparse.ir.errors import UnsupportedModelError
+from milsparse.ir.graph import Use
+from milsparse.passes._match import MatchResult
+from milsparse.passes._rewrite import named_const, replace_op
+from milsparse.passes._weight_pass import (
+    Candidate,
+    WeightPass,
+    channel_axes,
+    consumers,
+    dense_decision,
+)
+from milsparse.passes.decisions import WeightDecision
+from milsparse.passes.quant_config import (
+    QuantizeConfig,
+    QuantizeSpec,
+    parse_quantize_config,
+)
+
+__all__ = ["QuantizeWeights", "quantize_blockwise"]
+
+_STORAGE = {
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "int4": types.np_int4_dtype,
+    "uint4": types.np_uint4_dtype,
+}
+
+
+def quantize_blockwise(weight: np.ndarray, scale_shape, spec: QuantizeSpec, valid=None):
+    """(q int64, scale in the weight's dtype, offset int64 or None), each group of `weight`
+    (the blocks `scale_shape` divides it into) quantized on its own; `valid` (a boolean mask)
+    limits the ranges to those values (a sparse weight's nonzeros)."""
+    rank = weight.ndim
+    view = [x for d in range(rank) for x in (scale_shape[d], weight.shape[d] // scale_shape[d])]
+    inner = tuple(range(1, 2 * rank, 2))
+    x = np.asarray(weight, dtype=np.float64).reshape(view)
+    where = (
+        True if valid is None else np.asarray(valid, bool).reshape(view)
+    )  # not None: numpy reads None as "no element"
+    lo = np.min(x, axis=inner, keepdims=True, where=where, initial=np.inf)
+    hi = np.max(x, axis=inner, keepdims=True, where=where, initial=-np.inf)
+    empty = ~np.isfinite(lo)
+    lo, hi = np.where(empty, 0.0, lo), np.where(empty, 0.0, hi)
+    half = 1 << (spec.nbits - 1)
+    qmin, qmax = (-half, half - 1) if spec.signed else (0, 2 * half - 1)
+    if spec.mode == "linear_symmetric":
+        scale = np.maximum(np.abs(lo), np.abs(hi)) / (half - 1)
+        offset = None if spec.signed else np.full(scale.shape, half, np.int64)
+    else:
+        if valid is None:  # a dense weight's zeros must stay exact
+            lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        scale = (hi - lo) / (qmax - qmin)
+    scale = np.where(scale > 0, scale, 1.0).astype(weight.dtype)  # what the model stores
+    stored = scale.astype(np.float64)
+    if spec.mode == "linear":
+        offset = np.clip(np.rint(qmin - lo / stored), qmin, qmax).astype(np.int64)
+    shift = 0 if offset is None else offset
+    q = np.clip(np.rint(x / stored) + shift, qmin, qmax).astype(np.int64)
+    shape = tuple(scale_shape)
+    return (
+        q.reshape(weight.shape),
+        scale.reshape(shape),
+        None if offset is None else offset.reshape(shape),
+    )
+
+
+@register_pass(namespace="milsparse", name="quantize")
+class QuantizeWeights(WeightPass):
+    """Linearly quantize weight consts (see the module docstring)."""
+
+    pass_name = "milsparse::quantize"
+    accepts = frozenset({Form.DENSE, Form.SPARSE})
+
+    @staticmethod
+    def parse_config(value) -> QuantizeConfig:
+        return parse_quantize_config(value)
+
+    def check_function(self, fname: str, opset) -> bool:
+        if opset is None or opset < AvailableTarget.iOS16:
+            have = "no opset" if opset is None else opset.name
+            raise UnsupportedModelError(
+                f"milsparse::quantize: function {fname!r} targets {have}; quantized weights need "
+                "iOS16 or later (target='ios16' or later)."
+            )
+        return opset >= AvailableTarget.iOS18
+
+    def spec_key(self, spec: QuantizeSpec) -> float:
+        return -spec.nbits
+
+    def prepare(self, op, spec: QuantizeSpec, use: Use, rank: int) -> MatchResult:
+        """(input axis, output axis) of the weight; a block size that does not divide the
+        input channels is refused."""
+        axes = channel_axes(use, rank)
+        if spec.granularity == "per_block":
+            channels = op.outputs[0].shape[axes[0]]
+            if channels % spec.block_size:
+                return MatchResult.fail(
+                    f"{spec.to_string()}: {channels} input channels are not a multiple of "
+                    f"block_size {spec.block_size}"
+                )
+        return MatchResult.ok(axes)
+
+    def compress(self, cand: Candidate, ios18: bool) -> WeightDecision:
+        op, spec, chain = cand.op, cand.spec, cand.chain
+        sparse = chain.form is Form.SPARSE
+        if not ios18 and (spec.nbits != 8 or spec.granularity == "per_block"):
+            return dense_decision(
+                op, f"{spec.to_string()} needs iOS18 (iOS16/17 quantize to int8 or uint8, per "
+                "tensor or per channel); set the target to ios18", cand,
+            )  # fmt: skip
+        dtype = np.dtype(types.nptype_from_builtin(types.string_to_builtin(chain.dtype)))
+        weight = cand.weight if not sparse else chain.decode().astype(dtype)
+        if not masks.all_finite(weight):
+            return dense_decision(op, "non-finite values (inf or nan)", cand)
+        mask = np.asarray(op.mask.val).view(np.uint8) if sparse else None
+        shape = _scale_shape(weight.shape, spec, cand.axis)
+        q, scale, offset = quantize_blockwise(weight, shape, spec, None if mask is None else mask)
+        # iOS16's constexpr_affine_dequantize always stores a zero point
+        zero_points = offset is not None or not ios18
+        tables = [(scale.size, dtype.itemsize * 8)] + (
+            [(scale.size, spec.nbits)] if zero_points else []
+        )
+        data = [(int(mask.sum()), spec.nbits), (mask.size, 1)] if sparse else [(q.size, spec.nbits)]
+        stored = formats.stored_bytes(data + tables)
+        if stored >= chain.stored_bytes:
+            return dense_decision(
+                op, f"quantized form would not be smaller: {stored} >= {chain.stored_bytes} "
+                "bytes", cand,
+            )  # fmt: skip
+        build = _builder(op.name, q, scale, offset, spec, mask, ios18, cand.axis[1])
+        replace_op(op, build)
+        return WeightDecision(
+            name=op.name,
+            consumers=consumers(cand.uses),
+            shape=chain.shape,
+            dtype=str(dtype),
+            compressed=True,
+            spec=("sparse+" if sparse else "") + spec.to_string(),
+            axis=cand.axis[1],
+            sparsity=chain.sparsity or 0.0,
+            dense_bytes=chain.dense_bytes,
+            stored_bytes=stored,
+            note=cand.note,
+        )
+
+
+def _scale_shape(shape, spec: QuantizeSpec, axes) -> list[int]:
+    scale = [1] * len(shape)
+    if spec.granularity != "per_tensor":
+        scale[axes[1]] = shape[axes[1]]
+    if spec.granularity == "per_block":
+        scale[axes[0]] = shape[axes[0]] // spec.block_size
+    return scale
+
+
+def _builder(name, q, scale, offset, spec, mask, ios18, out_axis):
+    storage = _STORAGE[spec.dtype]
+    if mask is not None:
+
+        def build_sparse(anchor, tmp_name):
+            bits = named_const(mask.view(types.np_uint1_dtype), f"{name}_data_mask", anchor)
+            data = named_const(q[mask != 0].astype(storage), f"{name}_nonzero_quantized", anchor)
+            extra = {} if offset is None else {
+                "offset": named_const(offset.astype(storage), f"{name}_offset", anchor)
+            }  # fmt: skip
+            sparse_mask, values = mb.constexpr_sparse_blockwise_shift_scale(
+                data_mask=bits, nonzero_data=data,
+                scale=named_const(scale, f"{name}_scale", anchor),
+                name=f"{name}_shift_scale", before_op=anchor, **extra,
+            )  # fmt: skip
+            return mb.constexpr_sparse_to_dense(
+                nonzero_data=values, mask=sparse_mask, name=tmp_name, before_op=anchor
+            )
+
+        return build_sparse
+    if ios18:
+
+        def build(anchor, tmp_name):
+            extra = {} if offset is None else {
+                "offset": named_const(offset.astype(storage), f"{name}_offset", anchor)
+            }  # fmt: skip
+            return mb.constexpr_blockwise_shift_scale(
+                data=named_const(q.astype(storage), f"{name}_data", anchor),
+                scale=named_const(scale, f"{name}_scale", anchor),
+                name=tmp_name, before_op=anchor, **extra,
+            )  # fmt: skip
+
+        return build
+    per_channel = scale.size > 1
+    zero_point = np.zeros(scale.shape, np.int64) if offset is None else offset
+
+    def build16(anchor, tmp_name):
+        return mb.constexpr_affine_dequantize(
+            quantized_data=named_const(q.astype(storage), f"{name}_quantized_data", anchor),
+            zero_point=(zero_point.ravel() if per_channel else zero_point.ravel()[0]).astype(
+                storage
+            ),
+            scale=scale.ravel() if per_channel else scale.ravel()[0],
+            axis=out_axis if per_channel else 0,
+            name=tmp_name,
+            before_op=anchor,
+        )
+
+    return build16

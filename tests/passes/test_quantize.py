@@ -1,0 +1,126 @@
+"""milsparse::quantize: every form decodes exactly as coremltools decodes it, every value within
+half a step of its level, the joint form on sparse weights, and the chain with pruning."""
+
+import coremltools as ct
+import numpy as np
+import pytest
+from milsparse.fixtures import programs
+from milsparse.ir.chain import Form, weight_chain
+from milsparse.passes.config import PruneConfig, parse_prune_spec
+from milsparse.passes.prune import PruneWeights
+from milsparse.passes.quant_config import parse_quantize_config, parse_quantize_spec
+from milsparse.passes.quantize import QuantizeWeights, quantize_blockwise
+
+from milsparse.errors import ConfigError
+
+SHAPE = (64, 96)
+
+
+def _program(dtype, opset, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_t(3, SHAPE) * 0.05 * rng.lognormal(0, 0.7, (SHAPE[0], 1))
+    w = w.astype(dtype)
+    return w, programs.single_op("linear", dtype=dtype, shape=SHAPE, weight=w, opset=opset)
+
+
+def _quantize(prog, spec):
+    pass_ = QuantizeWeights({"spec": spec, "min_size": 16})
+    pass_(prog)
+    prog.validate()
+    return next(d for d in pass_.report if d.name == "weight")
+
+
+def _weight_op(prog):
+    return next(o for o in prog.functions["main"].operations if o.name == "weight")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(
+    "opset, spec, op_type, label",
+    [
+        (ct.target.iOS18, "int8", "constexpr_blockwise_shift_scale", "int8"),
+        (ct.target.iOS18, "uint8@t:affine", "constexpr_blockwise_shift_scale", "uint8"),
+        (ct.target.iOS18, "int4@b32", "constexpr_blockwise_shift_scale", "int4"),
+        (ct.target.iOS18, "uint4@b16:affine", "constexpr_blockwise_shift_scale", "uint4"),
+        (ct.target.iOS16, "int8", "constexpr_affine_dequantize", "int8"),
+        (ct.target.iOS16, "uint8@t:affine", "constexpr_affine_dequantize", "uint8"),
+    ],
+)
+def test_every_form_decodes_exactly_within_half_a_step(dtype, opset, spec, op_type, label):
+    w, prog = _program(dtype, opset)
+    d = _quantize(prog, spec)
+    assert d.compressed and d.spec == spec, d.reason
+    op = _weight_op(prog)
+    chain = weight_chain(op)
+    assert op.op_type == op_type and chain.form is Form.QUANTIZED and chain.label == label
+    assert chain.stored_bytes == d.stored_bytes < d.dense_bytes
+    ours = chain.decode()
+    np.testing.assert_array_equal(ours, np.asarray(op.materialized_val_inference(), np.float32))
+    parsed = parse_quantize_spec(spec)
+    scale_shape = [1, 1]
+    if parsed.granularity != "per_tensor":
+        scale_shape[0] = SHAPE[0]
+    if parsed.granularity == "per_block":
+        scale_shape[1] = SHAPE[1] // parsed.block_size
+    q, scale, _ = quantize_blockwise(w, scale_shape, parsed)
+    step = np.broadcast_to(
+        np.repeat(np.repeat(scale.astype(np.float64), SHAPE[0] // scale.shape[0], 0),
+                  SHAPE[1] // scale.shape[1], 1), SHAPE)  # fmt: skip
+    # half a step, plus the rounding of the product to the weight's dtype
+    bound = step / 2 + np.abs(w.astype(np.float64)) * np.finfo(dtype).eps
+    assert np.all(np.abs(ours - w.astype(np.float64)) <= bound * (1 + 1e-6))
+
+
+def test_sparse_weights_get_the_joint_form_with_ranges_from_their_nonzeros():
+    w, prog = _program(np.float16, ct.target.iOS18, seed=3)
+    PruneWeights(PruneConfig(parse_prune_spec("2:4"), min_size=16))(prog)
+    pruned = weight_chain(_weight_op(prog)).decode()
+    d = _quantize(prog, "int4")
+    assert d.compressed and d.spec == "sparse+int4"
+    root = _weight_op(prog)
+    chain = weight_chain(root)
+    assert root.nonzero_data.op.op_type == "constexpr_sparse_blockwise_shift_scale"
+    assert chain.form is Form.SPARSE_QUANTIZED and chain.label == "sparse+int4"
+    ours = chain.decode()
+    np.testing.assert_array_equal(ours, np.asarray(root.materialized_val_inference(), np.float32))
+    assert np.array_equal(ours == 0, pruned == 0) or np.all(ours[pruned == 0] == 0)
+    kept = pruned != 0
+    err = np.abs(ours[kept] - pruned[kept]).max()
+    per_row = np.abs(np.where(kept, pruned, 0)).max(axis=1)
+    assert err <= (per_row.max() / 7) / 2 * 1.01  # half a step of the widest row's nonzeros
+
+
+def test_quantize_then_prune_keeps_quantized_values_bit_identical():
+    _, prog = _program(np.float16, ct.target.iOS18, seed=4)
+    _quantize(prog, "int8")
+    before = weight_chain(_weight_op(prog)).decode()
+    PruneWeights(PruneConfig(parse_prune_spec("2:4"), min_size=16))(prog)
+    chain = weight_chain(_weight_op(prog))
+    assert chain.label == "sparse+int8"
+    after = chain.decode()
+    kept = after != 0
+    np.testing.assert_array_equal(after[kept], before[kept])
+
+
+def test_what_is_left_as_it_is_says_why():
+    _, prog = _program(np.float16, ct.target.iOS16)
+    assert "needs iOS18" in _quantize(prog, "int4").reason
+    _, prog = _program(np.float16, ct.target.iOS18)
+    assert (
+        "input channels are not a multiple of block_size 64" in _quantize(prog, "int8@b64").reason
+    )
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("int2", "bad quantize spec"), ("int8:median", "bad mode"), ("int8@b0", "block_size"),
+     ({"spec": "int8", "extra": 1}, "unknown quantize config keys")],
+)  # fmt: skip
+def test_bad_quantize_configs_are_refused(value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_quantize_config(value)
+
+
+def test_spec_strings_read_back():
+    for text in ("int8", "int8@t", "int4@b32", "uint8:affine", "uint4@b16:affine"):
+        assert parse_quantize_spec(text).to_string() == text
