@@ -14,8 +14,9 @@ looks at decides, in one place for every pass:
   reported once, with the other functions' rows marked `shared_with`;
 - progress over the candidates, and the report in program order.
 
-A subclass gives its config parser (`parse_config`), the check of a function's opset
-(`check_function`, returning what `compress` needs to know of it), the order of its specs
+A subclass gives its config parser (`parse_config`), the op it emits (`emits`, for the error
+of a function below iOS16; `check_function` tells `compress` if iOS18 forms are allowed), the
+order of its specs
 (`spec_key`), an optional last structural check with the axis it works along (`prepare`), and
 `compress`, which matches one weight's values and emits its replacement, returning the
 decision. Its config must offer `spec`, `op_types`, `op_names`, `overrides`, `min_size` and
@@ -30,11 +31,12 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
+from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 from milsparse.ir import formats
 from milsparse.ir.chain import Form, WeightChain, weight_chain
-from milsparse.ir.errors import ConfigError
+from milsparse.ir.errors import ConfigError, UnsupportedModelError
 from milsparse.ir.graph import Use, uses_of, walk_ops
 from milsparse.passes._match import MatchResult
 from milsparse.passes.decisions import WeightDecision
@@ -145,10 +147,20 @@ class WeightPass(AbstractGraphPass):
     def parse_config(value):
         raise NotImplementedError
 
-    def check_function(self, fname: str, opset):
-        """Raise if the function's opset cannot hold the pass's forms; return what `compress`
-        needs to know of the function (e.g. whether it emits the iOS18 forms)."""
-        raise NotImplementedError
+    emits = "its ops"  # what the pass writes, for the message of `check_function`
+
+    def check_function(self, fname: str, opset) -> bool:
+        """Raise for a function below iOS16 (no constexpr ops); return whether it takes the
+        iOS18 forms, what `compress` needs to know of the function."""
+        if opset is None or opset < AvailableTarget.iOS16:
+            have = "no opset" if opset is None else opset.name
+            raise UnsupportedModelError(
+                f"{self.pass_name}: function {fname!r} targets {have}, but {self.emits} "
+                "needs iOS16 or later. Re-convert with ct.convert(..., minimum_deployment_target="
+                "ct.target.iOS16) or newer, or pass target='ios16' to milsparse.compress "
+                "(CLI: --target ios16)."
+            )
+        return opset >= AvailableTarget.iOS18
 
     def spec_key(self, spec) -> float:
         """Orders specs from least to most aggressive (a shared weight takes the least)."""

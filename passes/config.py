@@ -254,10 +254,6 @@ def spec_reader(spec_type, parse_text):
 _spec_from = spec_reader(PruneSpec, parse_prune_spec)
 
 
-def _overrides(value) -> tuple[tuple[str, PruneSpec | None], ...]:
-    return overrides_of(value, _spec_from)
-
-
 def overrides_of(value, spec_from) -> tuple[tuple[str, Any], ...]:
     """Ordered (name pattern, spec or None) pairs from a mapping or pairs, each spec read by
     `spec_from(value, where)` (one per pass kind)."""
@@ -305,9 +301,22 @@ def _min_size(instance, attribute, value):
         raise ConfigError(f"min_size must be an integer >= 0, got {value!r}")
 
 
+def _overrides_of_config(value, config):
+    return overrides_of(value, type(config).read_spec)
+
+
+@attrs.frozen(kw_only=True)
 class SelectionMethods:
-    """What the weight-pass template asks of a config, and what every pass's config shares
-    (its fields: `spec`, `op_types`, `op_names`, `overrides`, `min_size`)."""
+    """What the weight-pass template asks of a config, and what every pass's config shares:
+    the selection fields (keyword-only, after each config's own `spec`), read with the
+    config's `read_spec` (a `spec_reader`)."""
+
+    op_types: tuple[str, ...] = attrs.field(default=DEFAULT_OP_TYPES, converter=_op_types)
+    op_names: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    overrides: tuple[tuple[str, Any], ...] = attrs.field(
+        default=(), converter=attrs.Converter(_overrides_of_config, takes_self=True)
+    )
+    min_size: int = attrs.field(default=2048, validator=_min_size)
 
     def override_for(self, *names: str) -> tuple[bool, Any, str | None]:
         """(matched, spec, pattern) of the first override matching any of `names` in order."""
@@ -353,12 +362,7 @@ class PruneConfig(SelectionMethods):
     """
 
     spec: PruneSpec
-    op_types: tuple[str, ...] = attrs.field(default=DEFAULT_OP_TYPES, converter=_op_types)
-    op_names: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
-    overrides: tuple[tuple[str, PruneSpec | None], ...] = attrs.field(
-        default=(), converter=_overrides
-    )
-    min_size: int = attrs.field(default=2048, validator=_min_size)
+    read_spec = staticmethod(_spec_from)
 
     def __attrs_post_init__(self):
         self._check_selection(PruneSpec)

@@ -17,12 +17,7 @@ import attrs
 import yaml
 from milsparse.ir.errors import ConfigError
 from milsparse.passes.config import (
-    DEFAULT_OP_TYPES,
     SelectionMethods,
-    _min_size,
-    _op_types,
-    _str_tuple,
-    overrides_of,
     spec_reader,
 )
 
@@ -102,12 +97,7 @@ class PalettizeConfig(SelectionMethods):
     """Which weights the palettization pass touches, and how (fields as `PruneConfig`'s)."""
 
     spec: PalettizeSpec
-    op_types: tuple[str, ...] = attrs.field(default=DEFAULT_OP_TYPES, converter=_op_types)
-    op_names: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
-    overrides: tuple[tuple[str, PalettizeSpec | None], ...] = attrs.field(
-        default=(), converter=lambda value: overrides_of(value, _spec_from)
-    )
-    min_size: int = attrs.field(default=2048, validator=_min_size)
+    read_spec = staticmethod(_spec_from)
 
     def __attrs_post_init__(self):
         self._check_selection(PalettizeSpec)

@@ -35,13 +35,11 @@ are left as they are, with that reason.
 from __future__ import annotations
 
 import numpy as np
-from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 from milsparse.ir import formats, lut, masks
 from milsparse.ir.chain import Form
-from milsparse.ir.errors import UnsupportedModelError
 from milsparse.ir.graph import Use
 from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import named_const, replace_const, replace_op
@@ -79,21 +77,12 @@ class PalettizeWeights(WeightPass):
     """Palettize weight consts into constexpr_lut_to_dense (see the module docstring)."""
 
     pass_name = "milsparse::palettize"
+    emits = "constexpr_lut_to_dense"
     accepts = frozenset({Form.DENSE, Form.SPARSE})
 
     @staticmethod
     def parse_config(value) -> PalettizeConfig:
         return parse_palettize_config(value)
-
-    def check_function(self, fname: str, opset) -> bool:
-        """True for the iOS18 form; raises for opsets without constexpr_lut_to_dense."""
-        if opset is None or opset < AvailableTarget.iOS16:
-            have = "no opset" if opset is None else opset.name
-            raise UnsupportedModelError(
-                f"milsparse::palettize: function {fname!r} targets {have}, but "
-                "constexpr_lut_to_dense needs iOS16 or later (target='ios16' or later)."
-            )
-        return opset >= AvailableTarget.iOS18
 
     def spec_key(self, spec: PalettizeSpec) -> float:
         return -spec.nbits  # more bits: less aggressive

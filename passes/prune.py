@@ -31,13 +31,11 @@ to the first consumer in program order) wins, and the report notes it.
 from __future__ import annotations
 
 import numpy as np
-from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 from milsparse.ir import formats, masks
 from milsparse.ir.chain import Form, bits_of
-from milsparse.ir.errors import UnsupportedModelError
 from milsparse.ir.graph import Use
 from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import named_const, replace_const, replace_op
@@ -60,6 +58,7 @@ class PruneWeights(WeightPass):
     """Prune weight consts into sparse constexpr ops (see the module docstring)."""
 
     pass_name = "milsparse::prune"
+    emits = "constexpr_sparse_to_dense"
     accepts = frozenset({Form.DENSE, Form.PALETTIZED, Form.QUANTIZED})
 
     def __init__(self, config: PruneConfig | str | dict | None = None):
@@ -69,10 +68,6 @@ class PruneWeights(WeightPass):
     @staticmethod
     def parse_config(value) -> PruneConfig:
         return parse_prune_config(value)
-
-    def check_function(self, fname: str, opset) -> bool:
-        """True for the iOS18 form; raises for opsets without constexpr_sparse_to_dense."""
-        return _check_opset(fname, opset)
 
     def spec_key(self, spec: PruneSpec) -> float:
         return spec.nominal_sparsity
@@ -288,16 +283,3 @@ def _build_mask(weight: np.ndarray, spec: PruneSpec, axis: int | None) -> np.nda
     if spec.pattern == "block":
         return masks.block_mask(weight, spec.sparsity, spec.block_size, axis)
     return masks.nm_mask(weight, spec.n, spec.m, axis)
-
-
-def _check_opset(fname: str, opset) -> bool:
-    """True for the iOS18 form; raises for opsets without constexpr_sparse_to_dense."""
-    if opset is None or opset < AvailableTarget.iOS16:
-        have = "no opset" if opset is None else opset.name
-        raise UnsupportedModelError(
-            f"milsparse::prune: function {fname!r} targets {have}, but constexpr_sparse_to_dense "
-            "needs iOS16 or later. Re-convert with ct.convert(..., minimum_deployment_target="
-            "ct.target.iOS16) or newer, or pass target='ios16' to milsparse.compress "
-            "(CLI: --target ios16)."
-        )
-    return opset >= AvailableTarget.iOS18

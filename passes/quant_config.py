@@ -13,12 +13,7 @@ from typing import Any
 import attrs
 from milsparse.ir.errors import ConfigError
 from milsparse.passes.config import (
-    DEFAULT_OP_TYPES,
     SelectionMethods,
-    _min_size,
-    _op_types,
-    _str_tuple,
-    overrides_of,
     spec_reader,
 )
 
@@ -106,12 +101,7 @@ class QuantizeConfig(SelectionMethods):
     """Which weights the quantization pass touches, and how (fields as `PruneConfig`'s)."""
 
     spec: QuantizeSpec
-    op_types: tuple[str, ...] = attrs.field(default=DEFAULT_OP_TYPES, converter=_op_types)
-    op_names: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
-    overrides: tuple[tuple[str, QuantizeSpec | None], ...] = attrs.field(
-        default=(), converter=lambda value: overrides_of(value, _spec_from)
-    )
-    min_size: int = attrs.field(default=2048, validator=_min_size)
+    read_spec = staticmethod(_spec_from)
 
     def __attrs_post_init__(self):
         self._check_selection(QuantizeSpec)

@@ -26,13 +26,11 @@ smaller than what the weight already is is not emitted.
 from __future__ import annotations
 
 import numpy as np
-from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 from milsparse.ir import formats, masks
 from milsparse.ir.chain import Form
-from milsparse.ir.errors import UnsupportedModelError
 from milsparse.ir.graph import Use
 from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import named_const, replace_op
@@ -103,20 +101,12 @@ class QuantizeWeights(WeightPass):
     """Linearly quantize weight consts (see the module docstring)."""
 
     pass_name = "milsparse::quantize"
+    emits = "constexpr_affine_dequantize"
     accepts = frozenset({Form.DENSE, Form.SPARSE})
 
     @staticmethod
     def parse_config(value) -> QuantizeConfig:
         return parse_quantize_config(value)
-
-    def check_function(self, fname: str, opset) -> bool:
-        if opset is None or opset < AvailableTarget.iOS16:
-            have = "no opset" if opset is None else opset.name
-            raise UnsupportedModelError(
-                f"milsparse::quantize: function {fname!r} targets {have}; quantized weights need "
-                "iOS16 or later (target='ios16' or later)."
-            )
-        return opset >= AvailableTarget.iOS18
 
     def spec_key(self, spec: QuantizeSpec) -> float:
         return -spec.nbits
