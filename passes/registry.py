@@ -7,14 +7,21 @@ Ordering is data. Each pass declares
 - `conflicts`: passes it cannot share a pipeline with;
 - `min_target`: the lowest deployment target whose opset has the ops it emits.
 
-`order_passes` builds an `nx.DiGraph` over the requested milsparse passes and returns
-`nx.lexicographical_topological_sort`, so ties are stable; a loop is reported with
-`nx.find_cycle`. `place_in_pipeline` inserts the ordered passes into a coremltools
-`PassPipeline` after the last occurrence of every coremltools pass they must follow.
+`order_passes` builds an `nx.DiGraph` over the requested passes and returns
+`nx.lexicographical_topological_sort` keyed by the order they were asked in, so passes the
+declarations do not order keep that order; a loop is reported with `nx.find_cycle`.
+`place_in_pipeline` inserts the ordered passes into a coremltools `PassPipeline` after the last
+occurrence of every coremltools pass they must follow, and warns (`PipelineWarning`) when none
+of those is in it.
+
+Passes of any namespace take part: `@graph_pass("mytools::fold", "summary", before=(...))`
+registers a class with coremltools and its declarations here in one step, refusing a name
+already taken.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -24,7 +31,19 @@ from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 from milsparse.ir.errors import PipelineError
 
-__all__ = ["PassSpec", "MILSPARSE_PASSES", "register", "order_passes", "place_in_pipeline"]
+__all__ = [
+    "PassSpec",
+    "PipelineWarning",
+    "MILSPARSE_PASSES",
+    "register",
+    "graph_pass",
+    "order_passes",
+    "place_in_pipeline",
+]
+
+
+class PipelineWarning(UserWarning):
+    """A pipeline was built, but not as its declarations intend (a missing anchor)."""
 
 
 @dataclass(frozen=True)
@@ -43,15 +62,47 @@ MILSPARSE_PASSES: dict[str, PassSpec] = {}
 
 
 def register(spec: PassSpec) -> PassSpec:
-    """Add a pass's ordering declaration; its class must already be in coremltools' registry."""
-    if not spec.name.startswith("milsparse::"):
-        raise PipelineError(
-            f"milsparse passes live in the milsparse:: namespace, got {spec.name!r}"
-        )
+    """Add a pass's ordering declaration; its class must already be in coremltools' registry.
+    Any namespace (`mytools::fold`); a name declared twice is refused."""
+    namespace, _, name = spec.name.partition("::")
+    if not namespace or not name:
+        raise PipelineError(f"a pass is named namespace::name, got {spec.name!r}")
+    if spec.name in MILSPARSE_PASSES:
+        raise PipelineError(f"{spec.name} is already registered")
     if spec.name not in PASS_REGISTRY:
         raise PipelineError(f"{spec.name} is not registered with coremltools' PASS_REGISTRY")
     MILSPARSE_PASSES[spec.name] = spec
     return spec
+
+
+def graph_pass(name: str, summary: str, **declarations):
+    """Class decorator: register a graph pass with coremltools (so `ct.PassPipeline` and
+    `ct.convert` find it) and its ordering declarations with milsparse, in one step.
+
+        @graph_pass("mytools::fold_scales", "fold scales into weights",
+                    before=("milsparse::prune",))
+        class FoldScales(AbstractGraphPass):
+            def apply(self, prog): ...
+
+    `declarations` are the fields of `PassSpec` (requires, after, before, conflicts,
+    min_target, options). A name already registered, with either registry, is refused.
+    """
+    namespace, _, short = name.partition("::")
+    if not namespace or not short:
+        raise PipelineError(f"a pass is named namespace::name, got {name!r}")
+
+    def decorate(cls):
+        if name in PASS_REGISTRY or name in MILSPARSE_PASSES:
+            raise PipelineError(f"{name} is already registered")
+        PASS_REGISTRY.add(namespace, cls, override=False, name=short)
+        try:
+            register(PassSpec(name=name, summary=summary, **declarations))
+        except BaseException:
+            PASS_REGISTRY.passes.pop(name, None)
+            raise
+        return cls
+
+    return decorate
 
 
 def _spec(name: str) -> PassSpec:
@@ -63,8 +114,10 @@ def _spec(name: str) -> PassSpec:
 
 
 def order_passes(names: Iterable[str], target: AvailableTarget | None = None) -> list[str]:
-    """The requested milsparse passes in a valid order; raises PipelineError when none exists."""
+    """The requested passes in a valid order; passes whose declarations do not order them keep
+    the order they were asked in. Raises PipelineError when no order exists."""
     names = list(dict.fromkeys(names))
+    asked = {name: i for i, name in enumerate(names)}
     specs = {n: _spec(n) for n in names}
     graph = nx.DiGraph()
     graph.add_nodes_from(names)
@@ -90,7 +143,7 @@ def order_passes(names: Iterable[str], target: AvailableTarget | None = None) ->
                 f"the pipeline targets {target.name}"
             )
     try:
-        return list(nx.lexicographical_topological_sort(graph))
+        return list(nx.lexicographical_topological_sort(graph, key=asked.get))
     except nx.NetworkXUnfeasible:
         cycle = " -> ".join(u for u, _ in nx.find_cycle(graph))
         raise PipelineError(f"milsparse passes have an ordering loop: {cycle}") from None
@@ -115,6 +168,14 @@ def place_in_pipeline(
     passes = list(pipeline.passes)
     for name in order_passes(names):
         spec = _spec(name)
+        anchors = [p for p in (*spec.after, *spec.requires) if p not in MILSPARSE_PASSES]
+        if anchors and not any(p in passes for p in anchors):
+            warnings.warn(
+                f"{name}: none of the passes it runs after ({', '.join(anchors)}) is in "
+                f"pipeline {base}; it is placed at the start",
+                PipelineWarning,
+                stacklevel=2,
+            )
         last_after = max(
             (i for i, p in enumerate(passes) if p in spec.after or p in spec.requires), default=-1
         )

@@ -40,9 +40,13 @@ def test_requires_after_and_before_order_the_passes(fake_passes):
     assert order_passes([b, a, c, d]) == [c, a, b, d]
 
 
-def test_ties_are_ordered_by_name(fake_passes):
+def test_passes_the_declarations_do_not_order_keep_the_order_asked(fake_passes):
     names = [fake_passes(f"milsparse::t_{x}") for x in "zyx"]
-    assert order_passes(names) == sorted(names)
+    assert order_passes(names) == names
+    assert order_passes(names[::-1]) == names[::-1]
+    # asking for prune then palettize gives prune first, whatever the names' order
+    assert order_passes(["milsparse::prune", "milsparse::palettize"])[0] == "milsparse::prune"
+    assert order_passes(["milsparse::palettize", "milsparse::prune"])[0] == "milsparse::prune"
 
 
 def test_a_loop_is_reported_with_its_cycle(fake_passes):
@@ -88,7 +92,9 @@ def test_prune_lands_after_weight_fusions_and_fp16_cast_in_the_default_pipeline(
 
 
 def test_placing_into_an_empty_pipeline_and_a_before_violation(fake_passes):
-    assert ms.coreml_pipeline("2:4", base=ct.PassPipeline.EMPTY).passes == ["milsparse::prune"]
+    with pytest.warns(registry.PipelineWarning, match="common::fuse_conv_batchnorm.*placed at"):
+        pipeline = ms.coreml_pipeline("2:4", base=ct.PassPipeline.EMPTY)
+    assert pipeline.passes == ["milsparse::prune"]
     late = fake_passes(
         "milsparse::t_late",
         after=("common::dead_code_elimination",),
@@ -99,8 +105,51 @@ def test_placing_into_an_empty_pipeline_and_a_before_violation(fake_passes):
         place_in_pipeline([late], base)
 
 
-def test_registering_outside_the_namespace_or_unregistered_is_refused():
-    with pytest.raises(PipelineError, match="namespace"):
-        registry.register(PassSpec(name="common::x", summary=""))
+def test_bad_names_unregistered_classes_and_duplicates_are_refused(fake_passes):
+    with pytest.raises(PipelineError, match="namespace::name"):
+        registry.register(PassSpec(name="nonamespace", summary=""))
     with pytest.raises(PipelineError, match="not registered"):
-        registry.register(PassSpec(name="milsparse::not_there", summary=""))
+        registry.register(PassSpec(name="mytools::not_there", summary=""))
+    a = fake_passes("mytools::t_a")
+    with pytest.raises(PipelineError, match="already registered"):
+        registry.register(PassSpec(name=a, summary=""))
+    with pytest.raises(PipelineError, match="already registered"):
+        registry.graph_pass("milsparse::prune", "again")(_Noop)
+
+
+def test_graph_pass_registers_in_any_namespace_in_one_step():
+    try:
+
+        @registry.graph_pass("t_tools::scale", "a pass of someone else's",
+                             before=("milsparse::prune",))  # fmt: skip
+        class Scale(AbstractGraphPass):
+            def apply(self, prog):
+                pass
+
+        assert isinstance(PASS_REGISTRY["t_tools::scale"], Scale)
+        assert order_passes(["milsparse::prune", "t_tools::scale"]) == [
+            "t_tools::scale",
+            "milsparse::prune",
+        ]
+    finally:
+        PASS_REGISTRY.passes.pop("t_tools::scale", None)
+        registry.MILSPARSE_PASSES.pop("t_tools::scale", None)
+
+
+def test_the_readme_example_of_a_pass_of_your_own_runs():
+    """The README's worked example, executed as it stands there."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"<!-- own-pass -->\n```python\n(.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    try:
+        exec(compile(code, "README.md", "exec"), scope)
+        assert scope["order"] == ["mytools::clip_weights", "milsparse::prune"]
+        passes = scope["pipeline"].passes
+        assert passes.index("mytools::clip_weights") < passes.index("milsparse::prune")
+        assert scope["before"] > 0.1 and scope["clipped"] == pytest.approx(0.1)
+    finally:
+        PASS_REGISTRY.passes.pop("mytools::clip_weights", None)
+        registry.MILSPARSE_PASSES.pop("mytools::clip_weights", None)
