@@ -93,8 +93,13 @@ class WeightChain:
         return formats.stored_bytes((t.count, t.bits) for t in self.stored)
 
     @property
+    def np_dtype(self) -> np.dtype:
+        """The decoded weight's numpy dtype (float16 for "fp16")."""
+        return np.dtype(types.nptype_from_builtin(types.string_to_builtin(self.dtype)))
+
+    @property
     def dense_bytes(self) -> int:
-        return formats.stored_bytes([(self.num_elements, _dtype_bits(self.dtype))])
+        return formats.stored_bytes([(self.num_elements, self.np_dtype.itemsize * 8)])
 
     @property
     def bits_per_weight(self) -> float:
@@ -120,10 +125,6 @@ class WeightChain:
 
         values = static_values(self.op, cache)
         return values[self.op.outputs.index(self.var)]
-
-
-def _dtype_bits(dtype: str) -> int:
-    return np.dtype(types.nptype_from_builtin(types.string_to_builtin(dtype))).itemsize * 8
 
 
 def _weight_var(op):

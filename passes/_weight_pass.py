@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
-from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 from milsparse.ir import formats
 from milsparse.ir.chain import Form, WeightChain, weight_chain
@@ -103,7 +102,7 @@ def dense_decision(op, reason: str, cand: Candidate | None = None) -> WeightDeci
             name=op.name,
             consumers=consumers(uses_of(chain.var)),
             shape=chain.shape,
-            dtype=str(np.dtype(types.nptype_from_builtin(types.string_to_builtin(chain.dtype)))),
+            dtype=str(chain.np_dtype),
             compressed=False,
             reason=reason,
             spec=cand.spec.to_string() if cand else None,
@@ -327,7 +326,7 @@ class _Shape:
     """What selection reads of a weight (dtype, size, ndim), for a chain root."""
 
     def __init__(self, chain: WeightChain):
-        self.dtype = np.dtype(types.nptype_from_builtin(types.string_to_builtin(chain.dtype)))
+        self.dtype = chain.np_dtype
         self.size = chain.num_elements
         self.ndim = len(chain.shape)
 

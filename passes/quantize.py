@@ -132,7 +132,7 @@ class QuantizeWeights(WeightPass):
                 op, f"{spec.to_string()} needs iOS18 (iOS16/17 quantize to int8 or uint8, per "
                 "tensor or per channel); set the target to ios18", cand,
             )  # fmt: skip
-        dtype = np.dtype(types.nptype_from_builtin(types.string_to_builtin(chain.dtype)))
+        dtype = chain.np_dtype
         weight = cand.weight if not sparse else chain.decode().astype(dtype)
         if not masks.all_finite(weight):
             return dense_decision(op, "non-finite values (inf or nan)", cand)
