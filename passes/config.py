@@ -371,42 +371,49 @@ class PruneConfig(SelectionMethods):
 _CONFIG_KEYS = {"spec", "op_types", "op_names", "overrides", "min_size"}
 
 
-def parse_prune_config(value: Any) -> PruneConfig:
-    """A PruneConfig from a PruneConfig, a PruneSpec, a spec string, a mapping, or JSON/YAML text.
+def config_parser(config_type, spec_type, kind: str, bare_key: str, example: str):
+    """The one parser of a pass's config (what `ct.PassPipeline.set_options` hands a pass):
+    the config itself, a spec, the spec's short text, JSON or YAML text, or a mapping of the
+    config's fields (`spec` a string or a mapping), or of a bare spec's (told by `bare_key`)."""
 
-    Mappings use the keys of PruneConfig; `spec` may itself be a string or a mapping, and a
-    mapping without `spec` but with `pattern` is read as a bare spec.
-    """
-    if isinstance(value, PruneConfig):
-        return value
-    if isinstance(value, PruneSpec):
-        return PruneConfig(spec=value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text[:1] in "{[" or "\n" in text or text.startswith("spec:"):
-            try:
-                loaded = json.loads(text) if text[:1] in "{[" else yaml.safe_load(text)
-            except (ValueError, yaml.YAMLError) as e:
-                raise ConfigError(f"cannot read prune config text: {e}") from e
-            return parse_prune_config(loaded)
-        return PruneConfig(spec=parse_prune_spec(text))
-    if isinstance(value, Mapping):
-        if "spec" not in value and "pattern" in value:
-            return PruneConfig(spec=_spec_from(dict(value), "spec"))
-        unknown = set(value) - _CONFIG_KEYS
-        if unknown:
-            raise ConfigError(
-                f"unknown prune config keys {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}"
-            )
-        if "spec" not in value:
-            raise ConfigError("prune config needs a 'spec' (e.g. spec: '2:4')")
-        spec = _spec_from(value["spec"], "spec")
-        if spec is None:
-            raise ConfigError(
-                "the default spec cannot be 'dense'; leave weights dense with overrides"
-            )
-        kwargs = {
-            k: value[k] for k in ("op_types", "op_names", "overrides", "min_size") if k in value
-        }
-        return PruneConfig(spec=spec, **kwargs)
-    raise ConfigError(f"cannot make a prune config from {type(value).__name__}")
+    def parse(value: Any):
+        if isinstance(value, config_type):
+            return value
+        if isinstance(value, spec_type):
+            return config_type(spec=value)
+        if isinstance(value, str):
+            text = value.strip()
+            if text[:1] in "{[" or "\n" in text or text.startswith("spec:"):
+                try:
+                    loaded = json.loads(text) if text[:1] in "{[" else yaml.safe_load(text)
+                except (ValueError, yaml.YAMLError) as e:
+                    raise ConfigError(f"cannot read {kind} config text: {e}") from e
+                return parse(loaded)
+            return parse({"spec": text})
+        if isinstance(value, Mapping):
+            if "spec" not in value and bare_key in value:
+                return config_type(spec=config_type.read_spec(dict(value), "spec"))
+            unknown = set(value) - _CONFIG_KEYS
+            if unknown:
+                raise ConfigError(
+                    f"unknown {kind} config keys {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}"
+                )
+            if "spec" not in value:
+                raise ConfigError(f"{kind} config needs a 'spec' (e.g. spec: {example})")
+            spec = config_type.read_spec(value["spec"], "spec")
+            if spec is None:
+                raise ConfigError(
+                    "the default spec cannot be 'dense'; leave weights dense with overrides"
+                )
+            rest = {k: value[k] for k in _CONFIG_KEYS - {"spec"} if k in value}
+            return config_type(spec=spec, **rest)
+        raise ConfigError(f"cannot make a {kind} config from {type(value).__name__}")
+
+    parse.__doc__ = (
+        f"A {config_type.__name__} from itself, a {spec_type.__name__}, a spec string, a "
+        f"mapping, or JSON/YAML text (see `config_parser`)."
+    )
+    return parse
+
+
+parse_prune_config = config_parser(PruneConfig, PruneSpec, "prune", "pattern", "'2:4'")

@@ -8,16 +8,14 @@ table per group of 16 output channels), `lut6:uniform` (evenly spaced entries).
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import attrs
-import yaml
 from milsparse.ir.errors import ConfigError
 from milsparse.passes.config import (
     SelectionMethods,
+    config_parser,
     spec_reader,
 )
 
@@ -103,33 +101,4 @@ class PalettizeConfig(SelectionMethods):
         self._check_selection(PalettizeSpec)
 
 
-_KEYS = {"spec", "op_types", "op_names", "overrides", "min_size"}
-
-
-def parse_palettize_config(value: Any) -> PalettizeConfig:
-    """A PalettizeConfig from itself, a spec, a spec string, a mapping, or JSON/YAML text."""
-    if isinstance(value, PalettizeConfig):
-        return value
-    if isinstance(value, PalettizeSpec):
-        return PalettizeConfig(spec=value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text[:1] == "{" or "\n" in text or text.startswith("spec:"):
-            try:
-                loaded = json.loads(text) if text[:1] == "{" else yaml.safe_load(text)
-            except (ValueError, yaml.YAMLError) as e:
-                raise ConfigError(f"cannot read palettize config text: {e}") from e
-            return parse_palettize_config(loaded)
-        return PalettizeConfig(spec=parse_palettize_spec(text))
-    if isinstance(value, Mapping):
-        if "spec" not in value and "nbits" in value:
-            return PalettizeConfig(spec=_spec_from(dict(value), "spec"))
-        unknown = set(value) - _KEYS
-        if unknown:
-            raise ConfigError(f"unknown palettize config keys {sorted(unknown)}")
-        spec = _spec_from(value.get("spec"), "spec")
-        if spec is None:
-            raise ConfigError("a palettize config needs a spec (e.g. spec: lut4)")
-        rest = {k: value[k] for k in _KEYS - {"spec"} if k in value}
-        return PalettizeConfig(spec=spec, **rest)
-    raise ConfigError(f"cannot make a palettize config from {type(value).__name__}")
+parse_palettize_config = config_parser(PalettizeConfig, PalettizeSpec, "palettize", "nbits", "lut4")

@@ -14,6 +14,7 @@ import attrs
 from milsparse.ir.errors import ConfigError
 from milsparse.passes.config import (
     SelectionMethods,
+    config_parser,
     spec_reader,
 )
 
@@ -107,18 +108,4 @@ class QuantizeConfig(SelectionMethods):
         self._check_selection(QuantizeSpec)
 
 
-def parse_quantize_config(value: Any) -> QuantizeConfig:
-    """A QuantizeConfig from itself, a spec, a spec string or a mapping of its fields."""
-    if isinstance(value, QuantizeConfig):
-        return value
-    if isinstance(value, (QuantizeSpec, str)):
-        return QuantizeConfig(spec=_spec_from(value, "spec"))
-    if isinstance(value, dict):
-        unknown = set(value) - {f.name for f in attrs.fields(QuantizeConfig)}
-        if unknown:
-            raise ConfigError(f"unknown quantize config keys {sorted(unknown)}")
-        spec = _spec_from(value.get("spec"), "spec")
-        if spec is None:
-            raise ConfigError("a quantize config needs a spec (e.g. spec: int8)")
-        return QuantizeConfig(spec=spec, **{k: v for k, v in value.items() if k != "spec"})
-    raise ConfigError(f"cannot make a quantize config from {type(value).__name__}")
+parse_quantize_config = config_parser(QuantizeConfig, QuantizeSpec, "quantize", "dtype", "int8")

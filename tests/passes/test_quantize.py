@@ -124,3 +124,12 @@ def test_bad_quantize_configs_are_refused(value, message):
 def test_spec_strings_read_back():
     for text in ("int8", "int8@t", "int4@b32", "uint8:affine", "uint4@b16:affine"):
         assert parse_quantize_spec(text).to_string() == text
+
+
+def test_configs_read_yaml_and_json_text_as_set_options_hands_them():
+    config = parse_quantize_config("spec: int4@b32\nmin_size: 16\n")
+    assert config.spec == parse_quantize_spec("int4@b32") and config.min_size == 16
+    assert parse_quantize_config('{"spec": "uint8:affine"}').spec.mode == "linear"
+    assert parse_quantize_config({"dtype": "int8", "granularity": "per_tensor"}).spec == (
+        parse_quantize_spec("int8@t")
+    )
