@@ -16,6 +16,12 @@ histogram (`optimal_kmeans_1d`); for 8-bit LUTs, Lloyd's iterations from weighte
 reseeding clusters that empty at the point with the largest error. Weights (`importance`, e.g.
 activation energy) scale each value's squared error. `mode="uniform"` gives evenly spaced
 entries between the extremes instead.
+
+Vector palettization (`fit_vector_lut`: each entry stands for V consecutive elements) has no
+histogram shortcut: it runs k-means++ seeding and Lloyd's iterations in float64 on the vectors,
+or on a fixed-seed sample of `VECTOR_SAMPLE` of them when there are more (the table of a
+multi-million-vector weight is settled long before that many points); every vector is then
+assigned its nearest entry, in chunks.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ __all__ = [
     "lloyd_1d",
     "fit_lut",
     "assign_indices",
+    "fit_vector_lut",
+    "assign_vector_indices",
     "reconstruction_error",
 ]
 
@@ -233,3 +241,79 @@ def reconstruction_error(values: np.ndarray, lut: np.ndarray, indices: np.ndarra
     q = np.asarray(lut, dtype=np.float64)[np.asarray(indices).ravel()]
     energy = float(v @ v)
     return float(((q - v) ** 2).sum() / energy) if energy else 0.0
+
+
+VECTOR_SAMPLE = 1 << 18
+
+
+def _sq_distances(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """[N, K] squared distances, float64."""
+    cross = points @ centroids.T
+    return np.maximum(
+        (points * points).sum(1)[:, None] - 2 * cross + (centroids * centroids).sum(1)[None, :], 0
+    )
+
+
+def fit_vector_lut(
+    vectors: np.ndarray, nbits: int, *, iters: int = 50, seed: int = 0
+) -> np.ndarray:
+    """A table [2^nbits, V] in the vectors' dtype, by k-means on the rows of `vectors` [N, V]:
+    k-means++ seeding (fixed seed), then Lloyd's iterations until no assignment changes. Rows
+    beyond `VECTOR_SAMPLE` are sampled (fixed seed); clusters that empty are reseeded at the
+    worst-fitted point. Fewer distinct rows than entries: the rows themselves, repeated."""
+    if not isinstance(nbits, int) or not 1 <= nbits <= 8:
+        raise ValueError(f"nbits must be an integer from 1 to 8, got {nbits!r}")
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be [N, V], got shape {vectors.shape}")
+    k = 1 << nbits
+    if vectors.shape[0] == 0:
+        return np.zeros((k, vectors.shape[1]), vectors.dtype)
+    rng = np.random.default_rng(seed)
+    points = vectors
+    if points.shape[0] > VECTOR_SAMPLE:
+        points = points[np.sort(rng.choice(points.shape[0], VECTOR_SAMPLE, replace=False))]
+    points = np.unique(points.astype(np.float64), axis=0)
+    if points.shape[0] <= k:
+        table = np.concatenate([points, np.repeat(points[-1:], k - points.shape[0], 0)])
+        return table.astype(vectors.dtype)
+    # k-means++ seeding
+    centroids = np.empty((k, points.shape[1]))
+    centroids[0] = points[rng.integers(points.shape[0])]
+    nearest = ((points - centroids[0]) ** 2).sum(1)
+    for j in range(1, k):
+        total = nearest.sum()
+        pick = rng.choice(points.shape[0], p=nearest / total) if total > 0 else j
+        centroids[j] = points[pick]
+        nearest = np.minimum(nearest, ((points - centroids[j]) ** 2).sum(1))
+    members = None
+    for _ in range(iters):
+        distances = _sq_distances(points, centroids)
+        updated = distances.argmin(1)
+        if members is not None and np.array_equal(updated, members):
+            break
+        members = updated
+        counts = np.bincount(members, minlength=k)
+        for d in range(points.shape[1]):
+            sums = np.bincount(members, weights=points[:, d], minlength=k)
+            centroids[:, d] = np.where(counts > 0, sums / np.maximum(counts, 1), centroids[:, d])
+        for j in np.flatnonzero(counts == 0):  # an empty cluster takes the worst-fitted point
+            error = distances[np.arange(points.shape[0]), members]
+            worst = int(np.argmax(error))
+            centroids[j] = points[worst]
+            members[worst] = j
+            distances[worst] = 0
+    return centroids.astype(vectors.dtype)
+
+
+def assign_vector_indices(vectors: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 index of the nearest (squared distance, float64) row of `table` for every row of
+    `vectors` [N, V]; ties go to the lower index."""
+    vectors = np.asarray(vectors)
+    table = np.asarray(table, dtype=np.float64)
+    out = np.empty(vectors.shape[0], np.uint8)
+    step = max(1, _CHUNK // max(1, table.shape[0]))
+    for start in range(0, vectors.shape[0], step):
+        part = vectors[start : start + step].astype(np.float64)
+        out[start : start + step] = _sq_distances(part, table).argmin(1)
+    return out

@@ -2,8 +2,9 @@
 
 A `PalettizeSpec` says how to palettize one weight; a `PalettizeConfig` which weights, with the
 same selection fields as pruning (`op_types`, `op_names`, `overrides`, `min_size`). The short
-form is `lutN[@gG][:uniform]`: `lut4` (4-bit, one k-means table per tensor), `lut4@g16` (one
-table per group of 16 output channels), `lut6:uniform` (evenly spaced entries).
+form is `lutN[xV][@gG][:uniform]`: `lut4` (4-bit, one k-means table per tensor), `lut4@g16` (one
+table per group of 16 output channels), `lut6:uniform` (evenly spaced entries), `lut4x2` (vector
+palettization: each entry is a vector of 2 consecutive output channels' values).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class PalettizeSpec:
         (2^nbits evenly spaced entries from the smallest to the largest value).
     granularity: "per_tensor" (one table) or "per_grouped_channel" (one table per
         `group_size` consecutive output channels; iOS18).
+    cluster_dim: elements per table entry, taken along the output channels (vector
+        palettization, iOS18, k-means only); the output channels, and `group_size`, must be
+        multiples of it.
     """
 
     nbits: int = attrs.field(validator=attrs.validators.in_(NBITS))
@@ -49,31 +53,53 @@ class PalettizeSpec:
         default="per_tensor", validator=attrs.validators.in_(GRANULARITIES)
     )
     group_size: int = attrs.field(default=32, validator=_positive_int)
+    cluster_dim: int = attrs.field(default=1, validator=_positive_int)
 
     def __attrs_post_init__(self):
         if isinstance(self.nbits, bool):
             raise ConfigError("nbits must be an integer, not a bool")
+        if self.cluster_dim > 1 and self.mode != "kmeans":
+            raise ConfigError(
+                f"cluster_dim {self.cluster_dim} (vector palettization) needs mode kmeans, "
+                f"not {self.mode}"
+            )
+        if self.granularity == "per_grouped_channel" and self.group_size % self.cluster_dim:
+            raise ConfigError(
+                f"group_size {self.group_size} must be a multiple of cluster_dim {self.cluster_dim}"
+            )
+
+    @property
+    def ios16_compatible(self) -> bool:
+        """iOS16/17's constexpr_lut_to_dense holds it: one scalar table, no 3-bit indices."""
+        return (
+            self.nbits in IOS16_NBITS and self.granularity == "per_tensor" and self.cluster_dim == 1
+        )
 
     def to_string(self) -> str:
+        vector = f"x{self.cluster_dim}" if self.cluster_dim > 1 else ""
         groups = f"@g{self.group_size}" if self.granularity == "per_grouped_channel" else ""
         mode = ":uniform" if self.mode == "uniform" else ""
-        return f"lut{self.nbits}{groups}{mode}"
+        return f"lut{self.nbits}{vector}{groups}{mode}"
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
 
 
-_SPEC_RE = re.compile(r"^lut(?P<nbits>\d+)(?:@g(?P<group>\d+))?(?::(?P<mode>\w+))?$")
+_SPEC_RE = re.compile(
+    r"^lut(?P<nbits>\d+)(?:x(?P<vector>\d+))?(?:@g(?P<group>\d+))?(?::(?P<mode>\w+))?$"
+)
 
 
 def parse_palettize_spec(text: str) -> PalettizeSpec:
-    """Parse `lutN[@gG][:kmeans|:uniform]`, e.g. `lut4`, `lut4@g16`, `lut6:uniform`."""
+    """Parse `lutN[xV][@gG][:kmeans|:uniform]`, e.g. `lut4`, `lut4@g16`, `lut6:uniform`,
+    `lut4x2`."""
     if not isinstance(text, str):
         raise ConfigError(f"a palettize spec must be a string, got {type(text).__name__}")
     match = _SPEC_RE.match(text.strip())
     if match is None:
         raise ConfigError(
-            f"bad palettize spec {text!r}: use lutN[@gG][:uniform] (e.g. lut4, lut4@g16)"
+            f"bad palettize spec {text!r}: use lutN[xV][@gG][:uniform] (e.g. lut4, lut4@g16, "
+            "lut4x2)"
         )
     group = match["group"]
     try:
@@ -82,6 +108,7 @@ def parse_palettize_spec(text: str) -> PalettizeSpec:
             mode=match["mode"] or "kmeans",
             granularity="per_grouped_channel" if group else "per_tensor",
             group_size=int(group) if group else 32,
+            cluster_dim=int(match["vector"] or 1),
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad palettize spec {text!r}: {e}") from e

@@ -88,37 +88,48 @@ class PalettizeWeights(WeightPass):
         return -spec.nbits  # more bits: less aggressive
 
     def prepare(self, op, spec: PalettizeSpec, use: Use, rank: int) -> MatchResult:
-        """The output-channel axis for per-group tables; a group size that does not divide the
-        channels is refused."""
-        if spec.granularity == "per_tensor":
+        """The output-channel axis for per-group tables and vectors; channels that group_size
+        or cluster_dim do not divide are refused."""
+        if spec.granularity == "per_tensor" and spec.cluster_dim == 1:
             return MatchResult.ok(None)
         axis = channel_axes(use, rank)[1]
         channels = op.outputs[0].shape[axis]
-        if channels % spec.group_size:
-            return MatchResult.fail(
-                f"{spec.to_string()}: {channels} output channels are not a multiple of "
-                f"group_size {spec.group_size}"
-            )
+        for size, what in (
+            (spec.group_size if spec.granularity == "per_grouped_channel" else 1, "group_size"),
+            (spec.cluster_dim, "cluster_dim"),
+        ):
+            if channels % size:
+                return MatchResult.fail(
+                    f"{spec.to_string()}: {channels} output channels are not a multiple of "
+                    f"{what} {size}"
+                )
         return MatchResult.ok(axis)
 
     def compress(self, cand: Candidate, ios18: bool) -> WeightDecision:
+        op, spec = cand.op, cand.spec
+        if not ios18 and not spec.ios16_compatible:
+            return dense_decision(
+                op, f"{spec.to_string()} needs iOS18 (iOS16/17 tables are per tensor and scalar, "
+                f"with {', '.join(map(str, IOS16_NBITS))} bits); set the target to ios18",
+                cand,
+            )  # fmt: skip
         if cand.chain.form is Form.SPARSE:
             return self._compress_sparse(cand)
-        op, weight, spec = cand.op, cand.weight, cand.spec
-        if not ios18:
-            if spec.nbits not in IOS16_NBITS or spec.granularity != "per_tensor":
-                return dense_decision(
-                    op, f"{spec.to_string()} needs iOS18 (iOS16/17 tables are per tensor, "
-                    f"with {', '.join(map(str, IOS16_NBITS))} bits); set the target to ios18",
-                    cand,
-                )  # fmt: skip
+        weight = cand.weight
         if not masks.all_finite(weight):
             return dense_decision(op, "non-finite values (inf or nan)", cand)
-        tables, indices = _fit(weight, spec, cand.axis)
+        layout = _Layout(weight.shape, cand.axis, spec)
+        tables, indices = _fit(layout.vectors(weight), layout.dense_groups(), spec, layout.count)
+        indices = indices.reshape(layout.indices_shape)
         value_bits = weight.dtype.itemsize * 8
         stored = formats.stored_bytes(
             palettize_tensors(
-                weight.size, spec.nbits, tables.shape[0], value_bits, ios18=ios18, rank=weight.ndim
+                indices.size,
+                spec.nbits,
+                tables.shape[0] * spec.cluster_dim,
+                value_bits,
+                ios18=ios18,
+                rank=weight.ndim,
             )  # fmt: skip
         )
         dense = formats.dense_bytes(weight.size, weight.dtype)
@@ -126,8 +137,8 @@ class PalettizeWeights(WeightPass):
             return dense_decision(
                 op, f"palettized form would be larger: {stored} >= {dense} bytes", cand
             )
-        decoded_zeros = _decoded_zeros(tables, indices, cand.axis)
-        replace_const(op, _builder(op.name, tables, indices, spec.nbits, cand.axis, ios18))
+        decoded_zeros = layout.decoded_zeros(tables, indices)
+        replace_const(op, _builder(op.name, tables, indices, spec, layout, ios18))
         return WeightDecision(
             name=op.name,
             consumers=consumers(cand.uses),
@@ -144,40 +155,57 @@ class PalettizeWeights(WeightPass):
 
     def _compress_sparse(self, cand: Candidate) -> WeightDecision:
         """A sparse weight's nonzeros palettized: the joint iOS18 form, the mask kept as it is,
-        the tables fitted on the nonzeros only (no entry is spent on zero)."""
+        the tables fitted on the nonzeros only (no entry is spent on zero). With vectors, the
+        mask must keep or drop each vector of cluster_dim output channels whole (block pruning
+        along the output channels does)."""
         root, spec, chain = cand.op, cand.spec, cand.chain
         nonzero = np.asarray(root.nonzero_data.val)
         mask = np.asarray(root.mask.val).view(np.uint8)
         if not masks.all_finite(nonzero):
             return dense_decision(root, "non-finite values (inf or nan)", cand)
-        groups = None
-        if cand.axis is not None:
-            channel = np.unravel_index(np.flatnonzero(mask), mask.shape)[cand.axis]
-            groups = channel // spec.group_size
-        count = 1 if groups is None else mask.shape[cand.axis] // spec.group_size
-        tables, indices = _fit_values(nonzero, spec, groups, count)
+        layout = _Layout(mask.shape, cand.axis, spec)
+        if spec.cluster_dim > 1:
+            vector_mask = layout.vectors(mask)
+            kept = vector_mask[..., 0]
+            if not (vector_mask == kept[..., None]).all():
+                return dense_decision(
+                    root, f"{spec.to_string()}: the mask does not keep or drop each vector of "
+                    f"{spec.cluster_dim} output channels whole; prune with "
+                    f"block{spec.cluster_dim}@out (or a multiple) to palettize with vectors",
+                    cand,
+                )  # fmt: skip
+            dense = np.zeros(mask.shape, nonzero.dtype)
+            dense[mask.astype(bool)] = nonzero
+            vectors = layout.vectors(dense)[kept.astype(bool)]
+            indices_mask = kept
+        else:
+            vectors, indices_mask = nonzero[:, None], mask
+        groups = layout.sparse_groups(indices_mask)
+        tables, indices = _fit(vectors, groups, spec, layout.count)
+        value_bits = nonzero.itemsize * 8
         stored = formats.stored_bytes(
-            [(mask.size, 1), (nonzero.size, spec.nbits), (tables.size, nonzero.itemsize * 8)]
+            [(indices_mask.size, 1), (indices.size, spec.nbits), (tables.size, value_bits)]
         )
         if stored >= chain.stored_bytes:
             return dense_decision(
                 root, f"joint form would not be smaller: {stored} >= {chain.stored_bytes} bytes",
                 cand,
             )  # fmt: skip
-        shape = [1] * mask.ndim
-        if cand.axis is not None:
-            shape[cand.axis] = count
-        table_value = tables.reshape(*shape, tables.shape[1], 1)
+        table_value = layout.lut_value(tables)
         name = root.name
 
         def build(anchor, tmp_name):
-            bits = named_const(mask.view(types.np_uint1_dtype), f"{name}_indices_mask", anchor)
+            bits = named_const(
+                indices_mask.astype(np.uint8).view(types.np_uint1_dtype), f"{name}_indices_mask",
+                anchor,
+            )  # fmt: skip
             codes = named_const(
                 indices.astype(_INDEX_TYPES[spec.nbits]), f"{name}_indices_nonzero_data", anchor
             )
             table = named_const(table_value, f"{name}_lut", anchor)
+            vector = {} if spec.cluster_dim == 1 else {"vector_axis": np.int32(cand.axis)}
             sparse_mask, values = mb.constexpr_lut_to_sparse(
-                indices_mask=bits, indices_nonzero_data=codes, lut=table,
+                indices_mask=bits, indices_nonzero_data=codes, lut=table, **vector,
                 name=f"{name}_lut_to_sparse", before_op=anchor,
             )  # fmt: skip
             return mb.constexpr_sparse_to_dense(
@@ -200,69 +228,120 @@ class PalettizeWeights(WeightPass):
         )
 
 
-def _fit_values(values: np.ndarray, spec: PalettizeSpec, groups, count: int):
-    """(tables [count, 2^n], uint8 indices) for 1-D `values`, one table per group label."""
+class _Layout:
+    """Where a weight's table entries come from: with `axis` (the output channels) and
+    cluster_dim V, the weight [..., C, ...] is seen as vectors [..., C/V, ..., V] (V consecutive
+    channels each), whose leading shape is the shape of the indices; group g of the tables
+    covers indices g * group_size/V ... along the axis."""
+
+    def __init__(self, shape, axis: int | None, spec: PalettizeSpec):
+        self.shape, self.axis, self.spec = tuple(shape), axis, spec
+        self.vector = spec.cluster_dim
+        indices_shape = list(self.shape)
+        if axis is not None:
+            indices_shape[axis] //= self.vector
+        self.indices_shape = tuple(indices_shape)
+        grouped = spec.granularity == "per_grouped_channel"
+        self.per_group = spec.group_size // self.vector if grouped else None
+        self.count = indices_shape[axis] // self.per_group if grouped else 1
+
+    def vectors(self, array: np.ndarray) -> np.ndarray:
+        """`array` as [*indices_shape, V] (a view when V == 1)."""
+        if self.vector == 1:
+            return array[..., None]
+        a = self.axis
+        split = array.reshape(self.shape[:a] + (self.indices_shape[a], self.vector)
+                              + self.shape[a + 1 :])  # fmt: skip
+        return np.moveaxis(split, a + 1, -1)
+
+    def dense_groups(self) -> np.ndarray | None:
+        """Group label of every index, in C order; None for one table."""
+        if self.count == 1:
+            return None
+        shape = [1] * len(self.indices_shape)
+        shape[self.axis] = self.indices_shape[self.axis]
+        labels = (np.arange(shape[self.axis], dtype=np.int32) // self.per_group).reshape(shape)
+        return np.broadcast_to(labels, self.indices_shape).ravel()
+
+    def sparse_groups(self, indices_mask: np.ndarray) -> np.ndarray | None:
+        """Group label of every kept index, in C order."""
+        if self.count == 1:
+            return None
+        kept = np.unravel_index(np.flatnonzero(indices_mask), indices_mask.shape)[self.axis]
+        return kept // self.per_group
+
+    def lut_value(self, tables: np.ndarray) -> np.ndarray:
+        """tables [G, 2^n, V] as the iOS18 lut [1.., G at the axis, 1.., 2^n, V]."""
+        shape = [1] * len(self.indices_shape)
+        if self.count > 1:
+            shape[self.axis] = self.count
+        return tables.reshape(*shape, *tables.shape[1:])
+
+    def decoded_zeros(self, tables: np.ndarray, indices: np.ndarray) -> int:
+        zeros_per_entry = (tables == 0).sum(-1)  # [G, 2^n]
+        if not zeros_per_entry.any():
+            return 0
+        labels = self.dense_groups()
+        flat = indices.ravel()
+        if labels is None:
+            return int(zeros_per_entry[0][flat].sum())
+        return int(zeros_per_entry[labels, flat].sum())
+
+
+def _fit(vectors: np.ndarray, groups: np.ndarray | None, spec: PalettizeSpec, count: int = 1):
+    """(tables [count, 2^n, V] in the values' dtype, uint8 indices [N]) for `vectors`
+    [..., V] (flattened to [N, V]), one table per group label 0..count-1 (None: one table).
+    A group without values gets a zero table."""
+    vectors = vectors.reshape(-1, vectors.shape[-1])
+    tables = np.empty((count, 1 << spec.nbits, vectors.shape[1]), vectors.dtype)
+    indices = np.empty(vectors.shape[0], np.uint8)
     if groups is None:
-        table = lut.fit_lut(values, spec.nbits, mode=spec.mode)
-        return table[None, :], lut.assign_indices(values, table)
-    tables = np.empty((count, 1 << spec.nbits), values.dtype)
-    indices = np.empty(values.size, np.uint8)
-    for g in range(count):
-        members = groups == g
-        tables[g] = lut.fit_lut(values[members], spec.nbits, mode=spec.mode)
-        indices[members] = lut.assign_indices(values[members], tables[g])
+        parts = [None]  # the whole set
+    else:
+        if np.all(groups[1:] >= groups[:-1]):  # output channels first: contiguous groups
+            bounds = np.searchsorted(groups, np.arange(count + 1))
+            parts = [slice(bounds[g], bounds[g + 1]) for g in range(count)]
+        else:
+            order = np.argsort(groups, kind="stable")
+            bounds = np.searchsorted(groups[order], np.arange(count + 1))
+            parts = [order[bounds[g] : bounds[g + 1]] for g in range(count)]
+    for g, members in enumerate(parts):
+        subset = vectors if members is None else vectors[members]
+        if spec.cluster_dim == 1:
+            values = subset[:, 0]
+            table = lut.fit_lut(values, spec.nbits, mode=spec.mode)
+            codes = lut.assign_indices(values, table)
+            table = table[:, None]
+        else:
+            table = lut.fit_vector_lut(subset, spec.nbits)
+            codes = lut.assign_vector_indices(subset, table)
+        tables[g] = table
+        if members is None:
+            indices[:] = codes
+        else:
+            indices[members] = codes
     return tables, indices
 
 
-def _fit(weight: np.ndarray, spec: PalettizeSpec, axis: int | None):
-    """(tables [G, 2^n] in the weight's dtype, indices uint8 with the weight's shape)."""
-    if axis is None:
-        table = lut.fit_lut(weight.ravel(), spec.nbits, mode=spec.mode)
-        return table[None, :], lut.assign_indices(weight, table)
-    moved = np.moveaxis(weight, axis, 0)
-    groups = moved.shape[0] // spec.group_size
-    tables = np.empty((groups, 1 << spec.nbits), weight.dtype)
-    indices = np.empty(moved.shape, np.uint8)
-    for g in range(groups):
-        rows = slice(g * spec.group_size, (g + 1) * spec.group_size)
-        tables[g] = lut.fit_lut(moved[rows].ravel(), spec.nbits, mode=spec.mode)
-        indices[rows] = lut.assign_indices(moved[rows], tables[g])
-    return tables, np.moveaxis(indices, 0, axis)
-
-
-def _decoded_zeros(tables: np.ndarray, indices: np.ndarray, axis: int | None) -> int:
-    zero_entries = tables == 0
-    if not zero_entries.any():
-        return 0
-    if axis is None:
-        return int(np.count_nonzero(zero_entries[0][indices]))
-    moved = np.moveaxis(indices, axis, 0)
-    group = np.repeat(np.arange(tables.shape[0]), moved.shape[0] // tables.shape[0])
-    group = group.reshape((-1,) + (1,) * (moved.ndim - 1))
-    return int(np.count_nonzero(zero_entries[group, moved]))
-
-
-def _builder(name, tables, indices, nbits, axis, ios18):
+def _builder(name, tables, indices, spec: PalettizeSpec, layout: _Layout, ios18: bool):
     if ios18:
-        shape = [1] * indices.ndim
-        if axis is not None:
-            shape[axis] = tables.shape[0]
-        lut_value = tables.reshape(*shape, tables.shape[1], 1)
+        lut_value = layout.lut_value(tables)
+        vector = {} if spec.cluster_dim == 1 else {"vector_axis": np.int32(layout.axis)}
 
         def build(anchor, tmp_name):
-            idx = named_const(indices.astype(_INDEX_TYPES[nbits]), f"{name}_indices", anchor)
+            idx = named_const(indices.astype(_INDEX_TYPES[spec.nbits]), f"{name}_indices", anchor)
             table = named_const(lut_value, f"{name}_lut", anchor)
             return mb.constexpr_lut_to_dense(
-                indices=idx, lut=table, name=tmp_name, before_op=anchor
+                indices=idx, lut=table, name=tmp_name, before_op=anchor, **vector
             )
 
         return build
-    packed = formats.pack_bits(indices, nbits)
+    packed = formats.pack_bits(indices, spec.nbits)
     shape = np.asarray(indices.shape, dtype=np.uint32)
 
     def build16(anchor, tmp_name):
         return mb.constexpr_lut_to_dense(
-            lut=named_const(tables[0], f"{name}_lut", anchor),
+            lut=named_const(tables[0, :, 0], f"{name}_lut", anchor),
             indices=named_const(packed, f"{name}_indices", anchor),
             shape=named_const(shape, f"{name}_shape", anchor),
             name=tmp_name,

@@ -185,7 +185,112 @@ def test_bad_palettize_configs_are_refused(value, message):
 
 
 def test_spec_strings_read_back():
-    for text in ("lut1", "lut4", "lut4@g16", "lut6:uniform", "lut8@g8:uniform"):
+    for text in ("lut1", "lut4", "lut4@g16", "lut6:uniform", "lut8@g8:uniform", "lut4x2@g8"):
         spec = parse_palettize_spec(text)
         assert spec.to_string() == text and parse_palettize_spec(spec.to_string()) == spec
     assert parse_palettize_config("lut4").spec == PalettizeSpec(4)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(
+    "op_type, spec",
+    [
+        ("linear", "lut4x2"),
+        ("linear", "lut2x4@g16"),
+        ("conv", "lut3x2"),
+        ("conv_transpose", "lut4x2@g4"),
+        ("matmul", "lut4x4"),
+    ],
+)
+def test_vector_palettization_decodes_exactly_along_the_output_channels(dtype, op_type, spec):
+    """cluster_dim V: every table entry is V consecutive output channels' values; the lut is
+    [.., 2^n, V] with vector_axis the output-channel axis (conv_transpose: axis 1, matmul's y:
+    its last axis), and every vector takes its nearest entry."""
+    prog = programs.single_op(op_type, dtype=dtype)
+    weight = _op(prog, "weight").val.val.copy()
+    pass_ = _run(prog, PalettizeConfig(parse_palettize_spec(spec), min_size=16))
+    (d,) = [d for d in pass_.report if d.name == "weight"]
+    assert d.compressed and d.spec == spec, d.reason
+    op = _op(prog, "weight")
+    axis = {"linear": 0, "conv": 0, "conv_transpose": 1, "matmul": 1}[op_type]
+    vector = int(spec.split("x")[1][0])
+    assert op.op_type == "constexpr_lut_to_dense" and int(op.vector_axis.val) == axis
+    assert op.lut.shape[-1] == vector and op.indices.shape[axis] * vector == weight.shape[axis]
+    chain = weight_chain(op)
+    assert chain.vector_size == vector and chain.label.startswith(f"lut{spec[3]}x{vector}")
+    ours = chain.decode()
+    np.testing.assert_array_equal(ours, np.asarray(op.materialized_val_inference(), np.float32))
+    # nearest entry: no table vector is closer to a weight vector than the one it decodes to
+    moved = np.moveaxis(weight.astype(np.float64), axis, -1)
+    vectors = moved.reshape(-1, vector)
+    decoded = np.moveaxis(ours.astype(np.float64), axis, -1).reshape(-1, vector)
+    groups = 1 if "@g" not in spec else weight.shape[axis] // int(spec.split("@g")[1])
+    table = op.lut.val.reshape(groups, -1, vector).astype(np.float64)
+    channel = np.arange(vectors.shape[0]) % (weight.shape[axis] // vector)
+    group = channel // ((weight.shape[axis] // vector) // groups)
+    best = ((vectors[:, None, :] - table[group]) ** 2).sum(-1).min(-1)
+    got = ((vectors - decoded) ** 2).sum(-1)
+    np.testing.assert_allclose(got, best, rtol=1e-6, atol=1e-12)
+    assert chain.stored_bytes == d.stored_bytes < d.dense_bytes
+
+
+def test_vector_kmeans_is_closer_than_a_random_table_and_seeded():
+    rng = np.random.default_rng(3)
+    vectors = (rng.standard_t(3, (20000, 2)) * 0.05).astype(np.float32)
+    table = lut.fit_vector_lut(vectors, 4)
+    np.testing.assert_array_equal(table, lut.fit_vector_lut(vectors, 4))  # deterministic
+    error = ((vectors - table[lut.assign_vector_indices(vectors, table)]) ** 2).sum()
+    random_table = vectors[rng.choice(len(vectors), 16, replace=False)]
+    random_error = (
+        (vectors - random_table[lut.assign_vector_indices(vectors, random_table)]) ** 2
+    ).sum()
+    assert error < 0.7 * random_error
+    few = np.array([[1, 2], [3, 4], [1, 2]], np.float16)
+    table = lut.fit_vector_lut(few, 2)
+    np.testing.assert_array_equal(table[lut.assign_vector_indices(few, table)], few)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(
+    "prune, spec", [("block2@out:0.5", "lut4x2"), ("block4@out:0.5", "lut3x2@g16")]
+)
+def test_vector_palettization_of_a_pruned_weight(dtype, prune, spec, tmp_path):
+    """prune then vector-palettize (coremltools crashes here): the joint form with the mask at
+    the indices' shape, expanded over the vectors; zeros stay where pruning put them."""
+    weight = _heavy((64, 96), dtype, seed=4)
+    prog = programs.single_op("linear", dtype=dtype, shape=weight.shape, weight=weight)
+    PruneWeights(PruneConfig(parse_prune_spec(prune), min_size=16))(prog)
+    pruned = weight_chain(_op(prog, "weight")).decode()
+    pass_ = _run(prog, PalettizeConfig(parse_palettize_spec(spec), min_size=16))
+    (d,) = [d for d in pass_.report if d.name == "weight"]
+    assert d.compressed and d.spec == f"sparse+{spec}", d.reason
+    root = _op(prog, "weight")
+    lut_op = root.nonzero_data.op
+    assert lut_op.op_type == "constexpr_lut_to_sparse" and lut_op.indices_mask.shape == (32, 96)
+    chain = weight_chain(root)
+    assert chain.form is Form.SPARSE_PALETTIZED and chain.vector_size == 2
+    ours = chain.decode()
+    np.testing.assert_array_equal(ours, np.asarray(root.materialized_val_inference(), np.float32))
+    np.testing.assert_array_equal(ours == 0, pruned == 0)
+    path = tmp_path / "joint.mlpackage"
+    programs.program_to_mlmodel(prog).save(str(path))
+    np.testing.assert_array_equal(weight_chain(_op(ms.load_program(path), "weight")).decode(), ours)
+
+
+def test_vector_palettization_refuses_masks_that_split_vectors_and_old_targets():
+    prog = programs.single_op("linear", shape=(64, 96))
+    PruneWeights(PruneConfig(parse_prune_spec("2:4"), min_size=16))(prog)
+    pass_ = _run(prog, PalettizeConfig(parse_palettize_spec("lut4x2"), min_size=16))
+    (d,) = [d for d in pass_.report if d.name == "weight"]
+    assert not d.compressed and "prune with block2@out" in d.reason
+    assert _op(prog, "weight").nonzero_data.op.op_type == "const"
+    prog16 = programs.single_op("linear", shape=(64, 96), opset=ct.target.iOS16)
+    pass_ = _run(prog16, PalettizeConfig(parse_palettize_spec("lut4x2"), min_size=16))
+    assert "lut4x2 needs iOS18" in pass_.report[0].reason
+    odd = programs.single_op("linear", shape=(63, 96))
+    pass_ = _run(odd, PalettizeConfig(parse_palettize_spec("lut4x2"), min_size=16))
+    assert "63 output channels are not a multiple of cluster_dim 2" in pass_.report[0].reason
+    with pytest.raises(ConfigError, match="needs mode kmeans"):
+        parse_palettize_spec("lut4x2:uniform")
+    with pytest.raises(ConfigError, match="multiple of cluster_dim"):
+        parse_palettize_spec("lut4x4@g6")
