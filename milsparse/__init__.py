@@ -38,8 +38,12 @@ finally:
 
 from milsparse import passes as _passes  # noqa: E402,F401  (registers milsparse:: passes)
 from milsparse.api import (  # noqa: E402
+    check_recipe,
     compress,
     compress_with_report,
+    conversion_report,
+    convert,
+    convert_with_report,
     coreml_pipeline,
     inspect_model,
     load_program,
@@ -56,7 +60,9 @@ from milsparse.errors import (
     VerificationError,
 )
 from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config, parse_prune_spec
-from milsparse.recipe import Recipe
+from milsparse.passes.lut_config import PalettizeConfig, PalettizeSpec
+from milsparse.passes.quant_config import QuantizeConfig, QuantizeSpec
+from milsparse.recipe import Recipe, Step
 from milsparse.report import CompressReport, InspectReport
 from milsparse.verify import Tolerances, VerifyReport, evaluate, verify
 
@@ -66,6 +72,10 @@ __all__ = [
     "IMPORT_NOTES",
     "compress",
     "compress_with_report",
+    "check_recipe",
+    "convert",
+    "convert_with_report",
+    "conversion_report",
     "coreml_pipeline",
     "inspect_model",
     "load_program",
@@ -76,6 +86,11 @@ __all__ = [
     "Tolerances",
     "VerifyReport",
     "Recipe",
+    "Step",
+    "PalettizeConfig",
+    "PalettizeSpec",
+    "QuantizeConfig",
+    "QuantizeSpec",
     "PruneConfig",
     "PruneSpec",
     "parse_prune_config",

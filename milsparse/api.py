@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import uuid
 from pathlib import Path
 
 import coremltools as ct
 
 from milsparse import _io
-from milsparse.errors import MilsparseError, PassError
+from milsparse.errors import ConfigError, MilsparseError, PassError
+from milsparse.ir.chain import Form, weight_chain
+from milsparse.ir.graph import walk_ops
 from milsparse.ir.weights import weight_table
-from milsparse.passes.prune import PruneWeights
-from milsparse.passes.registry import place_in_pipeline
+from milsparse.passes._weight_pass import PIPELINE_RUNS
+from milsparse.passes.decisions import combine
+from milsparse.passes.registry import ChainStep, check_chain, place_in_pipeline
 from milsparse.passes.upgrade import upgrade_constexpr_ops
 from milsparse.recipe import Recipe
 from milsparse.report import CompressReport, InspectReport
@@ -20,6 +25,10 @@ from milsparse.verify import PRUNE_METADATA_KEY, declared_pruning
 __all__ = [
     "compress",
     "compress_with_report",
+    "check_recipe",
+    "conversion_report",
+    "convert",
+    "convert_with_report",
     "coreml_pipeline",
     "inspect_model",
     "load_program",
@@ -70,22 +79,54 @@ def compress_with_report(
     spec_version = _io.retarget(prog, source.get_spec().specificationVersion, target)
     # compressed weights of an older opset move to the new one's forms (or nothing loads it)
     upgrade_constexpr_ops(prog)
-    prune = PruneWeights(recipe.prune)
-    # The pass removes the consts it replaces, so no cleanup pass is needed afterwards.
-    run_passes(prog, [("milsparse::prune", prune)])
-    metadata = _pruned_metadata(source, prune.report)
+    opset = max(f.opset_version for f in prog.functions.values())
+    # below iOS16 the passes themselves refuse, saying how to re-convert
+    check_recipe(recipe, opset if opset >= ct.target.iOS16 else None, weight_states(prog))
+    steps = [(step, step.make_pass()) for step in recipe.steps]
+    # The passes remove the consts they replace, so no cleanup pass is needed afterwards.
+    run_passes(prog, [(step.pass_name, p) for step, p in steps])
+    prune = next((p for step, p in steps if step.kind == "prune"), None)
+    metadata = _pruned_metadata(source, prune.report if prune is not None else [])
     if output is None:
         compressed = _io.program_to_model(prog, spec_version, source, metadata)
     else:
         compressed = _io.write_program(
             prog, spec_version, source, output, overwrite=overwrite, metadata=metadata
         )
-    opset = max(f.opset_version for f in prog.functions.values())
+    many = len(steps) > 1
     notes = [
-        f"override {pattern!r} matched no weight or op of this model"
-        for pattern in prune.unused_overrides()
+        f"{step.kind + ': ' if many else ''}override {pattern!r} matched no weight or op of "
+        "this model"
+        for step, p in steps
+        for pattern in p.unused_overrides()
     ]
-    return compressed, CompressReport(prune.report, target=opset.name, notes=notes)
+    decisions = combine([(step.kind, p.report) for step, p in steps])
+    return compressed, CompressReport(decisions, target=opset.name, notes=notes)
+
+
+def weight_states(prog) -> set[str]:
+    """The weight states (`milsparse.passes.registry.WEIGHT_STATES`) present in `prog`, and
+    "dense"."""
+    states = {"dense"}
+    for func in prog.functions.values():
+        for op in walk_ops(func):
+            chain = weight_chain(op)
+            if chain is not None and chain.form is not Form.CAST:
+                states.add(chain.form.value)
+    return states
+
+
+def check_recipe(recipe: Recipe, target=None, start=("dense",)):
+    """`check_chain` over a recipe's steps (labels `1 (prune 2:4)`); a step with `op_names`
+    leaves the other weights as they were. Returns what `check_chain` does."""
+    return check_chain(
+        [
+            ChainStep(f"{i} ({step.describe()})", step.pass_name, not step.config.op_names)
+            for i, step in enumerate(recipe.steps, 1)
+        ],
+        target,
+        start,
+    )
 
 
 def _pruned_metadata(source, decisions) -> dict[str, str]:
@@ -101,14 +142,18 @@ def _pruned_metadata(source, decisions) -> dict[str, str]:
 def compress(
     model, config, *, target=None, output=None, overwrite: bool = False
 ) -> ct.models.MLModel:
-    """Prune a saved ML program (path or MLModel) with a recipe; return the compressed MLModel.
+    """Compress a saved ML program (path or MLModel) with a recipe; return the compressed
+    MLModel.
 
-    `config` is a Recipe, PruneConfig, PruneSpec, spec string ("2:4", "unstructured:0.5", ...) or
-    mapping. `target` ("ios16" | "ios17" | "ios18" or a ct.target) raises the program's opset
-    first; iOS18 emits the uint1-mask form. With `output`, the package is written there directly
-    (atomically; an existing one only with `overwrite=True`) and the model is read back from it;
-    without, it lives in a temporary folder removed with the returned model. The input is never
-    modified and coremltools' default pipeline is not re-run.
+    `config` is a Recipe, a step (a prune, palettize or quantize config or spec, or a spec
+    string: "2:4", "unstructured:0.5", "lut4", "int8@b32", ...), a list of steps run in order
+    (`["2:4", "lut4"]`), or a recipe mapping. The steps are checked as a chain first
+    (`check_recipe`). `target` ("ios16" | "ios17" | "ios18" or a ct.target) raises the
+    program's opset first; iOS18 emits the uint1-mask form and the joint forms. With `output`,
+    the package is written there directly (atomically; an existing one only with
+    `overwrite=True`) and the model is read back from it; without, it lives in a temporary
+    folder removed with the returned model. The input is never modified and coremltools'
+    default pipeline is not re-run.
     """
     return compress_with_report(model, config, target=target, output=output, overwrite=overwrite)[0]
 
@@ -118,15 +163,107 @@ def save(model: ct.models.MLModel, path, *, overwrite: bool = False) -> Path:
     return _io.save_package(model, path, overwrite=overwrite)
 
 
-def coreml_pipeline(config, base: ct.PassPipeline | None = None) -> ct.PassPipeline:
-    """`base` (default: ct.PassPipeline.DEFAULT) with milsparse::prune placed after the passes
-    that fold and fuse weights (conv+batchnorm, bias and scale fusion, fp16 cast, const folding
-    and deduplication), configured with `config`."""
+def coreml_pipeline(config, base: ct.PassPipeline | None = None, *, target=None) -> ct.PassPipeline:
+    """`base` (default: ct.PassPipeline.DEFAULT) with the recipe's passes placed, in the
+    recipe's order, after the passes that fold and fuse weights (conv+batchnorm, bias and scale
+    fusion, fp16 cast, const folding and deduplication), each configured with its step.
+
+    The steps are checked as a chain first (against `target`, or the recipe's, when given: pass
+    the `minimum_deployment_target` you convert with). Each pass leaves its report under a key
+    this pipeline carries, for `conversion_report` (or use `milsparse.convert`)."""
     recipe = Recipe.coerce(config)
+    target = _io.parse_target(target if target is not None else recipe.target)
+    check_recipe(recipe, target)
     base = ct.PassPipeline.DEFAULT if base is None else base
-    return place_in_pipeline(
-        ["milsparse::prune"], base, options={"milsparse::prune": {"config": recipe.prune}}
-    )
+    run = uuid.uuid4().hex
+    options = {s.pass_name: {"config": s.config, "run": run} for s in recipe.steps}
+    return place_in_pipeline(recipe.pass_names, base, options=options)
+
+
+def _run_key(pipeline: ct.PassPipeline) -> str | None:
+    for name in pipeline.passes:
+        for option in pipeline.get_options(name) or ():
+            if option.option_name == "run":
+                return str(option.option_val)
+    return None
+
+
+def conversion_report(model: ct.models.MLModel, pipeline: ct.PassPipeline) -> CompressReport:
+    """The per-weight report of the milsparse passes of `pipeline` (from `coreml_pipeline`)
+    in the `ct.convert(..., pass_pipeline=pipeline)` that made `model`; also records in
+    `model`'s metadata the pruning patterns `verify` checks, as `compress` does (saved with
+    the model). Call it right after the conversion: a later conversion with the same pipeline
+    replaces the report."""
+    run = _run_key(pipeline)
+    found = PIPELINE_RUNS.get(run) if run is not None else None
+    if not found:
+        raise ConfigError(
+            "no milsparse pass of this pipeline has run: build it with "
+            "milsparse.coreml_pipeline(recipe) and convert with ct.convert(..., "
+            "pass_pipeline=pipeline) first"
+        )
+    ran = [name for name in pipeline.passes if name in found]
+    final = _final_names(model)
+    decisions = [
+        _renamed(d, final)
+        for d in combine([(name.partition("::")[2], found[name][0]) for name in ran])
+    ]
+    prune = [_renamed(d, final) for d in found.get("milsparse::prune", ([], []))[0]]
+    for key, value in _pruned_metadata(model, prune).items():
+        model.user_defined_metadata[key] = value
+    many = len(ran) > 1
+    notes = [
+        f"{name.partition('::')[2] + ': ' if many else ''}override {pattern!r} matched no "
+        "weight or op of this model"
+        for name in ran
+        for pattern in found[name][1]
+    ]
+    spec = model.get_spec()
+    target = f"spec version {spec.specificationVersion}"
+    return CompressReport(decisions, target=target, notes=notes)
+
+
+def _final_names(model) -> set[str]:
+    """The weight names of the converted model (its backend pipeline sanitizes names)."""
+    prog = getattr(model, "_mil_program", None)
+    if prog is None:
+        prog = _io.load_program(model)
+    return {row.name for row in weight_table(prog)}
+
+
+def _renamed(decision, final: set[str]):
+    """`decision` under the name the backend gave its weight (`head.weight` -> `head_weight`,
+    as coremltools' sanitize_name pass does)."""
+    if decision.name in final:
+        return decision
+    from coremltools.converters.mil.mil.passes.defs.preprocess import NameSanitizer
+
+    name = NameSanitizer().sanitize_name(decision.name)
+    return dataclasses.replace(decision, name=name) if name in final else decision
+
+
+def convert_with_report(source, config, *, base=None, **convert_options):
+    """`ct.convert(source, pass_pipeline=coreml_pipeline(config, base), **convert_options)`
+    and its `conversion_report`. The recipe's target is the default
+    `minimum_deployment_target`."""
+    recipe = Recipe.coerce(config)
+    if "pass_pipeline" in convert_options:
+        raise ConfigError("convert builds the pass pipeline itself: give base= instead")
+    target = convert_options.get("minimum_deployment_target")
+    if target is None and recipe.target is not None:
+        target = _io.parse_target(recipe.target)
+        convert_options["minimum_deployment_target"] = target
+    pipeline = coreml_pipeline(recipe, base, target=target)
+    convert_options.setdefault("convert_to", "mlprogram")
+    model = ct.convert(source, pass_pipeline=pipeline, **convert_options)
+    return model, conversion_report(model, pipeline)
+
+
+def convert(source, config, *, base=None, **convert_options) -> ct.models.MLModel:
+    """Convert a torch / TensorFlow model with the recipe's passes inside coremltools'
+    pipeline (see `convert_with_report`); the model carries the same metadata as one made by
+    `compress`."""
+    return convert_with_report(source, config, base=base, **convert_options)[0]
 
 
 def inspect_model(model) -> InspectReport:

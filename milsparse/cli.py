@@ -20,6 +20,15 @@ from pathlib import Path
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
+class _Step(argparse.Action):
+    """A step flag: its value, and the order the step flags came in (`steps_order`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        order = [d for d in (getattr(namespace, "steps_order", None) or []) if d != self.dest]
+        namespace.steps_order = [*order, self.dest]
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own usage errors: one line, exit 2
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -27,39 +36,90 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="milsparse", description="Prune Core ML ML-program weights into sparse constexpr ops."
+        prog="milsparse",
+        description="Compress Core ML ML-program weights: pruning into sparse constexpr ops, "
+        "palettization and linear quantization, alone or joint (iOS18).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    comp = sub.add_parser("compress", help="prune a saved .mlpackage into a new one")
+    comp = sub.add_parser("compress", help="compress a saved .mlpackage into a new one")
     comp.add_argument("input", help="input .mlpackage (never modified)")
     comp.add_argument(
         "-o", "--output", required=True, help="output .mlpackage (written atomically)"
     )
-    how = comp.add_mutually_exclusive_group(required=True)
-    how.add_argument(
+    steps = comp.add_argument_group(
+        "steps", "one or more, run in the order given on the command line (or --recipe)"
+    )
+    steps.add_argument(
         "--prune",
         metavar="SPEC",
-        help="unstructured:S | threshold:T | blockB[@0|@1]:S | N:M[@0|@1] (e.g. 2:4, block4:0.5)",
+        action=_Step,
+        help="unstructured:S | threshold:T | blockB[@in|@out]:S | N:M[@in|@out] (e.g. 2:4, "
+        "block4:0.5)",
     )
-    how.add_argument("--recipe", metavar="YAML", help="a recipe file (see README: Recipes)")
+    steps.add_argument(
+        "--palettize",
+        metavar="NBITS",
+        action=_Step,
+        help="k-means look-up tables of 2^NBITS entries: 1, 2, 3, 4, 6, 8 (or a spec: lut4x2@g16)",
+    )
+    steps.add_argument(
+        "--quantize",
+        metavar="DTYPE",
+        action=_Step,
+        help="linear quantization: int8 | uint8 | int4 | uint4 (or a spec: int4@b32:affine)",
+    )
+    steps.add_argument("--recipe", metavar="YAML", help="a recipe file (see README: Recipes)")
+    lut = comp.add_argument_group("palettize options")
+    lut.add_argument("--lut-mode", choices=["kmeans", "uniform"], help="default kmeans")
+    lut.add_argument(
+        "--lut-group-size",
+        type=int,
+        metavar="G",
+        help="one table per G output channels (per_grouped_channel; iOS18); default one table",
+    )
+    lut.add_argument(
+        "--cluster-dim",
+        type=int,
+        metavar="V",
+        help="vector palettization: entries of V output channels' values (iOS18); default 1",
+    )
+    quant = comp.add_argument_group("quantize options")
+    quant.add_argument(
+        "--quant-mode", choices=["symmetric", "affine"], help="default symmetric (no zero point)"
+    )
+    quant.add_argument(
+        "--quant-granularity",
+        choices=["tensor", "channel", "block"],
+        help="one scale per tensor, output channel (default), or output channel and block",
+    )
+    quant.add_argument(
+        "--block-size",
+        type=int,
+        metavar="B",
+        help="input channels per block with --quant-granularity block (default 32; iOS18)",
+    )
     comp.add_argument(
         "--target",
         metavar="NAME",
         help="raise the program's opset first: ios16 | ios17 | ios18 (or macOS13-15, ...)",
     )
     comp.add_argument(
-        "--op-types", metavar="LIST", help="comma list, default linear,conv,conv_transpose,matmul"
+        "--op-types",
+        metavar="LIST",
+        help="comma list, default linear,conv,conv_transpose,matmul (every step)",
     )
     comp.add_argument(
-        "--op-names", metavar="LIST", help="comma list of fnmatch patterns of weights or ops"
+        "--op-names",
+        metavar="LIST",
+        help="comma list of fnmatch patterns of weights or ops (every step)",
     )
     comp.add_argument(
         "--min-size",
         type=int,
         metavar="N",
-        help="leave weights with fewer elements dense (default 2048)",
+        help="leave weights with fewer elements alone (default 2048; every step)",
     )
     comp.add_argument(
         "--min-sparsity", type=float, metavar="S", help="threshold: leave dense below this sparsity"
@@ -91,6 +151,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("passes", help="list milsparse passes and their ordering declarations")
     lst.add_argument("--json", action="store_true", help="print JSON")
+    lst.add_argument(
+        "--recipe", metavar="YAML", help="check a recipe's steps as a chain and print it"
+    )
+    lst.add_argument("--target", metavar="NAME", help="with --recipe: the deployment target")
+    lst.add_argument(
+        "--dot", action="store_true", help="with --recipe: print the chain as a Graphviz graph"
+    )
     return parser
 
 
@@ -140,19 +207,105 @@ def _run_verify(reference, candidate, args):
     )
 
 
-def _recipe_from_args(args):
+_LUT_FLAGS = ("lut_mode", "lut_group_size", "cluster_dim")
+_QUANT_FLAGS = ("quant_mode", "quant_granularity", "block_size")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _palettize_spec(args):
     import attrs
 
-    from milsparse.errors import ConfigError
-    from milsparse.passes.config import PruneConfig, parse_prune_spec
-    from milsparse.recipe import Recipe
+    from milsparse.passes.lut_config import parse_palettize_spec
 
+    text = args.palettize.strip()
+    spec = parse_palettize_spec(text if text.startswith("lut") else f"lut{text}")
+    changes = {}
+    if args.lut_mode is not None:
+        changes["mode"] = args.lut_mode
+    if args.lut_group_size is not None:
+        changes |= {"granularity": "per_grouped_channel", "group_size": args.lut_group_size}
+    if args.cluster_dim is not None:
+        changes["cluster_dim"] = args.cluster_dim
+    return attrs.evolve(spec, **changes) if changes else spec
+
+
+def _quantize_spec(args):
+    import attrs
+
+    from milsparse.passes.quant_config import parse_quantize_spec
+
+    spec = parse_quantize_spec(args.quantize)
+    changes = {}
+    if args.quant_mode is not None:
+        changes["mode"] = {"symmetric": "linear_symmetric", "affine": "linear"}[args.quant_mode]
+    if args.quant_granularity is not None:
+        changes["granularity"] = f"per_{args.quant_granularity}"
+    if args.block_size is not None:
+        if (args.quant_granularity or spec.granularity.removeprefix("per_")) != "block":
+            raise _config_error("--block-size applies with --quant-granularity block")
+        changes["block_size"] = args.block_size
+    return attrs.evolve(spec, **changes) if changes else spec
+
+
+def _config_error(message):
+    from milsparse.errors import ConfigError
+
+    return ConfigError(message)
+
+
+def _prune_spec(args, spec):
+    import attrs
+
+    if args.min_sparsity is not None:
+        if spec.pattern != "threshold":
+            raise _config_error("--min-sparsity applies to threshold:T pruning only")
+        spec = attrs.evolve(spec, min_sparsity=args.min_sparsity)
+    if args.scope is not None:
+        if spec.pattern != "magnitude":
+            raise _config_error("--scope applies to unstructured:S pruning only")
+        spec = attrs.evolve(spec, scope=args.scope)
+    return spec
+
+
+def _recipe_from_args(args):
+    """The recipe of the step flags (in their command-line order) or of --recipe, with the
+    selection and option flags applied."""
+    import attrs
+
+    from milsparse.passes.config import parse_prune_spec
+    from milsparse.recipe import Recipe, Step
+
+    order = getattr(args, "steps_order", None) or []
+    if args.recipe and order:
+        raise _config_error(
+            f"--recipe or step flags ({', '.join(map(_flag, order))}), not both: put the steps "
+            "in the recipe"
+        )
+    if not args.recipe and not order:
+        raise _config_error("give --prune, --palettize, --quantize (one or more) or --recipe")
+    for kind, flags in (("palettize", _LUT_FLAGS), ("quantize", _QUANT_FLAGS)):
+        given = [_flag(f) for f in flags if getattr(args, f) is not None]
+        if given and (args.recipe or kind not in order):
+            verb = "applies" if len(given) == 1 else "apply"
+            raise _config_error(f"{', '.join(given)} {verb} with --{kind} only")
     if args.recipe:
         recipe = Recipe.from_yaml(args.recipe)
-        prune = recipe.prune
+        steps = list(recipe.steps)
     else:
         recipe = None
-        prune = PruneConfig(spec=parse_prune_spec(args.prune))
+        build = {
+            "prune": lambda: parse_prune_spec(args.prune),
+            "palettize": lambda: _palettize_spec(args),
+            "quantize": lambda: _quantize_spec(args),
+        }
+        steps = [Step(kind, build[kind]()) for kind in order]
+    if (args.min_sparsity is not None or args.scope is not None) and not any(
+        s.kind == "prune" for s in steps
+    ):
+        raise _config_error("--min-sparsity and --scope apply to a prune step")
     changes = {}
     if args.op_types is not None:
         changes["op_types"] = args.op_types
@@ -160,18 +313,14 @@ def _recipe_from_args(args):
         changes["op_names"] = args.op_names
     if args.min_size is not None:
         changes["min_size"] = args.min_size
-    if changes:
-        prune = attrs.evolve(prune, **changes)
-    if args.min_sparsity is not None:
-        if prune.spec.pattern != "threshold":
-            raise ConfigError("--min-sparsity applies to threshold:T pruning only")
-        prune = attrs.evolve(prune, spec=attrs.evolve(prune.spec, min_sparsity=args.min_sparsity))
-    if args.scope is not None:
-        if prune.spec.pattern != "magnitude":
-            raise ConfigError("--scope applies to unstructured:S pruning only")
-        prune = attrs.evolve(prune, spec=attrs.evolve(prune.spec, scope=args.scope))
+    out = []
+    for step in steps:
+        config = attrs.evolve(step.config, **changes) if changes else step.config
+        if step.kind == "prune":
+            config = attrs.evolve(config, spec=_prune_spec(args, config.spec))
+        out.append(Step(step.kind, config))
     target = args.target or (recipe.target if recipe else None)
-    return Recipe(prune=prune, target=target)
+    return Recipe(out, target)
 
 
 def _cmd_compress(args) -> int:
@@ -233,11 +382,42 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_passes(args) -> int:
     import milsparse  # noqa: F401  (registers the passes)
-    from milsparse.passes.registry import MILSPARSE_PASSES
+    from milsparse.passes.registry import MILSPARSE_PASSES, chain_dot
     from milsparse.report import format_table
 
-    specs = sorted(MILSPARSE_PASSES.values(), key=lambda s: s.name)
-    if args.json:
+    if args.recipe is None:
+        if args.dot or args.target:
+            raise _config_error("--dot and --target apply with --recipe")
+        return _list_passes(MILSPARSE_PASSES, args.json)
+    from milsparse import _io
+    from milsparse.api import check_recipe
+    from milsparse.recipe import Recipe
+
+    recipe = Recipe.from_yaml(args.recipe)
+    target = _io.parse_target(args.target if args.target is not None else recipe.target)
+    taken = check_recipe(recipe, target)
+    if args.dot:
+        print(chain_dot(taken, name=Path(args.recipe).stem))
+    elif args.json:
+        rows = [
+            {"step": step.label, "pass": step.pass_name, "states": [list(e) for e in edges]}
+            for step, edges in taken
+        ]
+        print(json.dumps({"target": getattr(target, "name", None), "steps": rows}, indent=2))
+    else:
+        rows = [
+            [step.label, step.pass_name, ", ".join(f"{a} -> {b}" for a, b in edges) or "-"]
+            for step, edges in taken
+        ]
+        print(format_table(["step", "pass", "weight states"], rows))
+    return EXIT_OK
+
+
+def _list_passes(passes, as_json: bool) -> int:
+    from milsparse.report import format_table
+
+    specs = sorted(passes.values(), key=lambda s: s.name)
+    if as_json:
         rows = [
             {
                 "name": s.name,
@@ -247,6 +427,7 @@ def _cmd_passes(args) -> int:
                 "before": list(s.before),
                 "conflicts": list(s.conflicts),
                 "min_target": s.min_target.name,
+                "transforms": [[c, p, t.name] for c, p, t in s.transforms],
             }
             for s in specs
         ]
@@ -254,8 +435,16 @@ def _cmd_passes(args) -> int:
     else:
         print(
             format_table(
-                ["pass", "min target", "summary"],
-                [[s.name, s.min_target.name, s.summary] for s in specs],
+                ["pass", "min target", "weight states", "summary"],
+                [
+                    [
+                        s.name,
+                        s.min_target.name,
+                        ", ".join(f"{c}->{p}" for c, p, _ in s.transforms) or "-",
+                        s.summary,
+                    ]
+                    for s in specs
+                ],
             )
         )
     return EXIT_OK

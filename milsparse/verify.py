@@ -477,15 +477,15 @@ def declared_pruning(model) -> dict[str, dict]:
 def _weight_checks(
     candidate_model, candidate_prog, function: str, cache: dict
 ) -> list[WeightCheck]:
-    """Format, sparsity and declared pattern of each compressed weight of `function`, nested
-    blocks included; decoded values come from the interpreter's `cache` of the runs just made
-    (a weight in a branch that did not run is decoded here)."""
+    """Format, sparsity and declared pattern of each compressed weight (any form) of
+    `function`, nested blocks included; decoded values come from the interpreter's `cache` of
+    the runs just made (a weight in a branch that did not run is decoded here)."""
     declared = declared_pruning(candidate_model)
     func = candidate_prog.functions[function]
     sparse_ops = {op.name: op for op in walk_ops(func) if op.op_type == "constexpr_sparse_to_dense"}
     checks = []
     for row in weight_table(candidate_prog, functions=[function]):
-        if not row.sparse and row.name not in declared:
+        if row.format == "dense" and row.name not in declared:
             continue
         check = WeightCheck(row.name, row.format, row.sparsity, sparse=row.sparse)
         info = declared.get(row.name)

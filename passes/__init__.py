@@ -23,16 +23,29 @@ register(
             "common::cast_optimization",
         ),
         min_target=AvailableTarget.iOS16,
+        transforms=(
+            ("dense", "sparse", AvailableTarget.iOS16),
+            ("palettized", "sparse+palettized", AvailableTarget.iOS18),
+            ("quantized", "sparse+quantized", AvailableTarget.iOS18),
+        ),
     )
 )
+
+# Palettize and quantize are not ordered against prune: both orders are valid (the joint form
+# either way), so a pipeline keeps the order the recipe asks for.
+_ANCHORS = MILSPARSE_PASSES["milsparse::prune"].after
 
 register(
     PassSpec(
         name="milsparse::palettize",
         summary="palettize dense weight consts into constexpr_lut_to_dense (k-means or uniform "
         "tables, per tensor or per grouped channel)",
-        after=("milsparse::prune", *MILSPARSE_PASSES["milsparse::prune"].after),
+        after=_ANCHORS,
         min_target=AvailableTarget.iOS16,
+        transforms=(
+            ("dense", "palettized", AvailableTarget.iOS16),
+            ("sparse", "sparse+palettized", AvailableTarget.iOS18),
+        ),
     )
 )
 
@@ -41,9 +54,12 @@ register(
         name="milsparse::quantize",
         summary="linearly quantize weight consts (int8/uint8/int4/uint4, per tensor, channel or "
         "block) into constexpr_blockwise_shift_scale or constexpr_affine_dequantize",
-        after=("milsparse::prune", *MILSPARSE_PASSES["milsparse::prune"].after),
-        conflicts=("milsparse::palettize",),
+        after=_ANCHORS,
         min_target=AvailableTarget.iOS16,
+        transforms=(
+            ("dense", "quantized", AvailableTarget.iOS16),
+            ("sparse", "sparse+quantized", AvailableTarget.iOS18),
+        ),
     )
 )
 

@@ -41,7 +41,21 @@ from milsparse.passes._match import MatchResult
 from milsparse.passes.decisions import WeightDecision
 from tqdm.auto import tqdm
 
-__all__ = ["WEIGHT_OPERANDS", "Candidate", "WeightPass", "channel_axes", "dense_decision"]
+__all__ = [
+    "WEIGHT_OPERANDS",
+    "Candidate",
+    "WeightPass",
+    "channel_axes",
+    "dense_decision",
+    "PIPELINE_RUNS",
+]
+
+# Inside ct.convert, coremltools builds a fresh instance of each pass from its registry, so what
+# a pass learns would be lost with the instance. A pass given a `run` key (milsparse's
+# `coreml_pipeline` sets one) leaves its report here, per pass name, for
+# `milsparse.pipeline_report` to collect; the oldest runs are dropped beyond _MAX_RUNS.
+PIPELINE_RUNS: dict[str, dict[str, tuple[list, list[str]]]] = {}
+_MAX_RUNS = 64
 
 # Operands that hold a layer's weight; matmul's weight may be either side.
 WEIGHT_OPERANDS = {
@@ -140,6 +154,7 @@ class WeightPass(AbstractGraphPass):
     def __init__(self, config=None):
         self._config = None if config is None else self.parse_config(config)
         self.report: list[WeightDecision] = []
+        self.run: str | None = None  # a PIPELINE_RUNS key (a pass option)
 
     # -- what a subclass gives ---------------------------------------------------------------
     @staticmethod
@@ -191,6 +206,7 @@ class WeightPass(AbstractGraphPass):
                 "{'config': ...}) or use milsparse.coreml_pipeline(recipe)"
             )
         self._before(prog)
+        self.report = []
         multifunction = len(prog.functions) > 1
         first_reader: dict[int, str] = {}
         for fname, func in prog.functions.items():
@@ -222,6 +238,13 @@ class WeightPass(AbstractGraphPass):
                     )
                 self.report.append(decision)
         self._after(prog)
+        if self.run is not None:
+            PIPELINE_RUNS.setdefault(str(self.run), {})[self.pass_name] = (
+                list(self.report),
+                self.unused_overrides(),
+            )
+            while len(PIPELINE_RUNS) > _MAX_RUNS:
+                PIPELINE_RUNS.pop(next(iter(PIPELINE_RUNS)))
 
     def _before(self, prog) -> None:
         """Set up per-run state (subclasses); the pass instance may be reused."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["WeightDecision"]
+__all__ = ["WeightDecision", "combine"]
 
 
 @dataclass(frozen=True)
@@ -41,3 +41,40 @@ class WeightDecision:
         row["consumers"] = list(self.consumers)
         row["shape"] = list(self.shape)
         return row
+
+
+def combine(step_reports: list[tuple[str, list[WeightDecision]]]) -> list[WeightDecision]:
+    """One row per weight from the reports of several steps (`(kind, decisions)` in the order
+    they ran): the spec is the compressing steps' specs joined by ` + ` (`2:4 + lut4`), the
+    stored bytes and sparsity are the last compressing step's, the dense bytes the first's; a
+    weight no step compressed keeps every distinct reason; a later step's reason for leaving a
+    compressed weight as it is becomes a note."""
+    if len(step_reports) == 1:
+        return list(step_reports[0][1])
+    rows: dict[tuple, list[tuple[str, WeightDecision]]] = {}
+    for kind, decisions in step_reports:
+        for d in decisions:
+            rows.setdefault((d.function, d.name), []).append((kind, d))
+    out = []
+    for seen in rows.values():
+        first = seen[0][1]
+        done = [(k, d) for k, d in seen if d.compressed]
+        if not done:
+            reasons = list(dict.fromkeys(d.reason for _, d in seen if d.reason))
+            if len(reasons) > 1:
+                reasons = [f"{k}: {d.reason}" for k, d in seen if d.reason]
+            out.append(replace(first, reason="; ".join(dict.fromkeys(reasons)) or None))
+            continue
+        last = done[-1][1]
+        specs = [d.spec.removeprefix("sparse+") if i else d.spec for i, (_, d) in enumerate(done)]
+        notes = [d.note for _, d in done if d.note]
+        notes += [f"{k}: {d.reason}" for k, d in seen if not d.compressed and d.reason]
+        out.append(
+            replace(
+                last,
+                spec=" + ".join(specs),
+                dense_bytes=first.dense_bytes,
+                note="; ".join(dict.fromkeys(notes)) or None,
+            )
+        )
+    return out

@@ -5,7 +5,10 @@ Ordering is data. Each pass declares
 - `after` / `before`: order constraints that apply only when both passes are present (names of
   coremltools passes are allowed here: they anchor the pass inside `ct.convert`'s pipeline);
 - `conflicts`: passes it cannot share a pipeline with;
-- `min_target`: the lowest deployment target whose opset has the ops it emits.
+- `min_target`: the lowest deployment target whose opset has the ops it emits;
+- `transforms`: the weight states it consumes and what it makes of each, with the lowest target
+  of each produced form (`("sparse", "sparse+palettized", iOS18)`); a pass that declares none
+  leaves weight states alone.
 
 `order_passes` builds an `nx.DiGraph` over the requested passes and returns
 `nx.lexicographical_topological_sort` keyed by the order they were asked in, so passes the
@@ -13,6 +16,10 @@ declarations do not order keep that order; a loop is reported with `nx.find_cycl
 `place_in_pipeline` inserts the ordered passes into a coremltools `PassPipeline` after the last
 occurrence of every coremltools pass they must follow, and warns (`PipelineWarning`) when none
 of those is in it.
+
+`check_chain` follows the weight states through a list of steps before anything runs: a step
+that consumes none of the states the steps before it leave, or that would produce a form its
+target cannot hold, is a `PipelineError` naming the steps.
 
 Passes of any namespace take part: `@graph_pass("mytools::fold", "summary", before=(...))`
 registers a class with coremltools and its declarations here in one step, refusing a name
@@ -39,7 +46,20 @@ __all__ = [
     "graph_pass",
     "order_passes",
     "place_in_pipeline",
+    "WEIGHT_STATES",
+    "ChainStep",
+    "check_chain",
+    "chain_dot",
 ]
+
+WEIGHT_STATES = (
+    "dense",
+    "sparse",
+    "palettized",
+    "quantized",
+    "sparse+palettized",
+    "sparse+quantized",
+)
 
 
 class PipelineWarning(UserWarning):
@@ -56,6 +76,20 @@ class PassSpec:
     conflicts: tuple[str, ...] = ()
     min_target: AvailableTarget = AvailableTarget.iOS16
     options: tuple[str, ...] = field(default=("config",))
+    transforms: tuple[tuple[str, str, AvailableTarget], ...] = ()
+
+    def __post_init__(self):
+        for consumed, produced, _ in self.transforms:
+            for state in (consumed, produced):
+                if state not in WEIGHT_STATES:
+                    raise PipelineError(
+                        f"{self.name}: unknown weight state {state!r}; known: "
+                        f"{', '.join(WEIGHT_STATES)}"
+                    )
+
+    @property
+    def consumes(self) -> tuple[str, ...]:
+        return tuple(c for c, _, _ in self.transforms)
 
 
 MILSPARSE_PASSES: dict[str, PassSpec] = {}
@@ -195,3 +229,75 @@ def place_in_pipeline(
         pipeline.set_options(name, opts)
     pipeline.validate()
     return pipeline
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """One step of a chain to check: a display label (`"2 (palettize lut4)"`), its pass, and
+    whether it selects every weight (no `op_names`), so that no weight keeps its old state."""
+
+    label: str
+    pass_name: str
+    covers_all: bool = True
+
+
+def _target_name(target: AvailableTarget) -> str:
+    return target.name.replace("iOS", "ios")
+
+
+def check_chain(
+    steps: Iterable[ChainStep],
+    target: AvailableTarget | None = None,
+    start: Iterable[str] = ("dense",),
+) -> list[tuple[ChainStep, list[tuple[str, str]]]]:
+    """Follow the weight states through `steps`; return each step with the (consumed,
+    produced) edges it takes. Raises PipelineError, naming the steps, when a step consumes
+    none of the states the steps before it leave, or when every form it would produce needs a
+    later target than `target` (None: not checked)."""
+    states = {s: "the input" for s in start}  # state -> the step that made it
+    taken = []
+    for step in steps:
+        spec = _spec(step.pass_name)
+        if not spec.transforms:
+            taken.append((step, []))
+            continue
+        consumed = [t for t in spec.transforms if t[0] in states]
+        if not consumed:
+            have = ", ".join(f"{s} (from {by})" for s, by in states.items())
+            raise PipelineError(
+                f"step {step.label} takes {' or '.join(spec.consumes)} weights, but the steps "
+                f"before it leave them {have}: nothing it can work on (a weight is palettized "
+                "or quantized, not both: give the two steps different weights with op_names)"
+            )
+        allowed = [t for t in consumed if target is None or t[2] <= target]
+        if not allowed:
+            consumed_from, produced, needed = consumed[0]
+            raise PipelineError(
+                f"step {step.label} makes {consumed_from} weights {produced}, which needs "
+                f"{needed.name}; the target is {target.name}: set the target to "
+                f"{_target_name(needed)} (--target {_target_name(needed)}, or target: "
+                f"{_target_name(needed)} in the recipe)"
+            )
+        edges = [(c, p) for c, p, _ in allowed]
+        moved = {c for c, _ in edges}
+        new = {s: by for s, by in states.items() if not (step.covers_all and s in moved)}
+        for _, produced in edges:
+            new[produced] = f"step {step.label}"
+        states = new
+        taken.append((step, edges))
+    return taken
+
+
+def chain_dot(taken, name: str = "chain") -> str:
+    """Graphviz DOT text of a checked chain: weight states as nodes, one edge per state a step
+    turns into another, labelled with the step."""
+    graph = nx.MultiDiGraph()
+    graph.add_node("dense")
+    for step, edges in taken:
+        for consumed, produced in edges:
+            graph.add_edge(consumed, produced, label=step.label)
+    lines = [f'digraph "{name}" {{', "  rankdir=LR;", "  node [shape=box];"]
+    lines += [f'  "{n}";' for n in graph.nodes]
+    lines += [f'  "{u}" -> "{v}" [label="{d["label"]}"];' for u, v, d in graph.edges(data=True)]
+    lines.append("}")
+    return "\n".join(lines)

@@ -87,3 +87,52 @@ def test_convert_encoder_prunes_every_projection():
     # of both layers: four weights, each pruned once for two readers
     assert len(sparse) == 4 and all(len(r.consumers) == 2 for r in sparse)
     assert all(r.sparsity == pytest.approx(0.5) for r in sparse)
+
+
+def test_convert_prune_then_palettize_recipe_keeps_fusion_and_carries_the_report():
+    """coreml_pipeline with a prune + palettize recipe inside ct.convert: conv+batchnorm stay
+    fused, the pruned weights become constexpr_lut_to_sparse -> constexpr_sparse_to_dense, and
+    conversion_report brings back the per-weight report and the pruning metadata that verify
+    checks patterns with (coremltools runs fresh pass instances, so the passes' own state is
+    gone)."""
+    from milsparse.verify import PRUNE_METADATA_KEY, declared_pruning
+
+    recipe = ms.Recipe(["2:4", "lut4"], target="ios18")
+    pipeline = ms.coreml_pipeline(recipe)
+    assert [p for p in pipeline.passes if p.startswith("milsparse::")] == [
+        "milsparse::prune",
+        "milsparse::palettize",
+    ]
+    module = torch_models.ConvBNNet()
+    mlmodel = torch_models.convert(module, pass_pipeline=pipeline)
+    types = [op.op_type for op in _main_ops(mlmodel)]
+    assert "batch_norm" not in types
+    assert types.count("constexpr_lut_to_sparse") == 2  # conv1 and the head; conv0 is small
+    report = ms.conversion_report(mlmodel, pipeline)
+    joint = {d.name: d for d in report.compressed if d.spec == "2:4 + lut4"}
+    assert len(joint) == 2
+    declared = declared_pruning(mlmodel)
+    assert set(declared) == set(joint) and {v["spec"] for v in declared.values()} == {"2:4"}
+    assert PRUNE_METADATA_KEY in mlmodel.user_defined_metadata
+    rows = {r.name: r for r in ms.inspect_model(mlmodel).rows}
+    assert {rows[n].format for n in joint} == {"sparse+lut4"}
+    # the same through ms.convert: one call, the same weights
+    torch.manual_seed(0)
+    module.eval()
+    x = torch_models.example_input(module)
+    again, again_report = ms.convert_with_report(
+        torch.jit.trace(module, x),
+        recipe,
+        inputs=[ct.TensorType(name="x", shape=tuple(x.shape))],
+        compute_precision=ct.precision.FLOAT16,
+        skip_model_load=True,
+    )
+    assert [d.spec for d in again_report.decisions] == [d.spec for d in report.decisions]
+    assert declared_pruning(again) == declared
+
+
+def test_convert_checks_the_chain_against_the_target():
+    with pytest.raises(ms.PipelineError, match=r"step 2 \(palettize lut4\).*set the target"):
+        ms.coreml_pipeline(["2:4", "lut4"], target=ct.target.iOS16)
+    with pytest.raises(ms.ConfigError, match="no milsparse pass of this pipeline has run"):
+        ms.conversion_report(None, ms.coreml_pipeline("2:4"))
