@@ -1,0 +1,254 @@
+"""Drop-in replacements for coremltools' `ct.optimize.coreml` weight compression functions.
+
+    from coremltools.optimize.coreml import OpMagnitudePrunerConfig, OptimizationConfig
+    from milsparse.coreml import prune_weights          # was: from coremltools.optimize.coreml
+
+    config = OptimizationConfig(global_config=OpMagnitudePrunerConfig(n_m_ratio=(2, 4)))
+    sparse = prune_weights(mlmodel, config)
+
+`prune_weights`, `palettize_weights` and `linear_quantize_weights` take coremltools' own
+`OptimizationConfig` (global, per op type and per op name configs, resolved per weight in
+coremltools' order: the const's name, then its consumer's name, then its consumer's type, then
+the global config) and `joint_compression=`, and return an `MLModel`. They run milsparse's
+passes (`milsparse.compress` with one step whose overrides name every weight), so the results
+follow milsparse's rules; README "The coremltools drop-in" lists where they differ from
+coremltools'. Options milsparse does not support raise `ConfigError` naming them.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any
+
+import attrs
+import coremltools as ct
+from coremltools.converters.mil.mil import types
+from coremltools.optimize.coreml import (
+    OpLinearQuantizerConfig,
+    OpMagnitudePrunerConfig,
+    OpPalettizerConfig,
+    OpThresholdPrunerConfig,
+    OptimizationConfig,
+)
+
+from milsparse import _io
+from milsparse.errors import ConfigError
+from milsparse.ir.chain import Form, weight_chain
+from milsparse.ir.graph import walk_ops
+from milsparse.passes._weight_pass import WEIGHT_OPERANDS
+from milsparse.passes.config import PruneConfig, parse_prune_spec
+from milsparse.passes.lut_config import PalettizeConfig, PalettizeSpec
+from milsparse.passes.quant_config import QuantizeConfig, QuantizeSpec
+from milsparse.recipe import Recipe, Step
+
+__all__ = ["prune_weights", "palettize_weights", "linear_quantize_weights", "recipe_of"]
+
+_STRUCTURED_OPS = ("linear", "conv")  # coremltools prunes n:m and blocks of these only
+
+
+def _name(value) -> str:
+    """An option coremltools may hold as an Enum (CompressionGranularity) or a string."""
+    return (value.name if isinstance(value, enum.Enum) else str(value)).lower()
+
+
+def _repr(x: float) -> str:
+    return repr(float(x))
+
+
+def _axis(dim: int) -> str:
+    return "out" if dim == 0 else "in"
+
+
+def _prune_spec(config):
+    if isinstance(config, OpThresholdPrunerConfig):
+        spec = parse_prune_spec(f"threshold:{_repr(config.threshold)}")
+        return attrs.evolve(spec, min_sparsity=float(config.minimum_sparsity_percentile))
+    if not isinstance(config, OpMagnitudePrunerConfig):
+        raise ConfigError(
+            f"prune_weights takes OpMagnitudePrunerConfig or OpThresholdPrunerConfig, got "
+            f"{type(config).__name__}"
+        )
+    if config.n_m_ratio is not None:
+        n, m = config.n_m_ratio
+        return parse_prune_spec(f"{n}:{m}@{_axis(config.dim)}")
+    if config.block_size is not None:
+        return parse_prune_spec(
+            f"block{config.block_size}@{_axis(config.dim)}:{_repr(config.target_sparsity)}"
+        )
+    return parse_prune_spec(f"unstructured:{_repr(config.target_sparsity)}")
+
+
+def _structured(config) -> bool:
+    return isinstance(config, OpMagnitudePrunerConfig) and (
+        config.n_m_ratio is not None or config.block_size is not None
+    )
+
+
+def _palettize_spec(config):
+    if not isinstance(config, OpPalettizerConfig):
+        raise ConfigError(
+            f"palettize_weights takes OpPalettizerConfig, got {type(config).__name__}"
+        )
+    unsupported = []
+    mode = _name(config.mode)
+    if mode not in ("kmeans", "uniform"):
+        unsupported.append(f"mode={mode!r} (kmeans and uniform are supported)")
+    if config.lut_function is not None:
+        unsupported.append("lut_function")
+    if config.enable_per_channel_scale:
+        unsupported.append("enable_per_channel_scale=True")
+    if config.channel_axis is not None:
+        unsupported.append(
+            f"channel_axis={config.channel_axis} (milsparse groups along each op's output channels)"
+        )
+    if unsupported:
+        raise ConfigError(f"OpPalettizerConfig options milsparse does not support: "
+                          f"{', '.join(unsupported)}")  # fmt: skip
+    granularity = _name(config.granularity)
+    try:
+        return PalettizeSpec(
+            nbits=config.nbits,
+            mode=mode,
+            granularity=granularity,
+            group_size=config.group_size,
+            cluster_dim=config.cluster_dim,
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"OpPalettizerConfig: {e}") from e
+
+
+def _quantize_spec(config):
+    if not isinstance(config, OpLinearQuantizerConfig):
+        raise ConfigError(
+            f"linear_quantize_weights takes OpLinearQuantizerConfig, got {type(config).__name__}"
+        )
+    dtype = config.dtype if isinstance(config.dtype, str) else types.builtin_to_string(config.dtype)
+    granularity = _name(config.granularity)
+    block_size = config.block_size
+    if not isinstance(block_size, int):
+        raise ConfigError(
+            f"OpLinearQuantizerConfig block_size={block_size!r} per axis is not supported by "
+            "milsparse: give one int (input channels per block)"
+        )
+    try:
+        return QuantizeSpec(
+            dtype=dtype,
+            mode=_name(config.mode),
+            granularity=granularity,
+            block_size=block_size if block_size > 0 else 32,
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"OpLinearQuantizerConfig: {e}") from e
+
+
+_KINDS = {
+    "prune": (_prune_spec, PruneConfig, frozenset({Form.PALETTIZED, Form.QUANTIZED})),
+    "palettize": (_palettize_spec, PalettizeConfig, frozenset({Form.SPARSE})),
+    "quantize": (_quantize_spec, QuantizeConfig, frozenset({Form.SPARSE})),
+}
+
+
+def _escape(name: str) -> str:
+    """`name` as an fnmatch pattern that matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _config_for(op, uses, config: OptimizationConfig):
+    """coremltools' order: the const's name, then each consumer's name, type, the global."""
+    if op.name in config.op_name_configs:
+        return op.name, config.op_name_configs[op.name]
+    found = []
+    for use in uses:
+        if use.name in config.op_name_configs:
+            found.append(config.op_name_configs[use.name])
+        else:
+            found.append(config.op_type_configs.get(use.op_type, config.global_config))
+    if any(f != found[0] for f in found[1:]):
+        raise ConfigError(
+            f"compression config conflict for {op.name}: its readers "
+            f"{', '.join(u.name for u in uses)} have different configs"
+        )
+    return None, (found[0] if found else None)
+
+
+def recipe_of(prog, kind: str, config: OptimizationConfig, joint_compression: bool) -> Recipe:
+    """The one-step milsparse recipe that does what `config` asks of `prog`'s weights: every
+    weight gets an override with its own spec (or `dense`: left as it is)."""
+    if not isinstance(config, OptimizationConfig):
+        raise ConfigError(
+            f"config must be a coremltools OptimizationConfig, got {type(config).__name__}"
+        )
+    to_spec, config_type, joint_forms = _KINDS[kind]
+    overrides: list[tuple[str, Any]] = []
+    default = None
+    for func in prog.functions.values():
+        for op in walk_ops(func):
+            chain = weight_chain(op)
+            if chain is None:
+                continue
+            uses = [c for c in op.outputs[0].child_ops if not c.op_type.startswith("constexpr_")]
+            if not uses or any(u.op_type not in WEIGHT_OPERANDS for u in uses):
+                continue  # not a weight of a milsparse pass (coremltools: see the README)
+            _, chosen = _config_for(op, uses, config)
+            spec = None
+            if chosen is not None and chain.num_elements > (chosen.weight_threshold or 0):
+                spec = to_spec(chosen)
+                if kind == "prune" and _structured(chosen):
+                    if any(u.op_type not in _STRUCTURED_OPS for u in uses):
+                        spec = None  # as coremltools: n:m and blocks of linear and conv only
+                if chain.form is not Form.DENSE and (
+                    not joint_compression or chain.form not in joint_forms
+                ):
+                    spec = None  # already compressed: left as it is
+            overrides.append((_escape(op.name), spec))
+            default = default or spec
+    # configs' own specs are validated even when no weight takes them
+    for c in (config.global_config, *config.op_type_configs.values(),
+              *config.op_name_configs.values()):  # fmt: skip
+        if c is not None:
+            default = default or to_spec(c)
+    if default is None:
+        raise ConfigError("the OptimizationConfig has no compressor config")
+    step = config_type(spec=default, overrides=tuple(overrides), min_size=0)
+    return Recipe([Step(kind, step)])
+
+
+def _run(kind: str, mlmodel, config, joint_compression: bool) -> ct.models.MLModel:
+    from milsparse.api import compress
+
+    source = _io.open_model(mlmodel)
+    prog = _io.load_program(source)
+    recipe = recipe_of(prog, kind, config, joint_compression)
+    return compress(source, recipe)
+
+
+def prune_weights(
+    mlmodel, config: OptimizationConfig, joint_compression: bool = False
+) -> ct.models.MLModel:
+    """`ct.optimize.coreml.prune_weights` with milsparse's pruning: OpMagnitudePrunerConfig
+    (target_sparsity, block_size, n_m_ratio, dim) and OpThresholdPrunerConfig (threshold,
+    minimum_sparsity_percentile); weight_threshold as coremltools (more elements than it).
+    `joint_compression=True` prunes palettized or quantized iOS18 weights into the joint forms
+    (their values bit-identical); otherwise such weights are left as they are."""
+    return _run("prune", mlmodel, config, joint_compression)
+
+
+def palettize_weights(
+    mlmodel, config: OptimizationConfig, joint_compression: bool = False
+) -> ct.models.MLModel:
+    """`ct.optimize.coreml.palettize_weights` with milsparse's tables: OpPalettizerConfig
+    (nbits, mode kmeans or uniform, granularity, group_size, cluster_dim; num_kmeans_workers is
+    accepted and has no effect). `joint_compression=True` palettizes the nonzeros of sparse
+    weights into `constexpr_lut_to_sparse` (tables fitted on the nonzeros only)."""
+    return _run("palettize", mlmodel, config, joint_compression)
+
+
+def linear_quantize_weights(
+    mlmodel, config: OptimizationConfig, joint_compression: bool = False
+) -> ct.models.MLModel:
+    """`ct.optimize.coreml.linear_quantize_weights` with milsparse's quantization:
+    OpLinearQuantizerConfig (mode, dtype int8/uint8/int4/uint4, granularity, block_size as one
+    int). `joint_compression=True` quantizes the nonzeros of sparse weights into
+    `constexpr_sparse_blockwise_shift_scale`, ranges from the nonzeros."""
+    return _run("quantize", mlmodel, config, joint_compression)
