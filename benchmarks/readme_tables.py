@@ -51,7 +51,49 @@ def scope_table() -> str:
     return _table(headers, rows)
 
 
-TABLES = {"interpreter": interpreter_table, "scope": scope_table}
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def joint_quality_table() -> str:
+    data = json.loads((RESULTS / "joint.json").read_text())
+    rows = [
+        [f"{r['nbits']}-bit", f"{r['milsparse_rel_error']:.5f}",
+         f"{r['coremltools_rel_error']:.5f}",
+         f"{r['coremltools_rel_error'] / r['milsparse_rel_error']:.2f}x",
+         _mib(r["milsparse_size"]), _mib(r["coremltools_size"]),
+         f"{100 * (r['milsparse_size'] / r['coremltools_size'] - 1):+.2f}%"]
+        for r in data["quality"]
+    ]  # fmt: skip
+    headers = ["2:4, then palettized", "milsparse kept-value error", "coremltools error",
+               "coremltools / milsparse", "milsparse size", "coremltools size",
+               "size vs coremltools"]  # fmt: skip
+    return _table(headers, rows)
+
+
+def joint_speed_table() -> str:
+    data = json.loads((RESULTS / "joint.json").read_text())
+    rows = []
+    for r in data["speed"]:
+        m, c = r["milsparse"], r["coremltools"]
+        rows.append(
+            [r["setting"], f"{m['seconds']:.1f}", f"{c['seconds']:.1f}",
+             f"{c['seconds'] / m['seconds']:.1f}x", _mib(m["peak_above_import"]),
+             _mib(c["peak_above_import"]), f"{m['peak_above_import'] / r['dense_size']:.2f}",
+             _mib(m["size"]), _mib(c["size"])]
+        )  # fmt: skip
+    headers = ["setting", "milsparse s", "coremltools s", "speedup", "milsparse peak",
+               "coremltools peak", "milsparse peak / dense size", "milsparse size",
+               "coremltools size"]  # fmt: skip
+    return _table(headers, rows)
+
+
+TABLES = {
+    "interpreter": interpreter_table,
+    "scope": scope_table,
+    "joint-quality": joint_quality_table,
+    "joint-speed": joint_speed_table,
+}
 
 
 def render(text: str) -> str:

@@ -73,7 +73,20 @@ class WeightChain:
     value_type: str | None = None  # quantized values' MIL dtype: int8, uint8, int4, uint4
     vector_size: int = 1  # palettization: elements per palette entry
     ios16_form: bool = False  # iOS16/17 operands (packed mask or indices with a `shape`)
-    sparsity: float | None = None  # fraction of zeros, when the chain tells it cheaply
+    mask_sparsity: float | None = None  # fraction of zeros a chain's stored mask tells
+
+    @property
+    def sparsity(self) -> float | None:
+        """Fraction of zeros: a dense weight's counted on first use (a full pass over the
+        values, which selection does not need), a chain's from its mask; None otherwise."""
+        if self.form is not Form.DENSE:
+            return self.mask_sparsity
+        cached = self.__dict__.get("_zeros")
+        if cached is None:
+            val = self.op.outputs[0].val
+            cached = (val.size - int(np.count_nonzero(val))) / val.size
+            object.__setattr__(self, "_zeros", cached)
+        return cached
 
     @property
     def name(self) -> str:
@@ -164,9 +177,8 @@ def weight_chain(op) -> WeightChain | None:
             or val.size <= formats.INLINE_MAX_ELEMENTS
         ):
             return None
-        zeros = val.size - int(np.count_nonzero(val))
         stored = (StoredTensor("val", val.size, val.dtype.itemsize * 8),)
-        return WeightChain(op, (), Form.DENSE, shape, dtype, stored, sparsity=zeros / val.size)
+        return WeightChain(op, (), Form.DENSE, shape, dtype, stored)
     ops = _chain_ops(op)
     kinds = {o.op_type for o in ops}
     stored = tuple(

@@ -41,6 +41,10 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
+# every fp16 bit pattern's value (NaN patterns included: never present in a fitted weight)
+with np.errstate(invalid="ignore"):
+    _FP16_VALUES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    _FP16_VALUES = _FP16_VALUES.astype(np.float64)
 
 
 def _ordered_keys16(values: np.ndarray) -> np.ndarray:
@@ -66,6 +70,16 @@ def value_histogram(
         importance = np.asarray(importance, dtype=np.float64).ravel()
         if importance.shape != values.shape:
             raise ValueError("importance must have one entry per value")
+    if values.dtype == np.float16 and importance is None:
+        # one counting pass over the bit patterns; the 65,536 possible values, sorted once
+        bits = values.view(np.uint16)
+        counts = np.zeros(1 << 16, np.int64)
+        for start in range(0, bits.size, 1 << 18):  # chunks: bincount's int64 copy stays small
+            counts += np.bincount(bits[start : start + (1 << 18)], minlength=1 << 16)
+        present = np.flatnonzero(counts)
+        points = _FP16_VALUES[present]
+        order = np.argsort(points, kind="stable")
+        return points[order], counts[present][order].astype(np.float64)
     mass = np.zeros(1 << 16)
     total = np.zeros(1 << 16)
     for start in range(0, values.size, _CHUNK):
@@ -110,7 +124,9 @@ def optimal_kmeans_1d(points: np.ndarray, mass: np.ndarray, k: int) -> np.ndarra
     the cost of cluster points[j..i] (from prefix sums, O(1)). The best j is monotone in i for
     1-D k-means, so each layer is solved by divide and conquer over i, breadth-first: every
     level of the recursion is one vectorised numpy step over all its segments, O(n) work, and
-    a layer takes about log2(n) steps.
+    a layer takes about log2(n) steps. The best j is also no smaller than the previous
+    layer's at the same i (one cluster more leaves the last one no longer), which narrows
+    the ranges.
     """
     n = points.size
     shift = float(np.average(points, weights=mass))  # centred sums lose less to cancellation
@@ -129,20 +145,28 @@ def optimal_kmeans_1d(points: np.ndarray, mass: np.ndarray, k: int) -> np.ndarra
     for level in range(1, k):
         previous = layer
         layer = np.full(n, np.inf)
-        # segments of i with their candidate range of j: [i_lo, i_hi], [j_lo, j_hi]
-        i_lo, i_hi = np.array([level]), np.array([n - 1])
+        # segments of i with their candidate range of j: [i_lo, i_hi], [j_lo, j_hi]; the last
+        # layer is needed at its last point only
+        i_lo = np.array([n - 1 if level == k - 1 else level])
+        i_hi = np.array([n - 1])
         j_lo, j_hi = np.array([level]), np.array([n - 1])
+        floor = starts[level - 1]
         while i_lo.size:
             mid = (i_lo + i_hi) // 2
             last = np.minimum(j_hi, mid)
-            counts = last - j_lo + 1
+            # with one cluster more, the last cluster starts no earlier: a tighter lower bound
+            first_j = np.maximum(j_lo, floor[mid])
+            first_j = np.where(first_j <= last, first_j, j_lo)
+            counts = last - first_j + 1
             task = np.repeat(np.arange(mid.size), counts)
             offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            j = j_lo[task] + np.arange(task.size) - offsets[task]
+            j = first_j[task] + np.arange(task.size) - offsets[task]
             values = previous[j - 1] + cost(j, mid[task])
             best = np.minimum.reduceat(values, offsets)
             first = np.flatnonzero(values == best[task])
-            _, pick = np.unique(task[first], return_index=True)
+            # the smallest j reaching each segment's minimum (`task` ascends)
+            tasks = task[first]
+            pick = np.flatnonzero(np.concatenate([[True], tasks[1:] != tasks[:-1]]))
             chosen = j[first[pick]]
             layer[mid] = best
             starts[level, mid] = chosen
@@ -223,10 +247,14 @@ def fit_lut(
 
 
 def assign_indices(values: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """uint8 index of the nearest entry of the ascending `lut` for every value (in float64)."""
+    """uint8 index of the nearest entry of the ascending `lut` for every value (in float64).
+    A large fp16 array is looked up in a table of the index of all 65,536 fp16 values."""
     values = np.asarray(values)
     bounds = np.asarray(lut, dtype=np.float64)
     bounds = (bounds[:-1] + bounds[1:]) / 2
+    if values.dtype == np.float16 and values.size > 1 << 16:
+        table = np.minimum(np.searchsorted(bounds, _FP16_VALUES), bounds.size).astype(np.uint8)
+        return table[np.ascontiguousarray(values).view(np.uint16)]
     flat = values.ravel()
     out = np.empty(flat.size, np.uint8)
     for start in range(0, flat.size, _CHUNK):

@@ -195,10 +195,13 @@ class PalettizeWeights(WeightPass):
         name = root.name
 
         def build(anchor, tmp_name):
-            bits = named_const(
-                indices_mask.astype(np.uint8).view(types.np_uint1_dtype), f"{name}_indices_mask",
-                anchor,
-            )  # fmt: skip
+            if spec.cluster_dim == 1:
+                bits = root.mask  # the same mask: the const is shared, not copied
+            else:
+                bits = named_const(
+                    indices_mask.astype(np.uint8).view(types.np_uint1_dtype),
+                    f"{name}_indices_mask", anchor,
+                )  # fmt: skip
             codes = named_const(
                 indices.astype(_INDEX_TYPES[spec.nbits]), f"{name}_indices_nonzero_data", anchor
             )

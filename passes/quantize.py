@@ -59,18 +59,26 @@ _STORAGE = {
 
 
 def quantize_blockwise(weight: np.ndarray, scale_shape, spec: QuantizeSpec, valid=None):
-    """(q int64, scale in the weight's dtype, offset int64 or None), each group of `weight`
+    """(q int16, scale in the weight's dtype, offset int64 or None), each group of `weight`
     (the blocks `scale_shape` divides it into) quantized on its own; `valid` (a boolean mask)
-    limits the ranges to those values (a sparse weight's nonzeros)."""
+    limits the ranges to those values (a sparse weight's nonzeros).
+
+    fp16 weights are worked in float32 (exact for their values; `x / scale` of two fp16
+    numbers lies at least 2^-12 from a rounding midpoint unless it is one, far beyond float32's
+    error, so the levels are those float64 gives), fp32 weights in float64; one working copy,
+    updated in place."""
     rank = weight.ndim
     view = [x for d in range(rank) for x in (scale_shape[d], weight.shape[d] // scale_shape[d])]
     inner = tuple(range(1, 2 * rank, 2))
-    x = np.asarray(weight, dtype=np.float64).reshape(view)
-    where = (
-        True if valid is None else np.asarray(valid, bool).reshape(view)
-    )  # not None: numpy reads None as "no element"
-    lo = np.min(x, axis=inner, keepdims=True, where=where, initial=np.inf)
-    hi = np.max(x, axis=inner, keepdims=True, where=where, initial=-np.inf)
+    work = np.float32 if weight.dtype == np.float16 else np.float64
+    x = np.asarray(weight).astype(work).reshape(view)
+    if valid is None:
+        lo = x.min(axis=inner, keepdims=True).astype(np.float64)
+        hi = x.max(axis=inner, keepdims=True).astype(np.float64)
+    else:
+        where = np.asarray(valid, bool).reshape(view)
+        lo = np.min(x, axis=inner, keepdims=True, where=where, initial=np.inf).astype(np.float64)
+        hi = np.max(x, axis=inner, keepdims=True, where=where, initial=-np.inf).astype(np.float64)
     empty = ~np.isfinite(lo)
     lo, hi = np.where(empty, 0.0, lo), np.where(empty, 0.0, hi)
     half = 1 << (spec.nbits - 1)
@@ -86,8 +94,12 @@ def quantize_blockwise(weight: np.ndarray, scale_shape, spec: QuantizeSpec, vali
     stored = scale.astype(np.float64)
     if spec.mode == "linear":
         offset = np.clip(np.rint(qmin - lo / stored), qmin, qmax).astype(np.int64)
-    shift = 0 if offset is None else offset
-    q = np.clip(np.rint(x / stored) + shift, qmin, qmax).astype(np.int64)
+    np.divide(x, stored.astype(work), out=x)
+    np.rint(x, out=x)
+    if offset is not None:
+        x += offset.astype(work)
+    np.clip(x, qmin, qmax, out=x)
+    q = x.astype(np.int16)
     shape = tuple(scale_shape)
     return (
         q.reshape(weight.shape),
@@ -151,6 +163,8 @@ class QuantizeWeights(WeightPass):
                 op, f"quantized form would not be smaller: {stored} >= {chain.stored_bytes} "
                 "bytes", cand,
             )  # fmt: skip
+        # a sparse weight's sparsity is its mask's; a dense one's, the values that decode to 0
+        sparsity = chain.sparsity if sparse else _zero_levels(q, offset, shape) / q.size
         build = _builder(op.name, q, scale, offset, spec, mask, ios18, cand.axis[1])
         replace_op(op, build)
         return WeightDecision(
@@ -161,11 +175,20 @@ class QuantizeWeights(WeightPass):
             compressed=True,
             spec=("sparse+" if sparse else "") + spec.to_string(),
             axis=cand.axis[1],
-            sparsity=chain.sparsity or 0.0,
+            sparsity=sparsity or 0.0,
             dense_bytes=chain.dense_bytes,
             stored_bytes=stored,
             note=cand.note,
         )
+
+
+def _zero_levels(q: np.ndarray, offset, scale_shape) -> int:
+    """How many of `q` sit at their group's offset (decode to exactly 0)."""
+    if offset is None:
+        return int(q.size - np.count_nonzero(q))
+    view = [x for d, n in enumerate(q.shape) for x in (scale_shape[d], n // scale_shape[d])]
+    at = [x for d in range(q.ndim) for x in (scale_shape[d], 1)]
+    return int(np.count_nonzero(q.reshape(view) == offset.reshape(at)))
 
 
 def _scale_shape(shape, spec: QuantizeSpec, axes) -> list[int]:
