@@ -30,6 +30,7 @@ __all__ = [
     "evaluate_program",
     "run_block",
     "static_values",
+    "StopRun",
 ]
 
 Kernel = Callable[..., Any]
@@ -179,14 +180,16 @@ def _external(value, var):
 
 
 class Context:
-    """What control-flow kernels need: running nested blocks with the enclosing values."""
+    """What control-flow kernels need: running nested blocks with the enclosing values (and
+    the run's observers)."""
 
-    def __init__(self, env: dict, cache: dict | None):
+    def __init__(self, env: dict, cache: dict | None, observers: Mapping | None = None):
         self.env = env
         self.cache = cache
+        self.observers = observers
 
     def run(self, block, inputs: list) -> list:
-        return run_block(block, self.env, inputs, self.cache)
+        return run_block(block, self.env, inputs, self.cache, self.observers)
 
 
 def _is_static(op) -> bool:
@@ -259,17 +262,26 @@ def _plan(block, cache: dict | None) -> list[_Step]:
 
 
 def run_block(
-    block, outer_env: dict, inputs: list | None = None, cache: dict | None = None
+    block,
+    outer_env: dict,
+    inputs: list | None = None,
+    cache: dict | None = None,
+    observers: Mapping | None = None,
 ) -> list:
     """Run `block`'s ops; its inputs take `inputs`; returns the values of `block.outputs`.
 
     `cache`, when given, keeps the (decoded) values of const and constexpr ops across runs, and
     the prepared op list. Values are held in the interpreter's form (fp16 as float32 arrays).
+
+    `observers` maps `id(op)` to a callable `observer(op, inputs)`, called with the op's input
+    values (name -> array, as its kernel receives them) right before the op runs, in nested
+    blocks too. This is how calibration sees each weight's input activations while samples
+    stream through; an observer may raise `StopRun` to end the run early.
     """
     env = _ChainedEnv(outer_env)
     for var, value in zip(block.inputs, inputs or [], strict=False):
         env[id(var)] = value
-    ctx = Context(env, cache)
+    ctx = Context(env, cache, observers)
     for step in _plan(block, cache):
         if step.static and cache is not None:
             hit = cache.get(id(step.op))
@@ -283,6 +295,10 @@ def run_block(
                 values[name] = [_read(env, v) for v in var]
             else:
                 values[name] = _read(env, var)
+        if observers:
+            observe = observers.get(id(step.op))
+            if observe is not None:
+                observe(step.op, values)
         try:
             result = step.fn(step.op, values, ctx)
         except (ValueError, TypeError, IndexError) as e:
@@ -342,13 +358,23 @@ def _load_kernels() -> None:
         _KERNEL_MODULES_LOADED = True
 
 
+class StopRun(Exception):
+    """Raised by an observer to end a run once it has what it needs (`evaluate_program`
+    returns None then)."""
+
+
 def evaluate_program(
-    prog, inputs: Mapping[str, Any], function: str = "main", cache: dict | None = None
-) -> dict[str, np.ndarray]:
+    prog,
+    inputs: Mapping[str, Any],
+    function: str = "main",
+    cache: dict | None = None,
+    observers: Mapping | None = None,
+) -> dict[str, np.ndarray] | None:
     """Run `function` of `prog` on `inputs` (name -> array); returns output name -> array.
 
     Pass the same `cache` dict to several calls on one program to decode its constexpr weights
-    once.
+    once. `observers`: see `run_block`; when one raises `StopRun`, the run ends and this
+    returns None.
     """
     func = prog.functions[function]
     checked = ("supported", id(func))
@@ -375,7 +401,10 @@ def evaluate_program(
     env = _ChainedEnv(None)
     for var, value in zip(func.inputs.values(), feeds, strict=True):
         env[id(var)] = _conform(value, var)
-    results = run_block(func, env, None, cache)
+    try:
+        results = run_block(func, env, None, cache, observers)
+    except StopRun:
+        return None
     return {var.name: _external(val, var) for var, val in zip(func.outputs, results, strict=True)}
 
 

@@ -61,10 +61,18 @@ def load_program(model):
 
 
 def compress_with_report(
-    model, config, *, target=None, output=None, overwrite: bool = False
+    model, config, *, target=None, output=None, overwrite: bool = False, calibration=None
 ) -> tuple[ct.models.MLModel, CompressReport]:
     """Like `compress`, and also return the per-weight report."""
     recipe = Recipe.coerce(config)
+    data_aware = [
+        s for s in recipe.steps if s.kind == "prune" and s.config.criterion != "magnitude"
+    ]
+    if data_aware and calibration is None:
+        raise ConfigError(
+            f"criterion {data_aware[0].config.criterion} needs calibration inputs: "
+            "calibration=[{input: array}, ...] or an .npz path (CLI: --calibration FILE.npz)"
+        )
     target = _io.parse_target(target if target is not None else recipe.target)
     source = _io.open_model(model)
     if output is not None:
@@ -83,6 +91,11 @@ def compress_with_report(
     # below iOS16 the passes themselves refuse, saying how to re-convert
     check_recipe(recipe, opset if opset >= ct.target.iOS16 else None, weight_states(prog))
     steps = [(step, step.make_pass()) for step in recipe.steps]
+    if calibration is not None:
+        samples = _calibration_samples(prog, calibration)
+        for step, graph_pass in steps:
+            if step.kind == "prune":
+                graph_pass.calibration = samples
     # The passes remove the consts they replace, so no cleanup pass is needed afterwards.
     run_passes(prog, [(step.pass_name, p) for step, p in steps])
     prune = next((p for step, p in steps if step.kind == "prune"), None)
@@ -102,6 +115,20 @@ def compress_with_report(
     ]
     decisions = combine([(step.kind, p.report) for step, p in steps])
     return compressed, CompressReport(decisions, target=opset.name, notes=notes)
+
+
+def _calibration_samples(prog, calibration) -> list[dict]:
+    """Checked calibration samples for the program's function (one function only)."""
+    from milsparse.ir.calibration import check_samples, read_samples
+
+    if len(prog.functions) > 1:
+        raise ConfigError(
+            "calibration (data-aware pruning) supports single-function programs; this one has "
+            f"functions {sorted(prog.functions)}"
+        )
+    func = next(iter(prog.functions.values()))
+    samples = read_samples(calibration, func.inputs)
+    return check_samples(prog, samples, next(iter(prog.functions)))
 
 
 def weight_states(prog) -> set[str]:
@@ -140,7 +167,7 @@ def _pruned_metadata(source, decisions) -> dict[str, str]:
 
 
 def compress(
-    model, config, *, target=None, output=None, overwrite: bool = False
+    model, config, *, target=None, output=None, overwrite: bool = False, calibration=None
 ) -> ct.models.MLModel:
     """Compress a saved ML program (path or MLModel) with a recipe; return the compressed
     MLModel.
@@ -154,8 +181,15 @@ def compress(
     `overwrite=True`) and the model is read back from it; without, it lives in a temporary
     folder removed with the returned model. The input is never modified and coremltools'
     default pipeline is not re-run.
+
+    `calibration` (a list of {input name: array} samples, or an .npz whose arrays are named
+    after the inputs with a leading sample axis) feeds the data-aware criteria of a prune step
+    (`criterion: wanda | sparsegpt`): the reference interpreter runs the samples and hands
+    each weight's consumer its input activations.
     """
-    return compress_with_report(model, config, target=target, output=output, overwrite=overwrite)[0]
+    return compress_with_report(
+        model, config, target=target, output=output, overwrite=overwrite, calibration=calibration
+    )[0]
 
 
 def save(model: ct.models.MLModel, path, *, overwrite: bool = False) -> Path:

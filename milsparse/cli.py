@@ -71,6 +71,31 @@ def _build_parser() -> argparse.ArgumentParser:
         help="linear quantization: int8 | uint8 | int4 | uint4 (or a spec: int4@b32:affine)",
     )
     steps.add_argument("--recipe", metavar="YAML", help="a recipe file (see README: Recipes)")
+    data = comp.add_argument_group("data-aware pruning")
+    data.add_argument(
+        "--criterion",
+        choices=["magnitude", "wanda", "sparsegpt"],
+        help="how a prune step ranks weights (default magnitude; wanda and sparsegpt need "
+        "--calibration)",
+    )
+    data.add_argument(
+        "--calibration",
+        metavar="NPZ",
+        help="calibration inputs: arrays named after the model's inputs, leading sample axis",
+    )
+    data.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="calibrate each weight on the already-pruned weights' outputs (default: on for "
+        "sparsegpt, off for wanda)",
+    )
+    data.add_argument(
+        "--dampening",
+        type=float,
+        metavar="D",
+        help="sparsegpt: fraction of the Hessian's mean diagonal added to it (default 0.01)",
+    )
     lut = comp.add_argument_group("palettize options")
     lut.add_argument("--lut-mode", choices=["kmeans", "uniform"], help="default kmeans")
     lut.add_argument(
@@ -302,10 +327,16 @@ def _recipe_from_args(args):
             "quantize": lambda: _quantize_spec(args),
         }
         steps = [Step(kind, build[kind]()) for kind in order]
-    if (args.min_sparsity is not None or args.scope is not None) and not any(
+    data_flags = [
+        _flag(f) for f in ("criterion", "sequential", "dampening") if getattr(args, f) is not None
+    ]
+    if (args.min_sparsity is not None or args.scope is not None or data_flags) and not any(
         s.kind == "prune" for s in steps
     ):
-        raise _config_error("--min-sparsity and --scope apply to a prune step")
+        raise _config_error(
+            "--min-sparsity, --scope, --criterion, --sequential and --dampening apply to a "
+            "prune step"
+        )
     changes = {}
     if args.op_types is not None:
         changes["op_types"] = args.op_types
@@ -318,7 +349,18 @@ def _recipe_from_args(args):
         config = attrs.evolve(step.config, **changes) if changes else step.config
         if step.kind == "prune":
             config = attrs.evolve(config, spec=_prune_spec(args, config.spec))
+            data = {f: getattr(args, f) for f in ("criterion", "sequential", "dampening")}
+            data = {k: v for k, v in data.items() if v is not None}
+            if data:
+                config = attrs.evolve(config, **data)
         out.append(Step(step.kind, config))
+    aware = any(s.kind == "prune" and s.config.criterion != "magnitude" for s in out)
+    if args.calibration is not None and not aware:
+        raise _config_error("--calibration applies with --criterion wanda or sparsegpt")
+    if aware and args.calibration is None:
+        raise _config_error("--criterion wanda and sparsegpt need --calibration FILE.npz")
+    if args.calibration is not None and not Path(args.calibration).exists():
+        raise _config_error(f"{args.calibration}: no such file")
     target = args.target or (recipe.target if recipe else None)
     return Recipe(out, target)
 
@@ -345,12 +387,14 @@ def _cmd_compress(args) -> int:
     verdict = None
     if args.verify:
         # verify the model in its temporary package; only a passing one is written
-        model, report = ms.compress_with_report(src, recipe)
+        model, report = ms.compress_with_report(src, recipe, calibration=args.calibration)
         verdict = _run_verify(src, model, args)
         if verdict.passed:
             ms.save(model, dst, overwrite=args.force)
     else:
-        _, report = ms.compress_with_report(src, recipe, output=dst, overwrite=args.force)
+        _, report = ms.compress_with_report(
+            src, recipe, output=dst, overwrite=args.force, calibration=args.calibration
+        )
     written = verdict is None or verdict.passed
     if args.json:
         out = {"input": str(src), "output": str(dst) if written else None, **report.to_dict()}

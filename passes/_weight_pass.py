@@ -223,6 +223,7 @@ class WeightPass(AbstractGraphPass):
                     candidates.append((position, match.value))
                 else:
                     decisions.append((position, dense_decision(op, match.reason)))
+            self._candidates_ready(fname, [cand for _, cand in candidates])
             progress = tqdm(
                 candidates, desc=self.pass_name, unit="weight", leave=False, disable=None
             )
@@ -248,6 +249,10 @@ class WeightPass(AbstractGraphPass):
 
     def _before(self, prog) -> None:
         """Set up per-run state (subclasses); the pass instance may be reused."""
+
+    def _candidates_ready(self, function: str, candidates: list) -> None:
+        """Called once per function with its selected weights, in program order, before any
+        is compressed (data-aware pruning collects its statistics here)."""
 
     def _after(self, prog) -> None:
         """Drop per-run state (subclasses)."""

@@ -362,12 +362,48 @@ class PruneConfig(SelectionMethods):
     """
 
     spec: PruneSpec
+    criterion: str = attrs.field(default="magnitude", kw_only=True)
+    sequential: bool | None = attrs.field(default=None, kw_only=True)
+    dampening: float = attrs.field(default=0.01, kw_only=True)
     read_spec = staticmethod(_spec_from)
 
     def __attrs_post_init__(self):
         self._check_selection(PruneSpec)
+        if self.criterion not in CRITERIA:
+            raise ConfigError(
+                f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}"
+            )
+        if self.sequential is not None and not isinstance(self.sequential, bool):
+            raise ConfigError(f"sequential must be true or false, got {self.sequential!r}")
+        if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)):
+            raise ConfigError(f"dampening must be a number, got {self.dampening!r}")
+        if not 0.0 < float(self.dampening) <= 1.0:
+            raise ConfigError(f"dampening must be in (0, 1], got {self.dampening!r}")
+        if self.criterion != "magnitude" and self.spec.pattern == "threshold":
+            raise ConfigError(
+                f"criterion {self.criterion} applies to unstructured, n:m and block patterns, "
+                "not threshold"
+            )
+
+    @property
+    def is_sequential(self) -> bool:
+        """Calibrate each weight on the outputs of the weights pruned before it (default for
+        sparsegpt, as in the paper)."""
+        if self.sequential is None:
+            return self.criterion == "sparsegpt"
+        return self.sequential and self.criterion != "magnitude"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.criterion != "magnitude":
+            out["criterion"] = self.criterion
+            out["dampening"] = self.dampening
+            if self.sequential is not None:
+                out["sequential"] = self.sequential
+        return out
 
 
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
 _CONFIG_KEYS = {"spec", "op_types", "op_names", "overrides", "min_size"}
 
 
@@ -393,10 +429,13 @@ def config_parser(config_type, spec_type, kind: str, bare_key: str, example: str
         if isinstance(value, Mapping):
             if "spec" not in value and bare_key in value:
                 return config_type(spec=config_type.read_spec(dict(value), "spec"))
-            unknown = set(value) - _CONFIG_KEYS
+            keys = {f.name for f in attrs.fields(config_type)} & (
+                _CONFIG_KEYS | set(getattr(config_type, "__annotations__", {}))
+            )
+            unknown = set(value) - keys
             if unknown:
                 raise ConfigError(
-                    f"unknown {kind} config keys {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}"
+                    f"unknown {kind} config keys {sorted(unknown)}; known: {sorted(keys)}"
                 )
             if "spec" not in value:
                 raise ConfigError(f"{kind} config needs a 'spec' (e.g. spec: {example})")
@@ -405,7 +444,7 @@ def config_parser(config_type, spec_type, kind: str, bare_key: str, example: str
                 raise ConfigError(
                     "the default spec cannot be 'dense'; leave weights dense with overrides"
                 )
-            rest = {k: value[k] for k in _CONFIG_KEYS - {"spec"} if k in value}
+            rest = {k: value[k] for k in keys - {"spec"} if k in value}
             return config_type(spec=spec, **rest)
         raise ConfigError(f"cannot make a {kind} config from {type(value).__name__}")
 

@@ -34,9 +34,11 @@ import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.pass_registry import register_pass
-from milsparse.ir import formats, masks
+from milsparse.ir import calibration, formats, masks
 from milsparse.ir.chain import Form, bits_of
+from milsparse.ir.errors import ConfigError
 from milsparse.ir.graph import Use
+from milsparse.passes import data_aware
 from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import named_const, replace_const, replace_op
 from milsparse.passes._weight_pass import (
@@ -49,6 +51,7 @@ from milsparse.passes._weight_pass import (
 )
 from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config
 from milsparse.passes.decisions import WeightDecision
+from tqdm.auto import tqdm
 
 __all__ = ["PruneWeights", "WEIGHT_OPERANDS", "channel_axes"]
 
@@ -61,9 +64,14 @@ class PruneWeights(WeightPass):
     emits = "constexpr_sparse_to_dense"
     accepts = frozenset({Form.DENSE, Form.PALETTIZED, Form.QUANTIZED})
 
-    def __init__(self, config: PruneConfig | str | dict | None = None):
+    def __init__(self, config: PruneConfig | str | dict | None = None, calibration=None):
         super().__init__(config)
         self._encoded: dict[tuple, tuple] | None = None  # during apply, for multifunction
+        # data-aware criteria: checked calibration samples (list of input dicts)
+        self.calibration: list[dict] | None = calibration
+        self._prog = None
+        self._stats: dict = {}
+        self._targets: dict = {}
 
     @staticmethod
     def parse_config(value) -> PruneConfig:
@@ -98,16 +106,98 @@ class PruneWeights(WeightPass):
         # their consts) from the start of the pass, so no two share an id. Single-function
         # programs keep no cache.
         self._encoded = {} if len(prog.functions) > 1 else None
+        self._prog, self._stats, self._targets = prog, {}, {}
 
     def _after(self, prog) -> None:
         self._encoded = None
+        self._prog, self._stats, self._targets = None, {}, {}
+
+    # -- calibration (criteria wanda, sparsegpt) -----------------------------------------------
+    def _candidates_ready(self, function: str, candidates: list) -> None:
+        cfg = self._config
+        if cfg.criterion == "magnitude" or not candidates:
+            return
+        if not self.calibration:
+            raise ConfigError(
+                f"criterion {cfg.criterion} needs calibration inputs: "
+                "milsparse.compress(..., calibration=[{input: array}, ...] or 'data.npz') or "
+                "--calibration FILE.npz"
+            )
+        self._function = function
+        for cand in candidates:
+            if cand.chain.form is not Form.DENSE and cfg.criterion == "sparsegpt":
+                continue  # its values must stay as they are: reported in compress
+            targets = {}
+            for use in cand.uses:
+                columns = calibration.columns_of(use.op, use.input_name)
+                if columns is None:
+                    targets = None
+                    break
+                targets[id(use.op)] = (cand.op.name, columns)
+            self._targets[cand.op.name] = targets
+        if not cfg.is_sequential:
+            merged = {k: v for t in self._targets.values() if t for k, v in t.items()}
+            self._stats = self._collect(merged, None, f"calibrating {len(candidates)} weights")
+
+    def _collect(self, targets: dict, stop_after, what: str) -> dict:
+        progress = tqdm(
+            total=len(self.calibration), desc=what, unit="sample", leave=False, disable=None
+        )
+        with progress:
+            return calibration.collect(
+                self._prog,
+                self.calibration,
+                targets,
+                with_xtx=self._config.criterion == "sparsegpt",
+                function=self._function,
+                stop_after=stop_after,
+                progress=lambda: progress.update(1),
+            )
+
+    def _stats_for(self, cand: Candidate):
+        """(LayerStats, None) or (None, reason the criterion cannot apply)."""
+        targets = self._targets.get(cand.op.name)
+        if targets is None:
+            kinds = sorted({u.op_type for u in cand.uses})
+            return None, f"no calibration support for {', '.join(kinds)}"
+        if self._config.is_sequential:
+            # the program as pruned so far feeds this weight's consumers
+            last = max(targets) if len(targets) == 1 else None
+            found = self._collect(targets, last, f"calibrating {cand.op.name}")
+        else:
+            found = self._stats
+        stats = found.get(cand.op.name)
+        if stats is None or stats.rows == 0:
+            return None, "its consumer did not run on the calibration inputs"
+        return stats, None
+
+    def _mask_and_values(self, cand: Candidate, weight: np.ndarray):
+        """(keep, values to store, note) under the config's criterion, or (None, None,
+        reason)."""
+        criterion = self._config.criterion
+        if criterion == "magnitude":
+            return _build_mask(weight, cand.spec, cand.axis), weight, None
+        stats, reason = self._stats_for(cand)
+        if stats is None:
+            return None, None, f"{criterion}: {reason}"
+        axes = channel_axes(cand.uses[0], weight.ndim)
+        note = f"{criterion}, {stats.samples} samples"
+        if criterion == "wanda":
+            return data_aware.wanda_mask(weight, cand.spec, cand.axis, stats, axes), weight, note
+        keep, values = data_aware.sparsegpt(
+            weight, cand.spec, cand.axis, stats, axes, self._config.dampening
+        )
+        return keep, values, note
 
     # -- values ------------------------------------------------------------------------------
-    def _match_values(self, cand: Candidate, ios18: bool) -> MatchResult[np.ndarray]:
+    def _match_values(self, cand: Candidate, ios18: bool) -> MatchResult:
+        """(keep, values to store, note) of a dense weight, or the reason it stays dense."""
         weight = cand.weight
         if not masks.all_finite(weight):
             return MatchResult.fail("non-finite values (inf or nan)")
-        keep = _build_mask(weight, cand.spec, cand.axis)
+        keep, weight, note = self._mask_and_values(cand, weight)
+        if keep is None:
+            return MatchResult.fail(note)
         masks.exclude_zeros(weight, keep)  # zeros are never stored, whatever the pattern kept
         nnz = int(np.count_nonzero(keep))
         sparsity = 1.0 - nnz / weight.size
@@ -119,7 +209,7 @@ class PruneWeights(WeightPass):
         sparse = formats.sparse_bytes(weight.size, nnz, weight.dtype, ios18=ios18, rank=weight.ndim)
         if sparse >= dense:
             return MatchResult.fail(f"sparse form would be larger: {sparse} >= {dense} bytes")
-        return MatchResult.ok(keep)
+        return MatchResult.ok((keep, weight, note))
 
     def _encode(self, cand: Candidate, ios18: bool):
         """(encoded operands, None) or (None, reason)."""
@@ -131,8 +221,9 @@ class PruneWeights(WeightPass):
         if not match.matched:
             result = (None, match.reason)
         else:
+            keep, values, note = match.value
             encode = formats.encode_sparse_ios18 if ios18 else formats.encode_sparse_ios16
-            result = (encode(weight, match.value, exact=True), None)
+            result = ((encode(values, keep, exact=True), note), None)
         if self._encoded is not None:
             self._encoded[key] = result
         return result
@@ -143,9 +234,11 @@ class PruneWeights(WeightPass):
             return self._compress_compressed(cand, ios18)
         op = cand.op
         weight = cand.weight
-        enc, reason = self._encode(cand, ios18)
-        if enc is None:
+        encoded, reason = self._encode(cand, ios18)
+        if encoded is None:
             return dense_decision(op, reason, cand)
+        enc, criterion_note = encoded
+        note = "; ".join(n for n in (cand.note, criterion_note) if n) or None
         nnz = enc.nonzero_data.size
         name = op.name
         if ios18:
@@ -180,7 +273,7 @@ class PruneWeights(WeightPass):
             stored_bytes=formats.sparse_bytes(
                 weight.size, nnz, weight.dtype, ios18=ios18, rank=weight.ndim
             ),
-            note=cand.note,
+            note=note,
         )
 
     # -- a palettized or quantized weight: the joint forms, nothing refitted -------------------
@@ -196,7 +289,14 @@ class PruneWeights(WeightPass):
         decoded = chain.decode()
         if not masks.all_finite(decoded):
             return dense_decision(root, "non-finite values (inf or nan)", cand)
-        keep = _build_mask(decoded, spec, cand.axis)
+        if self._config.criterion == "sparsegpt":
+            return dense_decision(
+                root, f"sparsegpt changes the kept values; a {chain.label} weight keeps its "
+                "own (use criterion wanda or magnitude)", cand,
+            )  # fmt: skip
+        keep, _, reason = self._mask_and_values(cand, decoded)
+        if keep is None:
+            return dense_decision(root, reason, cand)
         masks.exclude_zeros(decoded, keep)
         nnz = int(np.count_nonzero(keep))
         if spec.pattern == "threshold" and 1.0 - nnz / keep.size < spec.min_sparsity:

@@ -1,0 +1,247 @@
+"""Calibration: what a weight's consumer sees of the data, accumulated while samples stream
+through the reference interpreter.
+
+Every weight is viewed as a matrix whose rows are its outputs and whose columns are the inputs
+one output reads (`Columns`): linear `W[out, in]` (columns: `in`); conv `W[Cout, Cin/g, *k]`
+(columns: `(Cin/g) * prod(k)` im2col patches, per group; dilation, stride, padding and groups
+respected); a const operand of matmul (columns: the contracted axis). For each, `LayerStats`
+accumulates in float64, per group of columns:
+
+- `sq[g, j]`: the sum of squares of input column j over every activation row (Wanda's
+  `||X_j||^2`);
+- `xtx[g, j, l]`: `X^T X` (SparseGPT's Hessian, up to a factor 2), only when asked for;
+- `rows`: how many activation rows were seen.
+
+Memory is bounded by the statistics (`K` or `K^2` floats per weight), not by the activations of
+all samples: each sample's activations are folded in and dropped. Collection uses the
+interpreter's `observers` hook (`run_block`), one mechanism for every op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from milsparse.ir import kernels_nn
+from milsparse.ir.errors import ConfigError
+from milsparse.ir.interpreter import StopRun, evaluate_program
+
+__all__ = ["Columns", "LayerStats", "columns_of", "collect", "read_samples"]
+
+
+@dataclass(frozen=True)
+class Columns:
+    """How weight values map onto the (rows, columns) matrix the statistics describe.
+
+    `input_name`: the consumer's operand that carries the activations; `weight_name`: the
+    operand the weight feeds; `groups`: column groups (conv groups; 1 otherwise); `kind`:
+    "linear", "conv", "matmul_y" (the weight is matmul's y) or "matmul_x"."""
+
+    kind: str
+    weight_name: str
+    input_name: str
+    groups: int = 1
+
+
+def columns_of(op, weight_name: str) -> Columns | None:
+    """The column view of the weight feeding `op.<weight_name>`, or None when the consumer has
+    no calibration support (conv_transpose, or a matmul whose both operands are weights)."""
+    if op.op_type == "linear" and weight_name == "weight":
+        return Columns("linear", "weight", "x")
+    if op.op_type == "conv" and weight_name == "weight":
+        groups = op.groups.val if op.groups is not None else 1
+        return Columns("conv", "weight", "x", int(groups))
+    if op.op_type == "matmul" and weight_name in ("x", "y"):
+        other = "y" if weight_name == "x" else "x"
+        return Columns(f"matmul_{weight_name}", weight_name, other)
+    return None
+
+
+@dataclass
+class LayerStats:
+    """Accumulated statistics of one weight's input columns (see the module docstring)."""
+
+    columns: Columns
+    with_xtx: bool
+    sq: np.ndarray | None = None
+    xtx: np.ndarray | None = None
+    rows: int = 0
+    samples: int = field(default=0)
+
+    def add(self, x: np.ndarray) -> None:
+        """Fold in activation rows `x` [groups, N, K] (float32 or float64)."""
+        x = np.asarray(x, dtype=np.float64)
+        sq = np.einsum("gnk,gnk->gk", x, x)
+        self.sq = sq if self.sq is None else self.sq + sq
+        if self.with_xtx:
+            xtx = np.matmul(np.swapaxes(x, 1, 2), x)
+            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        self.rows += x.shape[1]
+
+    def wanda_scale(self, weight_shape: tuple[int, ...], weight_axes: tuple[int, int]):
+        """sqrt(sq / rows) laid out to multiply a weight of `weight_shape` elementwise."""
+        norm = np.sqrt(self.sq / max(self.rows, 1))
+        return self.expand(norm, weight_shape, weight_axes)
+
+    def expand(self, per_column: np.ndarray, shape, axes) -> np.ndarray:
+        """A per-column array [groups, K] broadcast onto the weight's own layout."""
+        kind = self.columns.kind
+        if kind == "linear":
+            return per_column[0][None, :]
+        if kind == "conv":
+            cout, cg = shape[0], shape[1]
+            groups = self.columns.groups
+            cols = per_column.reshape(groups, 1, cg, *shape[2:])
+            return np.broadcast_to(cols, (groups, cout // groups, cg, *shape[2:])).reshape(shape)
+        in_axis = axes[0]  # matmul: the contracted axis of the weight
+        view = [1] * len(shape)
+        view[in_axis] = shape[in_axis]
+        return per_column[0].reshape(view)
+
+
+def _activation_rows(op, columns: Columns, values: Mapping) -> np.ndarray:
+    """[groups, N, K]: the rows of input columns this call of `op` feeds its weight."""
+    x = np.asarray(values[columns.input_name], dtype=np.float32)
+    kind = columns.kind
+    if kind == "linear":
+        return x.reshape(1, -1, x.shape[-1])
+    if kind == "matmul_y":  # x @ y: rows of x (after its transpose) meet the weight's K axis
+        if bool(kernels_nn._scalar(values.get("transpose_x"), False)):
+            x = np.swapaxes(x, -1, -2)
+        return x.reshape(1, -1, x.shape[-1])
+    if kind == "matmul_x":  # x @ y with the weight x [M, K]: the columns of y are the rows
+        y = x
+        if bool(kernels_nn._scalar(values.get("transpose_y"), False)):
+            y = np.swapaxes(y, -1, -2)
+        return np.swapaxes(y, -1, -2).reshape(1, -1, y.shape[-2])
+    # conv: im2col patches per group, columns ordered like the weight's (Cin/g, *k)
+    w = values[columns.weight_name]
+    nd = x.ndim - 2
+    strides = kernels_nn._ints(values, "strides", [1] * nd)
+    dilations = kernels_nn._ints(values, "dilations", [1] * nd)
+    kernel = list(np.shape(w)[2:])
+    effective = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    pads = kernels_nn._pads(values, x.shape[2:], effective, strides)
+    out_sizes = [
+        (size + b + e - k) // s + 1
+        for size, (b, e), k, s in zip(x.shape[2:], pads, effective, strides, strict=True)
+    ]
+    padded = kernels_nn._pad_constant(x, pads)
+    n, c = x.shape[:2]
+    taps = int(np.prod(kernel))
+    cols = np.empty((n, c, taps, *out_sizes), np.float32)
+    for tap, offset in enumerate(np.ndindex(*kernel)):
+        cols[:, :, tap] = padded[kernels_nn._tap_index(offset, dilations, out_sizes, strides)]
+    groups = columns.groups
+    cols = cols.reshape(n, groups, (c // groups) * taps, -1)  # N, G, K, P
+    return np.moveaxis(cols, 1, 0).transpose(0, 1, 3, 2).reshape(groups, -1, cols.shape[2])
+
+
+def read_samples(value, input_names: Iterable[str]) -> list[dict[str, np.ndarray]]:
+    """Calibration samples from a list of input dicts, one dict, or an .npz path whose arrays
+    are named after the model's inputs with a leading sample axis."""
+    names = list(input_names)
+    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+        from pathlib import Path
+
+        path = Path(value)
+        if path.suffix != ".npz":
+            raise ConfigError(f"{path}: calibration data must be an .npz file")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: cannot read calibration data: {e}") from e
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise ConfigError(
+                f"{path}: calibration data has no array for input(s) {missing}; it has "
+                f"{sorted(arrays)}"
+            )
+        counts = {arrays[n].shape[0] if arrays[n].ndim else 0 for n in names}
+        if len(counts) != 1:
+            raise ConfigError(f"{path}: the inputs' arrays hold different numbers of samples")
+        return [{n: arrays[n][i] for n in names} for i in range(counts.pop())]
+    if isinstance(value, Mapping):
+        value = [value]
+    try:
+        samples = [dict(s) for s in value]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            "calibration must be a list of {input name: array} dicts or an .npz path"
+        ) from e
+    for i, sample in enumerate(samples):
+        missing = [n for n in names if n not in sample]
+        if missing:
+            raise ConfigError(f"calibration sample {i}: no value for input(s) {missing}")
+    return samples
+
+
+def check_samples(prog, samples: list[dict], function: str = "main") -> list[dict]:
+    """Each sample's arrays conform to the function's inputs (shape and dtype kind); returns
+    them as arrays. Raises ConfigError naming the sample and input."""
+    from coremltools.converters.mil.mil import types
+
+    if not samples:
+        raise ConfigError("calibration needs at least one sample")
+    func = prog.functions[function]
+    out = []
+    for i, sample in enumerate(samples):
+        arrays = {}
+        for name, var in func.inputs.items():
+            value = np.asarray(sample[name])
+            expected = tuple(var.shape)
+            fixed = all(isinstance(d, int) for d in expected)
+            if value.ndim != len(expected) or (fixed and value.shape != expected):
+                raise ConfigError(
+                    f"calibration sample {i}: input {name!r} has shape {value.shape}; the "
+                    f"model expects {expected} (an .npz holds one more, leading, sample axis)"
+                )
+            want_float = types.is_float(var.dtype)
+            if want_float != np.issubdtype(value.dtype, np.floating) and not (
+                not want_float and np.issubdtype(value.dtype, np.integer)
+            ):
+                raise ConfigError(
+                    f"calibration sample {i}: input {name!r} is {value.dtype}; the model "
+                    f"expects {types.builtin_to_string(var.dtype)}"
+                )
+            if want_float and not np.all(np.isfinite(value)):
+                raise ConfigError(f"calibration sample {i}: input {name!r} is not finite")
+            arrays[name] = value
+        out.append(arrays)
+    return out
+
+
+def collect(
+    prog,
+    samples: list[dict],
+    targets: Mapping[int, tuple[str, Columns]],
+    *,
+    with_xtx: bool,
+    function: str = "main",
+    stop_after: int | None = None,
+    progress=None,
+) -> dict[str, LayerStats]:
+    """Run `samples` through `function` and accumulate the statistics of each target:
+    `targets` maps id(consumer op) -> (weight name, Columns). With `stop_after` (an op id),
+    each run ends once that op has been observed (sequential calibration needs no more)."""
+    stats: dict[str, LayerStats] = {}
+    observers = {}
+    for op_id, (name, columns) in targets.items():
+        layer = stats.setdefault(name, LayerStats(columns, with_xtx))
+
+        def observe(op, values, layer=layer, op_id=op_id):
+            layer.add(_activation_rows(op, layer.columns, values))
+            if op_id == stop_after:
+                raise StopRun
+
+        observers[op_id] = observe
+    cache: dict = {}
+    for sample in samples:
+        evaluate_program(prog, sample, function, cache, observers)
+        for layer in stats.values():
+            layer.samples += 1
+        if progress is not None:
+            progress()
+    return stats

@@ -1,0 +1,271 @@
+"""Data-aware pruning: calibration statistics from the interpreter's observers (checked against
+brute-force im2col and matmul layouts), Wanda's scores, SparseGPT's update, exact patterns,
+the error reduction against magnitude pruning, and the errors for bad calibration input."""
+
+import numpy as np
+import pytest
+from coremltools.converters.mil.mil import Builder as mb
+from milsparse.fixtures import programs
+from milsparse.ir import calibration, masks
+from milsparse.ir.chain import weight_chain
+from milsparse.ir.interpreter import StopRun, evaluate_program
+from milsparse.passes.config import parse_prune_config
+from milsparse.passes.prune import PruneWeights
+
+import milsparse as ms
+from milsparse.cli import main
+from milsparse.errors import ConfigError
+
+
+def _mlp_and_data(seed=0, samples=16):
+    """An MLP whose inputs have a few loud feature columns (as activations of trained models
+    do), calibration and held-out samples."""
+    prog = programs.mlp(sizes=(64, 256, 256, 10), seed=seed)
+    name, var = next(iter(prog.functions["main"].inputs.items()))
+    rng = np.random.default_rng(seed + 1)
+
+    def sample():
+        x = rng.standard_normal(var.shape).astype(np.float32)
+        x[..., :4] *= 20
+        return {name: x}
+
+    return name, [sample() for _ in range(samples)], [sample() for _ in range(samples)]
+
+
+def _pruned(spec, criterion, cal, seed=0, **extra):
+    prog = programs.mlp(sizes=(64, 256, 256, 10), seed=seed)
+    config = parse_prune_config({"spec": spec, "min_size": 512, "criterion": criterion, **extra})
+    graph_pass = PruneWeights(config, calibration=calibration.check_samples(prog, cal))
+    graph_pass(prog)
+    prog.validate()
+    return prog, graph_pass
+
+
+def _output_error(prog, reference, test) -> float:
+    err = energy = 0.0
+    for sample in test:
+        ref = next(iter(evaluate_program(reference, sample).values()))
+        out = next(iter(evaluate_program(prog, sample).values()))
+        err += float(((out - ref) ** 2).sum())
+        energy += float((ref**2).sum())
+    return err / energy
+
+
+@pytest.mark.parametrize("spec", ["unstructured:0.5", "2:4"])
+def test_wanda_and_sparsegpt_move_the_outputs_less_than_magnitude(spec):
+    _, cal, test = _mlp_and_data()
+    dense = programs.mlp(sizes=(64, 256, 256, 10))
+    errors = {c: _output_error(_pruned(spec, c, cal)[0], dense, test)
+              for c in ("magnitude", "wanda", "sparsegpt")}  # fmt: skip
+    assert errors["wanda"] < 0.85 * errors["magnitude"], errors
+    assert errors["sparsegpt"] < 0.7 * errors["magnitude"], errors
+    assert errors["sparsegpt"] < errors["wanda"], errors
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize(
+    "spec", ["unstructured:0.5", "unstructured@channel:0.3", "2:4", "1:4@out", "block4@out:0.5"]
+)
+def test_patterns_hold_exactly_under_data_aware_criteria(criterion, spec):
+    _, cal, _ = _mlp_and_data(samples=4)
+    prog, graph_pass = _pruned(spec, criterion, cal)
+    parsed = parse_prune_config(spec).spec
+    for d in graph_pass.report:
+        if not d.compressed:
+            continue
+        assert d.note.startswith(f"{criterion}, 4 samples")
+        op = next(o for o in prog.functions["main"].operations if o.name == d.name)
+        w = weight_chain(op).decode()
+        zero = w == 0
+        if parsed.pattern == "magnitude" and parsed.scope == "tensor":
+            assert zero.sum() == masks.round_half_up(0.5 * w.size)
+        elif parsed.pattern == "magnitude":
+            per_row = masks.round_half_up(0.3 * w.shape[1])
+            assert (zero.sum(axis=1) == per_row).all()
+        elif parsed.pattern == "n:m":
+            axis = 1 if parsed.resolved_axis == "input" else 0
+            moved = np.moveaxis(zero, axis, -1)
+            whole = moved.shape[-1] // parsed.m * parsed.m
+            groups = moved[..., :whole].reshape(*moved.shape[:-1], -1, parsed.m)
+            assert (groups.sum(-1) == parsed.n).all()
+        else:
+            blocks = zero[: w.shape[0] // 4 * 4].reshape(-1, 4, w.shape[1])
+            assert np.all(blocks.all(axis=1) | ~blocks.any(axis=1))  # whole blocks
+
+
+def test_wanda_keeps_the_per_row_top_scores_of_the_first_layer():
+    name, cal, _ = _mlp_and_data(samples=3)
+    prog, _ = _pruned("unstructured:0.5", "wanda", cal)
+    dense = programs.mlp(sizes=(64, 256, 256, 10))
+    w = next(o for o in dense.functions["main"].operations if o.name == "fc0_weight").val.val
+    x = np.concatenate([s[name].reshape(-1, w.shape[1]) for s in cal]).astype(np.float64)
+    scores = np.abs(w.astype(np.float64)) * np.sqrt((x**2).sum(0) / x.shape[0])[None, :]
+    k = masks.round_half_up(0.5 * w.shape[1])
+    expected = np.ones(w.shape, bool)
+    np.put_along_axis(expected, np.argsort(scores, axis=1, kind="stable")[:, :k], False, 1)
+    got = weight_chain(next(o for o in prog.functions["main"].operations
+                            if o.name == "fc0_weight")).decode() != 0  # fmt: skip
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_sparsegpt_reconstructs_a_layer_better_than_its_mask_alone():
+    """On the first layer, whose inputs are the calibration inputs themselves: SparseGPT's
+    updated weights reproduce W X better than the same mask on the original weights."""
+    name, cal, _ = _mlp_and_data(samples=8)
+    prog, _ = _pruned("2:4", "sparsegpt", cal, sequential=False)
+    dense = programs.mlp(sizes=(64, 256, 256, 10))
+    w = next(o for o in dense.functions["main"].operations if o.name == "fc0_weight").val.val
+    new = weight_chain(next(o for o in prog.functions["main"].operations
+                            if o.name == "fc0_weight")).decode()  # fmt: skip
+    x = np.concatenate([s[name].reshape(-1, w.shape[1]) for s in cal]).astype(np.float64)
+    target = x @ w.astype(np.float64).T
+    masked = np.where(new != 0, w, 0).astype(np.float64)
+    assert ((x @ new.T - target) ** 2).sum() < 0.7 * ((x @ masked.T - target) ** 2).sum()
+    assert not np.array_equal(new[new != 0], w[new != 0])  # the kept weights moved
+
+
+def test_sequential_calibration_runs_each_weight_on_the_pruned_outputs():
+    _, cal, test = _mlp_and_data(samples=8)
+    dense = programs.mlp(sizes=(64, 256, 256, 10))
+    one_shot, _ = _pruned("2:4", "sparsegpt", cal, sequential=False)
+    sequential, graph_pass = _pruned("2:4", "sparsegpt", cal)  # the default for sparsegpt
+    assert graph_pass._config.is_sequential
+    # both prune the same pattern counts; the two differ in what later layers saw
+    a = [weight_chain(o).decode() for o in one_shot.functions["main"].operations
+         if o.name == "fc1_weight"][0]  # fmt: skip
+    b = [weight_chain(o).decode() for o in sequential.functions["main"].operations
+         if o.name == "fc1_weight"][0]  # fmt: skip
+    assert (a == 0).sum() == (b == 0).sum() and not np.array_equal(a, b)
+    assert _output_error(sequential, dense, test) < _output_error(
+        _pruned("2:4", "magnitude", cal)[0], dense, test
+    )
+
+
+# -- statistics -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "pad_type, strides, dilations, groups",
+    [("valid", [1, 1], [1, 1], 1), ("same", [2, 2], [1, 1], 2), ("custom", [1, 2], [2, 1], 4)],
+)
+def test_conv_column_statistics_equal_brute_force_im2col(pad_type, strides, dilations, groups):
+    rng = np.random.default_rng(3)
+    cin, cout, k = 8, 8, 3
+    w = rng.standard_normal((cout, cin // groups, k, k)).astype(np.float32)
+    pad = [1, 0, 2, 1] if pad_type == "custom" else None
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, cin, 9, 10))])
+    def prog(x):
+        extra = {"pad": np.array(pad, np.int32)} if pad else {}
+        return mb.conv(x=x, weight=w, strides=strides, dilations=dilations, groups=groups,
+                       pad_type=pad_type, name="c", **extra)  # fmt: skip
+
+    op = next(o for o in prog.functions["main"].operations if o.op_type == "conv")
+    x = rng.standard_normal((2, cin, 9, 10)).astype(np.float32)
+    columns = calibration.columns_of(op, "weight")
+    stats = calibration.collect(prog, [{"x": x}], {id(op): ("w", columns)}, with_xtx=True)["w"]
+    # brute force: every output position's receptive field, with explicit padding
+    from milsparse.ir.kernels_nn import _pads
+
+    values = {"pad_type": pad_type, "pad": pad}
+    eff = [(k - 1) * d + 1 for d in dilations]
+    pads = _pads(values, x.shape[2:], eff, strides)
+    padded = np.pad(x, ((0, 0), (0, 0), *pads)).astype(np.float64)
+    out_h = (padded.shape[2] - eff[0]) // strides[0] + 1
+    out_w = (padded.shape[3] - eff[1]) // strides[1] + 1
+    cg = cin // groups
+    rows = [[] for _ in range(groups)]
+    for n in range(2):
+        for i in range(out_h):
+            for j in range(out_w):
+                for g in range(groups):
+                    rows_i = slice(i * strides[0], i * strides[0] + eff[0], dilations[0])
+                    cols_j = slice(j * strides[1], j * strides[1] + eff[1], dilations[1])
+                    patch = padded[n, g * cg : (g + 1) * cg, rows_i, cols_j]
+                    rows[g].append(patch.ravel())
+    for g in range(groups):
+        cols = np.array(rows[g])
+        np.testing.assert_allclose(stats.sq[g], (cols**2).sum(0), rtol=1e-5)
+        np.testing.assert_allclose(stats.xtx[g], cols.T @ cols, rtol=1e-5, atol=1e-6)
+    assert stats.rows == 2 * out_h * out_w
+
+
+@pytest.mark.parametrize("weight_side, transpose", [("y", False), ("y", True), ("x", False)])
+def test_matmul_statistics_follow_the_contracted_axis(weight_side, transpose):
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((2, 5, 6)).astype(np.float32)  # activations
+    if weight_side == "y":
+        w = rng.standard_normal((7, 6) if transpose else (6, 7)).astype(np.float32)
+
+        @mb.program(input_specs=[mb.TensorSpec(shape=a.shape)])
+        def prog(x):
+            return mb.matmul(x=x, y=w, transpose_y=transpose, name="m")
+
+        expected = a.reshape(-1, 6).astype(np.float64)
+        feed = a
+    else:
+        w = rng.standard_normal((4, 5)).astype(np.float32)  # [M, K], activations [.., K, N]
+
+        @mb.program(input_specs=[mb.TensorSpec(shape=(2, 5, 6))])
+        def prog(y):
+            return mb.matmul(x=w, y=y, name="m")
+
+        expected = np.swapaxes(a, -1, -2).reshape(-1, 5).astype(np.float64)
+        feed = a
+    op = next(o for o in prog.functions["main"].operations if o.op_type == "matmul")
+    columns = calibration.columns_of(op, weight_side)
+    name = next(iter(prog.functions["main"].inputs))
+    stats = calibration.collect(prog, [{name: feed}], {id(op): ("w", columns)}, with_xtx=True)
+    np.testing.assert_allclose(stats["w"].sq[0], (expected**2).sum(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["w"].xtx[0], expected.T @ expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_observer_can_end_a_run():
+    prog = programs.mlp(sizes=(8, 16, 4))
+    name, var = next(iter(prog.functions["main"].inputs.items()))
+    seen = []
+    first = next(o for o in prog.functions["main"].operations if o.op_type == "linear")
+
+    def stop(op, values):
+        seen.append(values["x"].shape)
+        raise StopRun
+
+    x = np.ones(var.shape, np.float32)
+    assert evaluate_program(prog, {name: x}, observers={id(first): stop}) is None
+    assert seen == [tuple(var.shape)]
+
+
+# -- input errors -----------------------------------------------------------------------------
+def test_calibration_errors_are_clear(tmp_path, save_program, capsys):
+    path = save_program(programs.mlp(sizes=(64, 256, 10)))
+    name = next(iter(ms.load_program(path).functions["main"].inputs))
+    shape = ms.load_program(path).functions["main"].inputs[name].shape
+    good = tmp_path / "cal.npz"
+    np.savez(good, **{name: np.ones((3, *shape), np.float32)})
+    with pytest.raises(ConfigError, match="needs calibration inputs"):
+        ms.compress(path, {"spec": "2:4", "criterion": "wanda", "min_size": 512})
+    cases = {
+        "other.npz": ({"other": np.ones((3, *shape), np.float32)}, "no array for input"),
+        "shape.npz": ({name: np.ones((3, 7), np.float32)}, "has shape (7,)"),
+        "empty.npz": ({name: np.ones((0, *shape), np.float32)}, "at least one sample"),
+        "text.npz": ({name: np.array([["a"] * shape[-1]] * shape[0])[None]}, "expects fp32"),
+    }
+    for file, (arrays, message) in cases.items():
+        np.savez(tmp_path / file, **arrays)
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            ms.compress(path, {"spec": "2:4", "criterion": "wanda", "min_size": 512},
+                        calibration=tmp_path / file)  # fmt: skip
+    out = tmp_path / "o.mlpackage"
+    base = ["compress", str(path), "-o", str(out), "--prune", "2:4"]
+    assert main([*base, "--criterion", "wanda"]) == 2
+    assert "need --calibration" in capsys.readouterr().err
+    assert main([*base, "--calibration", str(good)]) == 2
+    assert "--calibration applies with --criterion" in capsys.readouterr().err
+    assert main([*base, "--criterion", "wanda", "--calibration", str(tmp_path / "no.npz")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*base, "--criterion", "sparsegpt", "--calibration", str(good), "--min-size",
+                 "512", "--verify", "--json"]) in (0, 1)  # fmt: skip
+    report = capsys.readouterr().out
+    assert '"sparsegpt, 3 samples"' in report
+    assert '"pattern_holds": false' not in report
+    with pytest.raises(ConfigError, match="applies to unstructured, n:m and block"):
+        ms.compress(path, {"spec": "threshold:0.1", "criterion": "wanda"}, calibration=good)
