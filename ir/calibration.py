@@ -73,10 +73,16 @@ class LayerStats:
         """Fold in activation rows `x` [groups, N, K] (float32 or float64)."""
         x = np.asarray(x, dtype=np.float64)
         sq = np.einsum("gnk,gnk->gk", x, x)
-        self.sq = sq if self.sq is None else self.sq + sq
+        if self.sq is None:
+            self.sq = sq
+        else:
+            self.sq += sq
         if self.with_xtx:
-            xtx = np.matmul(np.swapaxes(x, 1, 2), x)
-            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+            if self.xtx is None:
+                self.xtx = np.matmul(np.swapaxes(x, 1, 2), x)
+            else:  # into the running sum: no second K x K array per sample
+                for g in range(x.shape[0]):
+                    self.xtx[g] += x[g].T @ x[g]
         self.rows += x.shape[1]
 
     def wanda_scale(self, weight_shape: tuple[int, ...], weight_axes: tuple[int, int]):

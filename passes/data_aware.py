@@ -67,16 +67,20 @@ def _matrices(weight: np.ndarray, stats: LayerStats, axes):
 
 
 def _inverse_factor(xtx: np.ndarray, rows: int, dampening: float) -> np.ndarray:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), H = X^T X / rows, damped."""
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), H = X^T X / rows, damped.
+
+    With J the reversal permutation, the lower Cholesky factor C of J H J gives H = R R^T for
+    the upper triangular R = J C J, so U = R^-1: one factorisation and one triangular inverse,
+    no explicit H^-1 (fewer K x K temporaries than inverting, then factoring)."""
     h = xtx / max(rows, 1)
     diag = np.diag(h).copy()
-    dead = diag == 0
+    dead = np.flatnonzero(diag == 0)
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += dampening * float(np.mean(np.diag(h)))
-    lower = np.linalg.cholesky(h)
-    inv_lower = np.linalg.solve(lower, np.eye(h.shape[0]))
-    h_inv = inv_lower.T @ inv_lower
-    return np.linalg.cholesky(h_inv).T
+    c = np.linalg.cholesky(h[::-1, ::-1])
+    del h
+    r = c[::-1, ::-1]
+    return np.linalg.inv(r)
 
 
 def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.01):
