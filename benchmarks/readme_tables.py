@@ -88,11 +88,44 @@ def joint_speed_table() -> str:
     return _table(headers, rows)
 
 
+def data_aware_table() -> str:
+    data = json.loads((RESULTS / "data_aware.json").read_text())
+    dense = next(r for r in data["digits"] if r["pattern"] == "dense")
+    rows = [["dense", "-", f"{100 * dense['accuracy']:.2f}%", f"{dense['loss']:.4f}", "-", "-"]]
+    for r in data["digits"]:
+        if r["pattern"] == "dense":
+            continue
+        magnitude = next(
+            m for m in data["digits"]
+            if m["pattern"] == r["pattern"] and m["criterion"] == "magnitude"
+        )  # fmt: skip
+        lost = magnitude["loss"] - dense["loss"]
+        removed = (
+            "-" if r["criterion"] == "magnitude" or lost <= 0
+            else f"{100 * (magnitude['loss'] - r['loss']) / lost:.0f}%"
+        )  # fmt: skip
+        rows.append([f"`{r['pattern']}`", r["criterion"], f"{100 * r['accuracy']:.2f}%",
+                     f"{r['loss']:.4f}", removed, f"{r['seconds']:.1f}"])  # fmt: skip
+    headers = ["pattern", "criterion", "held-out accuracy", "held-out loss",
+               "share of magnitude's loss increase removed", "prune s"]  # fmt: skip
+    table = _table(headers, rows)
+    bert = [
+        [r["criterion"], f"{r['seconds']:.1f}", f"{r['peak'] / 2**20:.0f} MiB",
+         f"{r['model_size'] / 2**20:.1f} MiB", f"{r['peak'] / r['model_size']:.1f}x"]
+        for r in data["bert_small"]
+    ]  # fmt: skip
+    return table + "\n\n" + _table(
+        ["criterion (BERT-small, 50%)", "seconds", "peak above imports", "model", "peak / model"],
+        bert,
+    )
+
+
 TABLES = {
     "interpreter": interpreter_table,
     "scope": scope_table,
     "joint-quality": joint_quality_table,
     "joint-speed": joint_speed_table,
+    "data-aware": data_aware_table,
 }
 
 
