@@ -6,9 +6,10 @@
 A small CNN (three 3x3 convs with batchnorm, two linear layers; 140K weights) is trained in
 this script, seeded, for a few seconds on scikit-learn's bundled 8x8 digits (1,437 training
 images, 360 held out), converted with `ct.convert` (fp32, iOS18, batches of 40 images), and
-pruned by milsparse with each criterion at several patterns; calibration: 8 batches of training
-images. Accuracy and mean cross-entropy are measured on the held-out images through
-milsparse's reference interpreter.
+pruned by milsparse with each criterion at several patterns, with uniform and with global
+(per-layer, from measured sensitivity) allocation; calibration: 8 batches of training images.
+Accuracy and mean cross-entropy are measured on the held-out images through milsparse's
+reference interpreter.
 Also: the time of SparseGPT at 50% on a 6-layer encoder of BERT-small shape (d 384, 12 heads,
 ff 1536, sequence 32) with 32 calibration sequences, calibration included, and its peak memory
 above imports (each in a fresh process).
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import write  # noqa: E402
 
 PATTERNS = ["unstructured:0.5", "unstructured:0.75", "2:4"]
+ALLOCATED = ["unstructured:0.75", "unstructured:0.85"]  # global allocation vs uniform
 CRITERIA = ["magnitude", "wanda", "sparsegpt"]
 BATCH = 40
 
@@ -108,20 +110,25 @@ def digits_rows(folder: Path) -> list[dict]:
     dense.save(str(path))
     calib = [{"x": x_train[i : i + BATCH]} for i in range(0, 8 * BATCH, BATCH)]
     base, base_loss = _accuracy(path, x_test, y_test)
-    rows = [{"pattern": "dense", "criterion": "-", "accuracy": base, "loss": base_loss,
-             "seconds": 0.0}]  # fmt: skip
-    for pattern in PATTERNS:
-        for criterion in CRITERIA:
-            config = {"spec": pattern, "criterion": criterion, "min_size": 2048}
-            t0 = time.perf_counter()
-            pruned = ms.compress(
-                path, config, calibration=None if criterion == "magnitude" else calib
-            )
-            seconds = time.perf_counter() - t0
-            acc, loss = _accuracy(pruned, x_test, y_test)
-            rows.append({"pattern": pattern, "criterion": criterion, "accuracy": acc,
-                         "loss": loss, "seconds": seconds})  # fmt: skip
-            print(f"{pattern} {criterion}: {acc:.4f}", file=sys.stderr, flush=True)
+    rows = [{"pattern": "dense", "criterion": "-", "allocate": "-", "accuracy": base,
+             "loss": base_loss, "seconds": 0.0}]  # fmt: skip
+    uniform = list(dict.fromkeys(PATTERNS + ALLOCATED))
+    settings = [(p, c, "uniform") for p in uniform for c in CRITERIA]
+    settings += [(p, c, "global") for p in ALLOCATED for c in CRITERIA]
+    for pattern, criterion, allocate in settings:
+        config = {"spec": pattern, "criterion": criterion, "min_size": 2048,
+                  "allocate": allocate}  # fmt: skip
+        needs = criterion != "magnitude" or allocate != "uniform"
+        t0 = time.perf_counter()
+        pruned, report = ms.compress_with_report(path, config, calibration=calib if needs else None)
+        seconds = time.perf_counter() - t0
+        acc, loss = _accuracy(pruned, x_test, y_test)
+        stored = report.totals()["stored_bytes"]
+        rows.append({"pattern": pattern, "criterion": criterion, "allocate": allocate,
+                     "accuracy": acc, "loss": loss, "seconds": seconds,
+                     "stored_bytes": stored,
+                     "sparsities": {d.name: d.sparsity for d in report.compressed}})  # fmt: skip
+        print(f"{pattern} {criterion} {allocate}: {acc:.4f}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -194,7 +201,8 @@ def main() -> None:
         result = {"digits": digits_rows(Path(tmp)), "bert_small": bert_rows(Path(tmp))}
     write(args.out, result)
     for r in result["digits"]:
-        print(f"{r['pattern']:>18} {r['criterion']:>10} {r['accuracy']:.4f} {r['loss']:.4f}")
+        print(f"{r['pattern']:>18} {r['criterion']:>10} {r['allocate']:>8} "
+              f"{r['accuracy']:.4f} {r['loss']:.4f}")  # fmt: skip
     for r in result["bert_small"]:
         print(f"BERT-small {r['criterion']}: {r['seconds']:.1f} s, peak "
               f"{r['peak'] / 2**20:.0f} MiB, model {r['model_size'] / 2**20:.1f} MiB")  # fmt: skip

@@ -91,23 +91,27 @@ def joint_speed_table() -> str:
 def data_aware_table() -> str:
     data = json.loads((RESULTS / "data_aware.json").read_text())
     dense = next(r for r in data["digits"] if r["pattern"] == "dense")
-    rows = [["dense", "-", f"{100 * dense['accuracy']:.2f}%", f"{dense['loss']:.4f}", "-", "-"]]
+    rows = [["dense", "-", "-", f"{100 * dense['accuracy']:.2f}%", f"{dense['loss']:.4f}", "-",
+             "-", "-"]]  # fmt: skip
     for r in data["digits"]:
         if r["pattern"] == "dense":
             continue
         magnitude = next(
             m for m in data["digits"]
             if m["pattern"] == r["pattern"] and m["criterion"] == "magnitude"
+            and m["allocate"] == "uniform"
         )  # fmt: skip
         lost = magnitude["loss"] - dense["loss"]
         removed = (
-            "-" if r["criterion"] == "magnitude" or lost <= 0
+            "-" if r is magnitude or lost <= 0
             else f"{100 * (magnitude['loss'] - r['loss']) / lost:.0f}%"
         )  # fmt: skip
-        rows.append([f"`{r['pattern']}`", r["criterion"], f"{100 * r['accuracy']:.2f}%",
-                     f"{r['loss']:.4f}", removed, f"{r['seconds']:.1f}"])  # fmt: skip
-    headers = ["pattern", "criterion", "held-out accuracy", "held-out loss",
-               "share of magnitude's loss increase removed", "prune s"]  # fmt: skip
+        rows.append([f"`{r['pattern']}`", r["criterion"], r["allocate"],
+                     f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}", removed,
+                     f"{r['stored_bytes'] / 1024:.1f} KiB", f"{r['seconds']:.1f}"])  # fmt: skip
+    headers = ["pattern", "criterion", "allocation", "held-out accuracy", "held-out loss",
+               "share of uniform magnitude's loss increase removed", "weights stored",
+               "prune s"]  # fmt: skip
     table = _table(headers, rows)
     bert = [
         [r["criterion"], f"{r['seconds']:.1f}", f"{r['peak'] / 2**20:.0f} MiB",

@@ -61,17 +61,32 @@ def load_program(model):
 
 
 def compress_with_report(
-    model, config, *, target=None, output=None, overwrite: bool = False, calibration=None
+    model,
+    config,
+    *,
+    target=None,
+    output=None,
+    overwrite: bool = False,
+    calibration=None,
+    plot=None,
 ) -> tuple[ct.models.MLModel, CompressReport]:
     """Like `compress`, and also return the per-weight report."""
     recipe = Recipe.coerce(config)
-    data_aware = [
-        s for s in recipe.steps if s.kind == "prune" and s.config.criterion != "magnitude"
-    ]
-    if data_aware and calibration is None:
+    prune_step = recipe.step("prune")
+    needs_data = prune_step is not None and (
+        prune_step.config.criterion != "magnitude" or prune_step.config.allocate != "uniform"
+    )
+    if plot is not None and (prune_step is None or prune_step.config.allocate == "uniform"):
+        raise ConfigError("plot draws the curves of allocate global or budget")
+    if needs_data and calibration is None:
+        what = (
+            f"criterion {prune_step.config.criterion}"
+            if prune_step.config.criterion != "magnitude"
+            else f"allocate {prune_step.config.allocate}"
+        )
         raise ConfigError(
-            f"criterion {data_aware[0].config.criterion} needs calibration inputs: "
-            "calibration=[{input: array}, ...] or an .npz path (CLI: --calibration FILE.npz)"
+            f"{what} needs calibration inputs: calibration=[{{input: array}}, ...] or an .npz "
+            "path (CLI: --calibration FILE.npz)"
         )
     target = _io.parse_target(target if target is not None else recipe.target)
     source = _io.open_model(model)
@@ -83,21 +98,16 @@ def compress_with_report(
             inputs=[_io.source_path(model)],
             needed_bytes=_io.package_bytes(model),
         )
-    prog = _io.load_program(source)
-    spec_version = _io.retarget(prog, source.get_spec().specificationVersion, target)
-    # compressed weights of an older opset move to the new one's forms (or nothing loads it)
-    upgrade_constexpr_ops(prog)
-    opset = max(f.opset_version for f in prog.functions.values())
-    # below iOS16 the passes themselves refuse, saying how to re-convert
-    check_recipe(recipe, opset if opset >= ct.target.iOS16 else None, weight_states(prog))
-    steps = [(step, step.make_pass()) for step in recipe.steps]
+    samples = None
     if calibration is not None:
-        samples = _calibration_samples(prog, calibration)
-        for step, graph_pass in steps:
-            if step.kind == "prune":
-                graph_pass.calibration = samples
-    # The passes remove the consts they replace, so no cleanup pass is needed afterwards.
-    run_passes(prog, [(step.pass_name, p) for step, p in steps])
+        samples = _calibration_samples(_io.load_program(source), calibration)
+    if prune_step is not None and prune_step.config.allocate == "budget":
+        prog, spec_version, opset, steps, budget_notes = _budget_search(
+            source, recipe, target, samples
+        )
+    else:
+        prog, spec_version, opset, steps = _run_recipe(source, recipe, target, samples)
+        budget_notes = []
     prune = next((p for step, p in steps if step.kind == "prune"), None)
     metadata = _pruned_metadata(source, prune.report if prune is not None else [])
     if output is None:
@@ -112,9 +122,98 @@ def compress_with_report(
         "this model"
         for step, p in steps
         for pattern in p.unused_overrides()
-    ]
+    ] + budget_notes
     decisions = combine([(step.kind, p.report) for step, p in steps])
-    return compressed, CompressReport(decisions, target=opset.name, notes=notes)
+    allocation = {c.name: c.to_dict() for c in getattr(prune, "allocation", [])}
+    report = CompressReport(decisions, target=opset.name, notes=notes, allocation=allocation)
+    if plot is not None:
+        from milsparse.plot import plot_allocation
+
+        plot_allocation(report.allocation, plot)
+    return compressed, report
+
+
+def _run_recipe(source, recipe: Recipe, target, samples):
+    """Load, retarget, check and run `recipe` on a fresh program of `source`: (program, spec
+    version, opset, [(step, pass)])."""
+    prog = _io.load_program(source)
+    spec_version = _io.retarget(prog, source.get_spec().specificationVersion, target)
+    # compressed weights of an older opset move to the new one's forms (or nothing loads it)
+    upgrade_constexpr_ops(prog)
+    opset = max(f.opset_version for f in prog.functions.values())
+    # below iOS16 the passes themselves refuse, saying how to re-convert
+    check_recipe(recipe, opset if opset >= ct.target.iOS16 else None, weight_states(prog))
+    steps = [(step, step.make_pass()) for step in recipe.steps]
+    for step, graph_pass in steps:
+        if step.kind == "prune":
+            graph_pass.calibration = samples
+    # The passes remove the consts they replace, so no cleanup pass is needed afterwards.
+    run_passes(prog, [(step.pass_name, p) for step, p in steps])
+    return prog, spec_version, opset, steps
+
+
+BUDGET_STEPS = 7
+
+
+def _budget_search(source, recipe: Recipe, target, samples):
+    """allocate budget: the largest overall sparsity (global allocation) whose outputs on the
+    calibration samples keep the floor (min_cosine / min_snr, per output against the dense
+    model), by bisection over [0, 0.9] in BUDGET_STEPS steps; every candidate is run through
+    the interpreter before it is accepted. Returns what `_run_recipe` does, and notes."""
+    import attrs
+
+    from milsparse.ir.interpreter import evaluate_program
+    from milsparse.verify import Tolerances, compare_outputs
+
+    prune_step = recipe.step("prune")
+    cfg = prune_step.config
+    floor = Tolerances(min_snr_db=cfg.min_snr, min_cosine=cfg.min_cosine)
+    dense = _io.load_program(source)
+    function = next(iter(dense.functions))
+    cache: dict = {}
+    references = [evaluate_program(dense, s, function, cache) for s in samples]
+    del dense, cache
+
+    def attempt(sparsity: float):
+        spec = attrs.evolve(cfg.spec, sparsity=sparsity)
+        config = attrs.evolve(cfg, spec=spec, allocate="global", min_cosine=None, min_snr=None)
+        steps = [s if s.kind != "prune" else type(s)("prune", config) for s in recipe.steps]
+        result = _run_recipe(source, recipe.with_steps(steps), target, samples)
+        run_cache: dict = {}
+        outputs = [evaluate_program(result[0], s, function, run_cache) for s in samples]
+        metrics = compare_outputs(references, outputs, floor)
+        return result, all(not m.failures for m in metrics), metrics
+
+    best, best_s, tried = None, 0.0, []
+    low, high = 0.0, 0.9
+    result, ok, _ = attempt(high)
+    tried.append((high, ok))
+    if ok:
+        best, best_s = result, high
+    else:
+        for _ in range(BUDGET_STEPS):
+            middle = round((low + high) / 2, 6)
+            result, ok, _ = attempt(middle)
+            tried.append((middle, ok))
+            if ok:
+                best, best_s, low = result, middle, middle
+            else:
+                high = middle
+    floor_text = ", ".join(
+        f"{k} {v:g}" for k, v in (("min_cosine", cfg.min_cosine), ("min_snr", cfg.min_snr))
+        if v is not None
+    )  # fmt: skip
+    tried_text = ", ".join(f"{s:.3f} {'ok' if ok else 'below'}" for s, ok in tried)
+    if best is None:
+        raise ConfigError(
+            f"allocate budget: no sparsity keeps the outputs within {floor_text} on the "
+            f"calibration data (tried {tried_text})"
+        )
+    notes = [
+        f"allocate budget: overall sparsity {best_s:.3f} keeps {floor_text} on the "
+        f"calibration data (tried {tried_text})"
+    ]
+    return (*best, notes)
 
 
 def _calibration_samples(prog, calibration) -> list[dict]:
@@ -167,7 +266,14 @@ def _pruned_metadata(source, decisions) -> dict[str, str]:
 
 
 def compress(
-    model, config, *, target=None, output=None, overwrite: bool = False, calibration=None
+    model,
+    config,
+    *,
+    target=None,
+    output=None,
+    overwrite: bool = False,
+    calibration=None,
+    plot=None,
 ) -> ct.models.MLModel:
     """Compress a saved ML program (path or MLModel) with a recipe; return the compressed
     MLModel.
@@ -185,10 +291,17 @@ def compress(
     `calibration` (a list of {input name: array} samples, or an .npz whose arrays are named
     after the inputs with a leading sample axis) feeds the data-aware criteria of a prune step
     (`criterion: wanda | sparsegpt`): the reference interpreter runs the samples and hands
-    each weight's consumer its input activations.
+    each weight's consumer its input activations, and the per-layer sparsity of
+    `allocate: global | budget`; `plot` (a .png path) draws that allocation's curves.
     """
     return compress_with_report(
-        model, config, target=target, output=output, overwrite=overwrite, calibration=calibration
+        model,
+        config,
+        target=target,
+        output=output,
+        overwrite=overwrite,
+        calibration=calibration,
+        plot=plot,
     )[0]
 
 

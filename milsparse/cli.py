@@ -91,6 +91,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "sparsegpt, off for wanda)",
     )
     data.add_argument(
+        "--allocate",
+        choices=["uniform", "global", "budget"],
+        help="per-layer sparsity: uniform (default); global: the prune spec's sparsity over "
+        "all selected weights, shared by measured sensitivity; budget: the most sparsity whose "
+        "outputs keep --min-cosine / --min-snr on the calibration data",
+    )
+    data.add_argument(
+        "--plot", metavar="PNG", help="draw the allocation's sensitivity curves (matplotlib)"
+    )
+    data.add_argument(
         "--dampening",
         type=float,
         metavar="D",
@@ -328,7 +338,9 @@ def _recipe_from_args(args):
         }
         steps = [Step(kind, build[kind]()) for kind in order]
     data_flags = [
-        _flag(f) for f in ("criterion", "sequential", "dampening") if getattr(args, f) is not None
+        _flag(f)
+        for f in ("criterion", "sequential", "dampening", "allocate")
+        if getattr(args, f) is not None
     ]
     if (args.min_sparsity is not None or args.scope is not None or data_flags) and not any(
         s.kind == "prune" for s in steps
@@ -349,16 +361,30 @@ def _recipe_from_args(args):
         config = attrs.evolve(step.config, **changes) if changes else step.config
         if step.kind == "prune":
             config = attrs.evolve(config, spec=_prune_spec(args, config.spec))
-            data = {f: getattr(args, f) for f in ("criterion", "sequential", "dampening")}
+            data = {
+                f: getattr(args, f) for f in ("criterion", "sequential", "dampening", "allocate")
+            }
+            if args.allocate == "budget":
+                data |= {"min_cosine": args.min_cosine, "min_snr": args.min_snr}
             data = {k: v for k, v in data.items() if v is not None}
             if data:
                 config = attrs.evolve(config, **data)
         out.append(Step(step.kind, config))
-    aware = any(s.kind == "prune" and s.config.criterion != "magnitude" for s in out)
+    aware = any(
+        s.kind == "prune" and (s.config.criterion != "magnitude" or s.config.allocate != "uniform")
+        for s in out
+    )
     if args.calibration is not None and not aware:
-        raise _config_error("--calibration applies with --criterion wanda or sparsegpt")
+        raise _config_error(
+            "--calibration applies with --criterion wanda or sparsegpt, or --allocate"
+        )
     if aware and args.calibration is None:
-        raise _config_error("--criterion wanda and sparsegpt need --calibration FILE.npz")
+        raise _config_error(
+            "--criterion wanda and sparsegpt, and --allocate, need --calibration FILE.npz"
+        )
+    allocating = any(s.kind == "prune" and s.config.allocate != "uniform" for s in out)
+    if args.plot is not None and not allocating:
+        raise _config_error("--plot draws the curves of --allocate global or budget")
     if args.calibration is not None and not Path(args.calibration).exists():
         raise _config_error(f"{args.calibration}: no such file")
     target = args.target or (recipe.target if recipe else None)
@@ -374,8 +400,11 @@ def _cmd_compress(args) -> int:
     if not src.exists():
         raise ConfigError(f"{src}: no such file or directory")
     if not args.verify:
+        floors = ("min_snr", "min_cosine") if args.allocate == "budget" else ()
         given = [
-            f"--{o.replace('_', '-')}" for o in _VERIFY_OPTIONS if getattr(args, o) is not None
+            f"--{o.replace('_', '-')}"
+            for o in _VERIFY_OPTIONS
+            if getattr(args, o) is not None and o not in floors
         ]
         if given:
             raise ConfigError(f"{', '.join(given)} only apply with --verify")
@@ -387,13 +416,20 @@ def _cmd_compress(args) -> int:
     verdict = None
     if args.verify:
         # verify the model in its temporary package; only a passing one is written
-        model, report = ms.compress_with_report(src, recipe, calibration=args.calibration)
+        model, report = ms.compress_with_report(
+            src, recipe, calibration=args.calibration, plot=args.plot
+        )
         verdict = _run_verify(src, model, args)
         if verdict.passed:
             ms.save(model, dst, overwrite=args.force)
     else:
         _, report = ms.compress_with_report(
-            src, recipe, output=dst, overwrite=args.force, calibration=args.calibration
+            src,
+            recipe,
+            output=dst,
+            overwrite=args.force,
+            calibration=args.calibration,
+            plot=args.plot,
         )
     written = verdict is None or verdict.passed
     if args.json:

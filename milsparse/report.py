@@ -67,6 +67,8 @@ class CompressReport:
     decisions: list[WeightDecision] = field(default_factory=list)
     target: str | None = None
     notes: list[str] = field(default_factory=list)
+    # allocate global/budget: {weight: {"sparsity": grid, "error": curve, "chosen": s}}
+    allocation: dict[str, dict] = field(default_factory=dict)
 
     @property
     def compressed(self) -> list[WeightDecision]:
@@ -95,6 +97,7 @@ class CompressReport:
             "weights": [d.to_dict() for d in self.decisions],
             "totals": self.totals(),
             "notes": list(self.notes),
+            **({"allocation": self.allocation} if self.allocation else {}),
         }
 
     def to_json(self) -> str:

@@ -377,6 +377,20 @@ def _db(numerator: float, denominator: float) -> float:
     return 10 * math.log10(numerator / denominator)
 
 
+def compare_outputs(references: list[dict], outputs: list[dict], tol: Tolerances):
+    """Per output name, `output_metrics` over all samples at once (outputs concatenated)."""
+    names = list(references[0])
+    return [
+        output_metrics(
+            name,
+            np.concatenate([np.asarray(r[name], np.float64).ravel() for r in references]),
+            np.concatenate([np.asarray(o[name], np.float64).ravel() for o in outputs]),
+            tol,
+        )
+        for name in names
+    ]
+
+
 def output_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances) -> OutputMetrics:
     r = np.asarray(ref, dtype=np.float64).ravel()
     c = np.asarray(cand, dtype=np.float64).ravel()

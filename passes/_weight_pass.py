@@ -223,7 +223,9 @@ class WeightPass(AbstractGraphPass):
                     candidates.append((position, match.value))
                 else:
                     decisions.append((position, dense_decision(op, match.reason)))
-            self._candidates_ready(fname, [cand for _, cand in candidates])
+            chosen = self._candidates_ready(fname, [cand for _, cand in candidates])
+            if chosen is not None:  # the pass revised the candidates (their specs)
+                candidates = [(p, c) for (p, _), c in zip(candidates, chosen, strict=True)]
             progress = tqdm(
                 candidates, desc=self.pass_name, unit="weight", leave=False, disable=None
             )
@@ -250,9 +252,11 @@ class WeightPass(AbstractGraphPass):
     def _before(self, prog) -> None:
         """Set up per-run state (subclasses); the pass instance may be reused."""
 
-    def _candidates_ready(self, function: str, candidates: list) -> None:
+    def _candidates_ready(self, function: str, candidates: list) -> list | None:
         """Called once per function with its selected weights, in program order, before any
-        is compressed (data-aware pruning collects its statistics here)."""
+        is compressed (data-aware pruning collects its statistics here); may return the
+        candidates revised (per-layer specs of an allocation), in the same order."""
+        return None
 
     def _after(self, prog) -> None:
         """Drop per-run state (subclasses)."""

@@ -10,6 +10,7 @@ it is what the pass calls when `ct.PassPipeline.set_options` hands it a string o
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
@@ -365,6 +366,9 @@ class PruneConfig(SelectionMethods):
     criterion: str = attrs.field(default="magnitude", kw_only=True)
     sequential: bool | None = attrs.field(default=None, kw_only=True)
     dampening: float = attrs.field(default=0.01, kw_only=True)
+    allocate: str = attrs.field(default="uniform", kw_only=True)
+    min_cosine: float | None = attrs.field(default=None, kw_only=True)
+    min_snr: float | None = attrs.field(default=None, kw_only=True)
     read_spec = staticmethod(_spec_from)
 
     def __attrs_post_init__(self):
@@ -379,6 +383,29 @@ class PruneConfig(SelectionMethods):
             raise ConfigError(f"dampening must be a number, got {self.dampening!r}")
         if not 0.0 < float(self.dampening) <= 1.0:
             raise ConfigError(f"dampening must be in (0, 1], got {self.dampening!r}")
+        if self.allocate not in ALLOCATIONS:
+            raise ConfigError(
+                f"allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}"
+            )
+        if self.allocate != "uniform" and self.spec.pattern not in ("magnitude", "block"):
+            raise ConfigError(
+                f"allocate {self.allocate} chooses a sparsity per weight: it needs a pattern "
+                f"with one (unstructured or block), not {self.spec.to_string()}"
+            )
+        for name in ("min_cosine", "min_snr"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):  # fmt: skip
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise ConfigError(f"min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+        floors = self.min_cosine is not None or self.min_snr is not None
+        if self.allocate == "budget" and not floors:
+            raise ConfigError("allocate budget needs a fidelity floor: min_cosine or min_snr")
+        if floors and self.allocate != "budget":
+            raise ConfigError("min_cosine and min_snr are the floor of allocate budget")
         if self.criterion != "magnitude" and self.spec.pattern == "threshold":
             raise ConfigError(
                 f"criterion {self.criterion} applies to unstructured, n:m and block patterns, "
@@ -400,10 +427,16 @@ class PruneConfig(SelectionMethods):
             out["dampening"] = self.dampening
             if self.sequential is not None:
                 out["sequential"] = self.sequential
+        if self.allocate != "uniform":
+            out["allocate"] = self.allocate
+            for name in ("min_cosine", "min_snr"):
+                if getattr(self, name) is not None:
+                    out[name] = getattr(self, name)
         return out
 
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
+ALLOCATIONS = ("uniform", "global", "budget")
 _CONFIG_KEYS = {"spec", "op_types", "op_names", "overrides", "min_size"}
 
 

@@ -30,6 +30,9 @@ to the first consumer in program order) wins, and the report notes it.
 
 from __future__ import annotations
 
+import dataclasses
+
+import attrs
 import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
@@ -72,6 +75,7 @@ class PruneWeights(WeightPass):
         self._prog = None
         self._stats: dict = {}
         self._targets: dict = {}
+        self.allocation: list = []  # the measured curves of allocate global / budget
 
     @staticmethod
     def parse_config(value) -> PruneConfig:
@@ -107,19 +111,21 @@ class PruneWeights(WeightPass):
         # programs keep no cache.
         self._encoded = {} if len(prog.functions) > 1 else None
         self._prog, self._stats, self._targets = prog, {}, {}
+        self.allocation = []
 
     def _after(self, prog) -> None:
         self._encoded = None
         self._prog, self._stats, self._targets = None, {}, {}
 
     # -- calibration (criteria wanda, sparsegpt) -----------------------------------------------
-    def _candidates_ready(self, function: str, candidates: list) -> None:
+    def _candidates_ready(self, function: str, candidates: list) -> list | None:
         cfg = self._config
-        if cfg.criterion == "magnitude" or not candidates:
-            return
+        if (cfg.criterion == "magnitude" and cfg.allocate == "uniform") or not candidates:
+            return None
         if not self.calibration:
+            what = f"criterion {cfg.criterion}" if cfg.criterion != "magnitude" else "allocate"
             raise ConfigError(
-                f"criterion {cfg.criterion} needs calibration inputs: "
+                f"{what} needs calibration inputs: "
                 "milsparse.compress(..., calibration=[{input: array}, ...] or 'data.npz') or "
                 "--calibration FILE.npz"
             )
@@ -135,11 +141,51 @@ class PruneWeights(WeightPass):
                     break
                 targets[id(use.op)] = (cand.op.name, columns)
             self._targets[cand.op.name] = targets
-        if not cfg.is_sequential:
+        allocating = cfg.allocate != "uniform"
+        if not cfg.is_sequential or allocating:
             merged = {k: v for t in self._targets.values() if t for k, v in t.items()}
-            self._stats = self._collect(merged, None, f"calibrating {len(candidates)} weights")
+            self._stats = self._collect(
+                merged, None, f"calibrating {len(candidates)} weights", with_xtx=allocating
+            )
+        if allocating:
+            return self._allocate(candidates)
+        return None
 
-    def _collect(self, targets: dict, stop_after, what: str) -> dict:
+    def _allocate(self, candidates: list) -> list:
+        """Per-layer sparsities from the measured curves (passes/allocate.py); weights whose
+        spec an override set keep it."""
+        from milsparse.passes import allocate
+
+        cfg = self._config
+        curves, chosen_for = [], {}
+        for cand in candidates:
+            stats = self._stats.get(cand.op.name)
+            if cand.spec != cfg.spec or stats is None or cand.chain.form is not Form.DENSE:
+                continue
+            weight = cand.weight
+            axes = channel_axes(cand.uses[0], weight.ndim)
+            curves.append(
+                allocate.sensitivity(
+                    cand.op.name, weight, cand.spec, cand.axis, stats, axes, cfg.criterion
+                )
+            )
+        if curves:
+            try:
+                chosen_for = allocate.global_allocation(curves, cfg.spec.sparsity)
+            except ValueError as e:
+                raise ConfigError(f"allocate {cfg.allocate}: {e}") from e
+        for curve in curves:
+            curve.chosen = chosen_for[curve.name]
+        self.allocation = curves
+        revised = []
+        for cand in candidates:
+            if cand.op.name in chosen_for:
+                spec = attrs.evolve(cand.spec, sparsity=chosen_for[cand.op.name])
+                cand = dataclasses.replace(cand, spec=spec)
+            revised.append(cand)
+        return revised
+
+    def _collect(self, targets: dict, stop_after, what: str, with_xtx: bool = False) -> dict:
         progress = tqdm(
             total=len(self.calibration), desc=what, unit="sample", leave=False, disable=None
         )
@@ -148,7 +194,7 @@ class PruneWeights(WeightPass):
                 self._prog,
                 self.calibration,
                 targets,
-                with_xtx=self._config.criterion == "sparsegpt",
+                with_xtx=with_xtx or self._config.criterion == "sparsegpt",
                 function=self._function,
                 stop_after=stop_after,
                 progress=lambda: progress.update(1),
