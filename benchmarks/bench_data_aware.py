@@ -7,7 +7,9 @@ A small CNN (three 3x3 convs with batchnorm, two linear layers; 140K weights) is
 this script, seeded, for a few seconds on scikit-learn's bundled 8x8 digits (1,437 training
 images, 360 held out), converted with `ct.convert` (fp32, iOS18, batches of 40 images), and
 pruned by milsparse with each criterion at several patterns, with uniform and with global
-(per-layer, from measured sensitivity) allocation; calibration: 8 batches of training images.
+(per-layer, from measured sensitivity) allocation, and the joint chains 2:4 + lut4 and 2:4 +
+int4 with tables and ranges fitted plainly or weighted by activation energy; calibration: 8
+batches of training images.
 Accuracy and mean cross-entropy are measured on the held-out images through milsparse's
 reference interpreter.
 Also: the time of SparseGPT at 50% on a 6-layer encoder of BERT-small shape (d 384, 12 heads,
@@ -129,6 +131,24 @@ def digits_rows(folder: Path) -> list[dict]:
                      "stored_bytes": stored,
                      "sparsities": {d.name: d.sparsity for d in report.compressed}})  # fmt: skip
         print(f"{pattern} {criterion} {allocate}: {acc:.4f}", file=sys.stderr, flush=True)
+    # the joint chains, their tables and ranges fitted plainly or weighted by activation energy
+    for second in ("lut4", "int4"):
+        for weighted in (False, True):
+            recipe = ms.Recipe(
+                [{"prune": {"spec": "2:4", "min_size": 2048}},
+                 {ms.recipe.kind_of_text(second): {"spec": second, "min_size": 2048}}],
+                target="ios18",
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            pruned, report = ms.compress_with_report(
+                path, recipe, calibration=calib if weighted else None
+            )
+            seconds = time.perf_counter() - t0
+            acc, loss = _accuracy(pruned, x_test, y_test)
+            rows.append({"pattern": f"2:4 + {second}", "criterion": "magnitude",
+                         "allocate": "activation-weighted" if weighted else "plain fit",
+                         "accuracy": acc, "loss": loss, "seconds": seconds,
+                         "stored_bytes": report.totals()["stored_bytes"]})  # fmt: skip
     return rows
 
 

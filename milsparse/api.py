@@ -144,9 +144,8 @@ def _run_recipe(source, recipe: Recipe, target, samples):
     # below iOS16 the passes themselves refuse, saying how to re-convert
     check_recipe(recipe, opset if opset >= ct.target.iOS16 else None, weight_states(prog))
     steps = [(step, step.make_pass()) for step in recipe.steps]
-    for step, graph_pass in steps:
-        if step.kind == "prune":
-            graph_pass.calibration = samples
+    for _, graph_pass in steps:
+        graph_pass.calibration = samples  # prune: criteria and allocation; others: weighting
     # The passes remove the consts they replace, so no cleanup pass is needed afterwards.
     run_passes(prog, [(step.pass_name, p) for step, p in steps])
     return prog, spec_version, opset, steps
@@ -292,7 +291,8 @@ def compress(
     after the inputs with a leading sample axis) feeds the data-aware criteria of a prune step
     (`criterion: wanda | sparsegpt`): the reference interpreter runs the samples and hands
     each weight's consumer its input activations, and the per-layer sparsity of
-    `allocate: global | budget`; `plot` (a .png path) draws that allocation's curves.
+    `allocate: global | budget`; with it, palettize and quantize steps weight their fits by
+    each input column's activation energy. `plot` (a .png path) draws an allocation's curves.
     """
     return compress_with_report(
         model,

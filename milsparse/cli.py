@@ -374,9 +374,11 @@ def _recipe_from_args(args):
         s.kind == "prune" and (s.config.criterion != "magnitude" or s.config.allocate != "uniform")
         for s in out
     )
-    if args.calibration is not None and not aware:
+    fitted = any(s.kind in ("palettize", "quantize") for s in out)
+    if args.calibration is not None and not (aware or fitted):
         raise _config_error(
-            "--calibration applies with --criterion wanda or sparsegpt, or --allocate"
+            "--calibration applies with --criterion wanda or sparsegpt, --allocate, or a "
+            "--palettize / --quantize step (weighted by activation energy)"
         )
     if aware and args.calibration is None:
         raise _config_error(

@@ -155,6 +155,11 @@ class WeightPass(AbstractGraphPass):
         self._config = None if config is None else self.parse_config(config)
         self.report: list[WeightDecision] = []
         self.run: str | None = None  # a PIPELINE_RUNS key (a pass option)
+        # calibration samples (checked input dicts); palettize and quantize weight their fits
+        # by each input column's activation energy when they are given
+        self.calibration: list[dict] | None = None
+        self._program = None
+        self._energy: dict = {}
 
     # -- what a subclass gives ---------------------------------------------------------------
     @staticmethod
@@ -205,6 +210,8 @@ class WeightPass(AbstractGraphPass):
                 f"{self.pass_name} has no config: pipeline.set_options('{self.pass_name}', "
                 "{'config': ...}) or use milsparse.coreml_pipeline(recipe)"
             )
+        self._program = prog
+        self._energy = {}
         self._before(prog)
         self.report = []
         multifunction = len(prog.functions) > 1
@@ -255,8 +262,22 @@ class WeightPass(AbstractGraphPass):
     def _candidates_ready(self, function: str, candidates: list) -> list | None:
         """Called once per function with its selected weights, in program order, before any
         is compressed (data-aware pruning collects its statistics here); may return the
-        candidates revised (per-layer specs of an allocation), in the same order."""
+        candidates revised (per-layer specs of an allocation), in the same order. By default,
+        with calibration samples, it collects each weight's input-column energy."""
+        if self.calibration and candidates:
+            self._energy = collect_energy(self._program, function, self.calibration, candidates)
         return None
+
+    def importance(self, cand: Candidate, shape) -> np.ndarray | None:
+        """Per element of the weight (its dense layout), the activation energy of the input
+        column it multiplies (`sum x_j^2` over the calibration rows), or None without
+        calibration (or for consumers without calibration support)."""
+        stats = self._energy.get(cand.op.name)
+        if stats is None:
+            return None
+        axes = channel_axes(cand.uses[0], len(shape))
+        per_column = stats.sq / max(stats.rows, 1)
+        return np.broadcast_to(stats.expand(per_column, tuple(shape), axes), shape)
 
     def _after(self, prog) -> None:
         """Drop per-run state (subclasses)."""
@@ -375,3 +396,24 @@ def _storage_key(op):
         for var in o.inputs.values()
         if var.op is not None and var.op.op_type == "const"
     )
+
+
+def collect_energy(prog, function: str, samples: list, candidates: list) -> dict:
+    """{weight name: LayerStats (sums of squares only)} of the candidates whose every
+    consumer has calibration support, from one run of the samples."""
+    from milsparse.ir import calibration
+
+    targets = {}
+    for cand in candidates:
+        found = {}
+        for use in cand.uses:
+            columns = calibration.columns_of(use.op, use.input_name)
+            if columns is None:
+                found = None
+                break
+            found[id(use.op)] = (cand.op.name, columns)
+        if found:
+            targets.update(found)
+    if not targets:
+        return {}
+    return calibration.collect(prog, samples, targets, with_xtx=False, function=function)

@@ -119,7 +119,11 @@ class PalettizeWeights(WeightPass):
         if not masks.all_finite(weight):
             return dense_decision(op, "non-finite values (inf or nan)", cand)
         layout = _Layout(weight.shape, cand.axis, spec)
-        tables, indices = _fit(layout.vectors(weight), layout.dense_groups(), spec, layout.count)
+        importance = self.importance(cand, weight.shape)
+        weights = None if importance is None else layout.vectors(importance)
+        tables, indices = _fit(
+            layout.vectors(weight), layout.dense_groups(), spec, layout.count, weights
+        )
         indices = indices.reshape(layout.indices_shape)
         value_bits = weight.dtype.itemsize * 8
         stored = formats.stored_bytes(
@@ -178,10 +182,13 @@ class PalettizeWeights(WeightPass):
             dense[mask.astype(bool)] = nonzero
             vectors = layout.vectors(dense)[kept.astype(bool)]
             indices_mask = kept
+            weights = None  # vector k-means is not weighted
         else:
             vectors, indices_mask = nonzero[:, None], mask
+            importance = self.importance(cand, mask.shape)
+            weights = None if importance is None else importance[mask.astype(bool)][:, None]
         groups = layout.sparse_groups(indices_mask)
-        tables, indices = _fit(vectors, groups, spec, layout.count)
+        tables, indices = _fit(vectors, groups, spec, layout.count, weights)
         value_bits = nonzero.itemsize * 8
         stored = formats.stored_bytes(
             [(indices_mask.size, 1), (indices.size, spec.nbits), (tables.size, value_bits)]
@@ -291,11 +298,20 @@ class _Layout:
         return int(zeros_per_entry[labels, flat].sum())
 
 
-def _fit(vectors: np.ndarray, groups: np.ndarray | None, spec: PalettizeSpec, count: int = 1):
+def _fit(
+    vectors: np.ndarray,
+    groups: np.ndarray | None,
+    spec: PalettizeSpec,
+    count: int = 1,
+    weights: np.ndarray | None = None,
+):
     """(tables [count, 2^n, V] in the values' dtype, uint8 indices [N]) for `vectors`
     [..., V] (flattened to [N, V]), one table per group label 0..count-1 (None: one table).
-    A group without values gets a zero table."""
+    A group without values gets a zero table. `weights` (same layout, scalar tables only)
+    scale each value's squared error in the k-means (activation energy)."""
     vectors = vectors.reshape(-1, vectors.shape[-1])
+    if weights is not None:
+        weights = np.asarray(weights, np.float64).reshape(-1, weights.shape[-1])
     tables = np.empty((count, 1 << spec.nbits, vectors.shape[1]), vectors.dtype)
     indices = np.empty(vectors.shape[0], np.uint8)
     if groups is None:
@@ -312,7 +328,10 @@ def _fit(vectors: np.ndarray, groups: np.ndarray | None, spec: PalettizeSpec, co
         subset = vectors if members is None else vectors[members]
         if spec.cluster_dim == 1:
             values = subset[:, 0]
-            table = lut.fit_lut(values, spec.nbits, mode=spec.mode)
+            importance = None
+            if weights is not None:
+                importance = (weights if members is None else weights[members])[:, 0]
+            table = lut.fit_lut(values, spec.nbits, importance=importance, mode=spec.mode)
             codes = lut.assign_indices(values, table)
             table = table[:, None]
         else:

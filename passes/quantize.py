@@ -19,8 +19,9 @@ its ranges taken from its nonzeros only::
     %w = constexpr_sparse_to_dense(nonzero_data=%nz, mask=%m)
 
 Scales are stored in the weight's dtype and the values rounded against the stored scale (in
-float64), so every value is within half a step of its quantized level. A form that would not be
-smaller than what the weight already is is not emitted.
+float64), so every value is within half a step of its quantized level (with calibration, a
+group's range may be shrunk by `CLIP_RATIOS`: values beyond it take the extreme level). A form
+that would not be smaller than what the weight already is is not emitted.
 """
 
 from __future__ import annotations
@@ -58,15 +59,27 @@ _STORAGE = {
 }
 
 
-def quantize_blockwise(weight: np.ndarray, scale_shape, spec: QuantizeSpec, valid=None):
+CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0 ... 0.5
+
+
+def quantize_blockwise(
+    weight: np.ndarray, scale_shape, spec: QuantizeSpec, valid=None, importance=None
+):
     """(q int16, scale in the weight's dtype, offset int64 or None), each group of `weight`
     (the blocks `scale_shape` divides it into) quantized on its own; `valid` (a boolean mask)
     limits the ranges to those values (a sparse weight's nonzeros).
+
+    With `importance` (per element: the activation energy of its input column), each group's
+    range is shrunk by the ratio of CLIP_RATIOS whose quantization has the least
+    importance-weighted squared error (clipping a few large weights buys a finer step for the
+    ones the activations make matter); without it the range is the group's full range.
 
     fp16 weights are worked in float32 (exact for their values; `x / scale` of two fp16
     numbers lies at least 2^-12 from a rounding midpoint unless it is one, far beyond float32's
     error, so the levels are those float64 gives), fp32 weights in float64; one working copy,
     updated in place."""
+    if importance is not None:
+        return _weighted_blockwise(weight, scale_shape, spec, valid, importance)
     rank = weight.ndim
     view = [x for d in range(rank) for x in (scale_shape[d], weight.shape[d] // scale_shape[d])]
     inner = tuple(range(1, 2 * rank, 2))
@@ -106,6 +119,56 @@ def quantize_blockwise(weight: np.ndarray, scale_shape, spec: QuantizeSpec, vali
         scale.reshape(shape),
         None if offset is None else offset.reshape(shape),
     )
+
+
+def _weighted_blockwise(weight, scale_shape, spec, valid, importance):
+    """`quantize_blockwise` with each group's range shrunk by its best CLIP_RATIOS ratio."""
+    rank = weight.ndim
+    view = [x for d in range(rank) for x in (scale_shape[d], weight.shape[d] // scale_shape[d])]
+    inner = tuple(range(1, 2 * rank, 2))
+    w = np.asarray(weight, np.float64).reshape(view)
+    imp = np.asarray(importance, np.float64).reshape(view)
+    if valid is not None:
+        imp = imp * np.asarray(valid, bool).reshape(view)
+    at = [x for d in range(rank) for x in (scale_shape[d], 1)]  # a group's value, broadcast
+    best_err, best = None, None
+    for ratio in CLIP_RATIOS:
+        q, scale, offset = _quantize_with_ratio(weight, scale_shape, spec, valid, ratio)
+        shift = 0 if offset is None else offset.reshape(at)
+        stored = scale.astype(np.float64).reshape(at)
+        decoded = (q.reshape(view).astype(np.float64) - shift) * stored
+        err = (imp * (decoded - w) ** 2).sum(axis=inner, keepdims=True)
+        if best is None:
+            best_err, best = err, [q.reshape(view).copy(), scale.copy(),
+                                   None if offset is None else offset.copy()]  # fmt: skip
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best[0] = np.where(better, q.reshape(view), best[0])
+        flat_better = better.reshape(scale.shape)
+        best[1] = np.where(flat_better, scale, best[1])
+        if offset is not None:
+            best[2] = np.where(flat_better, offset, best[2])
+    return best[0].reshape(weight.shape), best[1], best[2]
+
+
+def _quantize_with_ratio(weight, scale_shape, spec, valid, ratio):
+    """`quantize_blockwise` of the weight with every group's range scaled by `ratio`: values
+    beyond it clip to the extreme levels."""
+    if ratio == 1.0:
+        return quantize_blockwise(weight, scale_shape, spec, valid)
+    rank = weight.ndim
+    view = [x for d in range(rank) for x in (scale_shape[d], weight.shape[d] // scale_shape[d])]
+    inner = tuple(range(1, 2 * rank, 2))
+    w = np.asarray(weight, np.float64).reshape(view)
+    where = True if valid is None else np.asarray(valid, bool).reshape(view)
+    lo = np.min(w, axis=inner, keepdims=True, where=where, initial=np.inf)
+    hi = np.max(w, axis=inner, keepdims=True, where=where, initial=-np.inf)
+    lo = np.where(np.isfinite(lo), lo, 0.0) * ratio
+    hi = np.where(np.isfinite(hi), hi, 0.0) * ratio
+    clipped = np.clip(w, lo, hi).reshape(weight.shape).astype(weight.dtype)
+    # the clipped values' levels are the originals' too: beyond the range, the extreme level
+    return quantize_blockwise(clipped, scale_shape, spec, valid)
 
 
 @register_pass(namespace="milsparse", name="quantize")
@@ -150,7 +213,10 @@ class QuantizeWeights(WeightPass):
             return dense_decision(op, "non-finite values (inf or nan)", cand)
         mask = np.asarray(op.mask.val).view(np.uint8) if sparse else None
         shape = _scale_shape(weight.shape, spec, cand.axis)
-        q, scale, offset = quantize_blockwise(weight, shape, spec, None if mask is None else mask)
+        importance = self.importance(cand, weight.shape)
+        q, scale, offset = quantize_blockwise(
+            weight, shape, spec, None if mask is None else mask, importance
+        )
         # iOS16's constexpr_affine_dequantize always stores a zero point
         zero_points = offset is not None or not ios18
         tables = [(scale.size, dtype.itemsize * 8)] + (
