@@ -90,6 +90,16 @@ def joint_speed_table() -> str:
 
 def data_aware_table() -> str:
     data = json.loads((RESULTS / "data_aware.json").read_text())
+    return _criteria_table(data["digits"]) + "\n\n" + _bert_table(data)
+
+
+def data_aware_transformer_table() -> str:
+    data = json.loads((RESULTS / "data_aware.json").read_text())
+    return _criteria_table(data["transformer"])
+
+
+def _criteria_table(measured: list[dict]) -> str:
+    data = {"digits": measured}
     dense = next(r for r in data["digits"] if r["pattern"] == "dense")
     rows = [["dense", "-", "-", f"{100 * dense['accuracy']:.2f}%", f"{dense['loss']:.4f}", "-",
              "-", "-"]]  # fmt: skip
@@ -113,16 +123,18 @@ def data_aware_table() -> str:
     headers = ["pattern", "criterion", "allocation", "held-out accuracy", "held-out loss",
                "share of the baseline's loss increase removed", "weights stored",
                "prune s"]  # fmt: skip
-    table = _table(headers, rows)
+    return _table(headers, rows)
+
+
+def _bert_table(data: dict) -> str:
     bert = [
         [r["criterion"], f"{r['seconds']:.1f}", f"{r['peak'] / 2**20:.0f} MiB",
          f"{r['model_size'] / 2**20:.1f} MiB", f"{r['peak'] / r['model_size']:.1f}x"]
         for r in data["bert_small"]
     ]  # fmt: skip
-    return table + "\n\n" + _table(
-        ["criterion (BERT-small, 50%)", "seconds", "peak above imports", "model", "peak / model"],
-        bert,
-    )
+    headers = ["criterion (BERT-small, 50%)", "seconds", "peak above imports", "model",
+               "peak / model"]  # fmt: skip
+    return _table(headers, bert)
 
 
 TABLES = {
@@ -131,6 +143,7 @@ TABLES = {
     "joint-quality": joint_quality_table,
     "joint-speed": joint_speed_table,
     "data-aware": data_aware_table,
+    "data-aware-transformer": data_aware_transformer_table,
 }
 
 
