@@ -237,20 +237,23 @@ def transformer_rows(folder: Path) -> list[dict]:
     acc, loss = _seq_metrics(path, x_test, y_test)
     rows = [{"pattern": "dense", "criterion": "-", "allocate": "-", "accuracy": acc,
              "loss": loss, "seconds": 0.0}]  # fmt: skip
-    settings = [(p, c, "uniform") for p in TRANSFORMER_PATTERNS for c in CRITERIA]
-    settings += [("unstructured:0.75", c, "global") for c in CRITERIA]
-    for pattern, criterion, allocate in settings:
+    settings = [(p, c, "uniform", {}) for p in TRANSFORMER_PATTERNS for c in CRITERIA]
+    settings += [("unstructured:0.75", c, "global", {}) for c in CRITERIA]
+    # this network's first layer sees 256 distinct input vectors: more dampening
+    settings += [("unstructured:0.75", "sparsegpt", "uniform", {"dampening": 0.1})]
+    for pattern, criterion, allocate, extra in settings:
         config = {"spec": pattern, "criterion": criterion, "min_size": 2048,
-                  "allocate": allocate}  # fmt: skip
+                  "allocate": allocate, **extra}  # fmt: skip
         needs = criterion != "magnitude" or allocate != "uniform"
         t0 = time.perf_counter()
         pruned, report = ms.compress_with_report(path, config, calibration=calib if needs else None)
         seconds = time.perf_counter() - t0
         acc, loss = _seq_metrics(pruned, x_test, y_test)
-        rows.append({"pattern": pattern, "criterion": criterion, "allocate": allocate,
+        label = criterion + "".join(f" ({k} {v})" for k, v in extra.items())
+        rows.append({"pattern": pattern, "criterion": label, "allocate": allocate,
                      "accuracy": acc, "loss": loss, "seconds": seconds,
                      "stored_bytes": report.totals()["stored_bytes"]})  # fmt: skip
-        print(f"transformer {pattern} {criterion} {allocate}: {acc:.4f}", file=sys.stderr)
+        print(f"transformer {pattern} {label} {allocate}: {acc:.4f}", file=sys.stderr)
     return rows
 
 
