@@ -83,9 +83,27 @@ def _inverse_factor(xtx: np.ndarray, rows: int, dampening: float) -> np.ndarray:
     return np.linalg.inv(r)
 
 
+def singular(xtx: np.ndarray, rows: int) -> bool:
+    """Whether `X^T X / rows` (dead columns aside) is singular: the calibration inputs span
+    fewer dimensions than the weight has inputs, and the update leans on the dampening."""
+    h = xtx / max(rows, 1)
+    diag = np.diag(h)
+    live = np.flatnonzero(diag > 0)
+    if live.size == 0:
+        return False
+    h = h[np.ix_(live, live)]
+    scale = float(np.mean(np.diag(h)))
+    try:  # positive definite beyond rounding: a Cholesky factor with no negligible pivot
+        pivots = np.diag(np.linalg.cholesky(h)) ** 2
+    except np.linalg.LinAlgError:
+        return True
+    return bool(pivots.min() < 1e-9 * scale)
+
+
 def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.01):
-    """(keep mask, new weight in its dtype): SparseGPT's pruning of `weight` (see the module
-    docstring)."""
+    """(keep mask, new weight in its dtype, note or None): SparseGPT's pruning of `weight`
+    (see the module docstring); the note says when `X^T X` is singular (the update then leans
+    on the dampening, and more of it may serve better)."""
     if stats.xtx is None:
         raise ValueError("sparsegpt needs X^T X statistics")
     stack, unstack = _matrices(weight, stats, axes)
@@ -165,4 +183,16 @@ def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.
     if tiny.any():
         smallest = np.finfo(weight.dtype).smallest_subnormal
         new[tiny] = np.where(unstack(stack)[tiny] < 0, -smallest, smallest).astype(weight.dtype)
-    return keep, new
+    note = None
+    if any(singular(stats.xtx[g], stats.rows) for g in range(groups)):
+        few = stats.rows < k
+        why = (
+            f"{stats.rows} activation rows for {k} inputs: more samples"
+            if few
+            else "the calibration inputs span fewer dimensions than its inputs: more varied samples"
+        )
+        note = (
+            f"X^T X is singular ({why}, or more dampening than {dampening:g}, e.g. 0.1, "
+            "may serve better)"
+        )
+    return keep, new, note

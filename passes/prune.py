@@ -230,10 +230,10 @@ class PruneWeights(WeightPass):
         note = f"{criterion}, {stats.samples} samples"
         if criterion == "wanda":
             return data_aware.wanda_mask(weight, cand.spec, cand.axis, stats, axes), weight, note
-        keep, values = data_aware.sparsegpt(
+        keep, values, warning = data_aware.sparsegpt(
             weight, cand.spec, cand.axis, stats, axes, self._config.dampening
         )
-        return keep, values, note
+        return keep, values, note if warning is None else f"{note}; {warning}"
 
     # -- values ------------------------------------------------------------------------------
     def _match_values(self, cand: Candidate, ios18: bool) -> MatchResult:

@@ -154,7 +154,7 @@ def test_data_aware_pruning_of_a_converted_cnn(tmp_path, criterion):
     held_out = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(6)]
     recipe = {"spec": "2:4", "criterion": criterion, "min_size": 1024}
     pruned, report = ms.compress_with_report(path, recipe, calibration=calib)
-    assert {d.note for d in report.compressed} == {f"{criterion}, 6 samples"}
+    assert all(d.note.startswith(f"{criterion}, 6 samples") for d in report.compressed)
     check = ms.verify(path, pruned, held_out)
     assert all(w.pattern_holds for w in check.weights if w.pattern)
     if criterion == "sparsegpt":

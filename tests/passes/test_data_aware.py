@@ -267,7 +267,7 @@ def test_calibration_errors_are_clear(tmp_path, save_program, capsys):
     assert main([*base, "--criterion", "sparsegpt", "--calibration", str(good), "--min-size",
                  "512", "--verify", "--json"]) in (0, 1)  # fmt: skip
     report = capsys.readouterr().out
-    assert '"sparsegpt, 3 samples"' in report
+    assert '"sparsegpt, 3 samples' in report  # np.ones inputs: and the singular-X^T X note
     assert '"pattern_holds": false' not in report
     with pytest.raises(ConfigError, match="applies to unstructured, n:m and block"):
         ms.compress(path, {"spec": "threshold:0.1", "criterion": "wanda"}, calibration=good)
@@ -394,3 +394,24 @@ def test_calibration_weights_lut_and_range_fits_by_activation_energy(save_progra
         assert errors["weighted"] <= errors["plain"] * (1 + 1e-9), (weight_name, errors)
         better += errors["weighted"] < 0.99 * errors["plain"]
     assert better >= 1
+
+
+def test_sparsegpt_says_when_the_calibration_inputs_are_rank_deficient():
+    """Inputs that span fewer dimensions than the layer's inputs make X^T X singular: the
+    report's note says the update leans on the dampening and suggests more."""
+    name, _, cal = _mlp_and_data(samples=40)
+    repeated = []
+    for sample in cal:
+        x = sample[name].copy()
+        x[..., 32:] = x[..., :32]  # 64 inputs, 32 dimensions
+        repeated.append({name: x})
+    _, graph_pass = _pruned("2:4", "sparsegpt", repeated, sequential=False)
+    first = next(d for d in graph_pass.report if d.name == "fc0_weight")
+    assert "X^T X is singular (the calibration inputs span fewer dimensions" in first.note
+    assert "e.g. 0.1" in first.note
+    # 6 samples of 2 rows: 12 rows for 64 inputs, too few
+    _, graph_pass = _pruned("2:4", "sparsegpt", cal[:6], sequential=False)
+    note = next(d for d in graph_pass.report if d.name == "fc0_weight").note
+    assert "12 activation rows for 64 inputs: more samples" in note
+    _, graph_pass = _pruned("2:4", "sparsegpt", cal, sequential=False)
+    assert "singular" not in next(d for d in graph_pass.report if d.name == "fc0_weight").note
