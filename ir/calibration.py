@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from milsparse.ir import kernels_nn
 from milsparse.ir.errors import ConfigError
-from milsparse.ir.interpreter import StopRun, evaluate_program
+from milsparse.ir.interpreter import StopRun, evaluate_program, fits_input
 
-__all__ = ["Columns", "LayerStats", "columns_of", "collect", "read_samples"]
+__all__ = ["Columns", "LayerStats", "columns_of", "targets_of", "collect", "read_samples"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,18 @@ def columns_of(op, weight_name: str) -> Columns | None:
         other = "y" if weight_name == "x" else "x"
         return Columns(f"matmul_{weight_name}", weight_name, other)
     return None
+
+
+def targets_of(name: str, uses) -> dict | None:
+    """`collect`'s targets for the weight `name` read through `uses` (graph Uses): id of each
+    consumer -> (name, Columns); None when a consumer has no calibration support."""
+    targets = {}
+    for use in uses:
+        columns = columns_of(use.op, use.input_name)
+        if columns is None:
+            return None
+        targets[id(use.op)] = (name, columns)
+    return targets
 
 
 @dataclass
@@ -197,12 +209,11 @@ def check_samples(prog, samples: list[dict], function: str = "main") -> list[dic
         arrays = {}
         for name, var in func.inputs.items():
             value = np.asarray(sample[name])
-            expected = tuple(var.shape)
-            fixed = all(isinstance(d, int) for d in expected)
-            if value.ndim != len(expected) or (fixed and value.shape != expected):
+            if not fits_input(value, var):
                 raise ConfigError(
                     f"calibration sample {i}: input {name!r} has shape {value.shape}; the "
-                    f"model expects {expected} (an .npz holds one more, leading, sample axis)"
+                    f"model expects {tuple(var.shape)} (an .npz holds one more, leading, "
+                    "sample axis)"
                 )
             want_float = types.is_float(var.dtype)
             if want_float != np.issubdtype(value.dtype, np.floating) and not (

@@ -31,6 +31,7 @@ __all__ = [
     "run_block",
     "static_values",
     "StopRun",
+    "fits_input",
 ]
 
 Kernel = Callable[..., Any]
@@ -358,6 +359,14 @@ def _load_kernels() -> None:
         _KERNEL_MODULES_LOADED = True
 
 
+def fits_input(value: np.ndarray, var) -> bool:
+    """Whether `value`'s shape fits the function input `var`: its shape, when every dim is
+    fixed; its rank, when some are symbolic."""
+    expected = tuple(var.shape)
+    fixed = all(isinstance(d, int) for d in expected)
+    return value.ndim == len(expected) and (not fixed or value.shape == expected)
+
+
 class StopRun(Exception):
     """Raised by an observer to end a run once it has what it needs (`evaluate_program`
     returns None then)."""
@@ -391,11 +400,9 @@ def evaluate_program(
         if name not in inputs:
             raise ConfigError(f"missing input {name!r}; the program takes {list(func.inputs)}")
         value = np.asarray(inputs[name])
-        expected = tuple(var.shape)
-        fixed = all(isinstance(d, int) for d in expected)
-        if value.ndim != len(expected) or (fixed and value.shape != expected):
+        if not fits_input(value, var):
             raise ConfigError(
-                f"input {name!r} has shape {value.shape}; the program expects {expected}"
+                f"input {name!r} has shape {value.shape}; the program expects {tuple(var.shape)}"
             )
         feeds.append(value)
     env = _ChainedEnv(None)

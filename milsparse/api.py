@@ -98,15 +98,15 @@ def compress_with_report(
             inputs=[_io.source_path(model)],
             needed_bytes=_io.package_bytes(model),
         )
-    samples = None
-    if calibration is not None:
-        samples = _calibration_samples(_io.load_program(source), calibration)
+    prog = _io.load_program(source)
+    samples = None if calibration is None else _calibration_samples(prog, calibration)
     if prune_step is not None and prune_step.config.allocate == "budget":
+        del prog  # every attempt loads its own; only one program at a time is kept
         prog, spec_version, opset, steps, budget_notes = _budget_search(
             source, recipe, target, samples
         )
     else:
-        prog, spec_version, opset, steps = _run_recipe(source, recipe, target, samples)
+        prog, spec_version, opset, steps = _run_recipe(source, recipe, target, samples, prog)
         budget_notes = []
     prune = next((p for step, p in steps if step.kind == "prune"), None)
     metadata = _pruned_metadata(source, prune.report if prune is not None else [])
@@ -133,10 +133,11 @@ def compress_with_report(
     return compressed, report
 
 
-def _run_recipe(source, recipe: Recipe, target, samples):
-    """Load, retarget, check and run `recipe` on a fresh program of `source`: (program, spec
-    version, opset, [(step, pass)])."""
-    prog = _io.load_program(source)
+def _run_recipe(source, recipe: Recipe, target, samples, prog=None):
+    """Retarget, check and run `recipe` on `prog` (default: a fresh program of `source`):
+    (program, spec version, opset, [(step, pass)])."""
+    if prog is None:
+        prog = _io.load_program(source)
     spec_version = _io.retarget(prog, source.get_spec().specificationVersion, target)
     # compressed weights of an older opset move to the new one's forms (or nothing loads it)
     upgrade_constexpr_ops(prog)
@@ -180,19 +181,18 @@ def _budget_search(source, recipe: Recipe, target, samples):
         result = _run_recipe(source, recipe.with_steps(steps), target, samples)
         run_cache: dict = {}
         outputs = [evaluate_program(result[0], s, function, run_cache) for s in samples]
-        metrics = compare_outputs(references, outputs, floor)
-        return result, all(not m.failures for m in metrics), metrics
+        return result, all(not m.failures for m in compare_outputs(references, outputs, floor))
 
     best, best_s, tried = None, 0.0, []
     low, high = 0.0, 0.9
-    result, ok, _ = attempt(high)
+    result, ok = attempt(high)
     tried.append((high, ok))
     if ok:
         best, best_s = result, high
     else:
         for _ in range(BUDGET_STEPS):
             middle = round((low + high) / 2, 6)
-            result, ok, _ = attempt(middle)
+            result, ok = attempt(middle)
             tried.append((middle, ok))
             if ok:
                 best, best_s, low = result, middle, middle

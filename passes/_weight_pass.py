@@ -248,6 +248,7 @@ class WeightPass(AbstractGraphPass):
                     )
                 self.report.append(decision)
         self._after(prog)
+        self._program, self._energy = None, {}  # the run's program and statistics
         if self.run is not None:
             PIPELINE_RUNS.setdefault(str(self.run), {})[self.pass_name] = (
                 list(self.report),
@@ -405,15 +406,7 @@ def collect_energy(prog, function: str, samples: list, candidates: list) -> dict
 
     targets = {}
     for cand in candidates:
-        found = {}
-        for use in cand.uses:
-            columns = calibration.columns_of(use.op, use.input_name)
-            if columns is None:
-                found = None
-                break
-            found[id(use.op)] = (cand.op.name, columns)
-        if found:
-            targets.update(found)
+        targets.update(calibration.targets_of(cand.op.name, cand.uses) or {})
     if not targets:
         return {}
     return calibration.collect(prog, samples, targets, with_xtx=False, function=function)

@@ -53,11 +53,15 @@ def _fraction(instance, attribute, value):
         raise ConfigError(f"{attribute.name} must be a number in [0, 1], got {value!r}")
 
 
-def _positive_int_or_none(instance, attribute, value):
-    if value is not None and not (
-        isinstance(value, int) and not isinstance(value, bool) and value >= 1
-    ):
+def positive_int(instance, attribute, value):
+    """attrs validator: an integer >= 1 (not a bool)."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+def _positive_int_or_none(instance, attribute, value):
+    if value is not None:
+        positive_int(instance, attribute, value)
 
 
 @attrs.frozen

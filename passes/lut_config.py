@@ -17,6 +17,7 @@ from milsparse.ir.errors import ConfigError
 from milsparse.passes.config import (
     SelectionMethods,
     config_parser,
+    positive_int,
     spec_reader,
 )
 
@@ -26,11 +27,6 @@ NBITS = (1, 2, 3, 4, 6, 8)
 IOS16_NBITS = (1, 2, 4, 6, 8)
 MODES = ("kmeans", "uniform")
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
-
-
-def _positive_int(instance, attribute, value):
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
 
 
 @attrs.frozen
@@ -52,8 +48,8 @@ class PalettizeSpec:
     granularity: str = attrs.field(
         default="per_tensor", validator=attrs.validators.in_(GRANULARITIES)
     )
-    group_size: int = attrs.field(default=32, validator=_positive_int)
-    cluster_dim: int = attrs.field(default=1, validator=_positive_int)
+    group_size: int = attrs.field(default=32, validator=positive_int)
+    cluster_dim: int = attrs.field(default=1, validator=positive_int)
 
     def __attrs_post_init__(self):
         if isinstance(self.nbits, bool):

@@ -72,7 +72,6 @@ class PruneWeights(WeightPass):
         self._encoded: dict[tuple, tuple] | None = None  # during apply, for multifunction
         # data-aware criteria: checked calibration samples (list of input dicts)
         self.calibration: list[dict] | None = calibration
-        self._prog = None
         self._stats: dict = {}
         self._targets: dict = {}
         self.allocation: list = []  # the measured curves of allocate global / budget
@@ -110,12 +109,12 @@ class PruneWeights(WeightPass):
         # their consts) from the start of the pass, so no two share an id. Single-function
         # programs keep no cache.
         self._encoded = {} if len(prog.functions) > 1 else None
-        self._prog, self._stats, self._targets = prog, {}, {}
+        self._stats, self._targets = {}, {}
         self.allocation = []
 
     def _after(self, prog) -> None:
         self._encoded = None
-        self._prog, self._stats, self._targets = None, {}, {}
+        self._stats, self._targets = {}, {}
 
     # -- calibration (criteria wanda, sparsegpt) -----------------------------------------------
     def _candidates_ready(self, function: str, candidates: list) -> list | None:
@@ -133,14 +132,7 @@ class PruneWeights(WeightPass):
         for cand in candidates:
             if cand.chain.form is not Form.DENSE and cfg.criterion == "sparsegpt":
                 continue  # its values must stay as they are: reported in compress
-            targets = {}
-            for use in cand.uses:
-                columns = calibration.columns_of(use.op, use.input_name)
-                if columns is None:
-                    targets = None
-                    break
-                targets[id(use.op)] = (cand.op.name, columns)
-            self._targets[cand.op.name] = targets
+            self._targets[cand.op.name] = calibration.targets_of(cand.op.name, cand.uses)
         allocating = cfg.allocate != "uniform"
         if not cfg.is_sequential or allocating:
             merged = {k: v for t in self._targets.values() if t for k, v in t.items()}
@@ -191,7 +183,7 @@ class PruneWeights(WeightPass):
         )
         with progress:
             return calibration.collect(
-                self._prog,
+                self._program,
                 self.calibration,
                 targets,
                 with_xtx=with_xtx or self._config.criterion == "sparsegpt",
@@ -208,7 +200,7 @@ class PruneWeights(WeightPass):
             return None, f"no calibration support for {', '.join(kinds)}"
         if self._config.is_sequential:
             # the program as pruned so far feeds this weight's consumers
-            last = max(targets) if len(targets) == 1 else None
+            last = next(iter(targets)) if len(targets) == 1 else None
             found = self._collect(targets, last, f"calibrating {cand.op.name}")
         else:
             found = self._stats

@@ -15,6 +15,7 @@ from milsparse.ir.errors import ConfigError
 from milsparse.passes.config import (
     SelectionMethods,
     config_parser,
+    positive_int,
     spec_reader,
 )
 
@@ -23,11 +24,6 @@ __all__ = ["QuantizeSpec", "QuantizeConfig", "parse_quantize_spec", "parse_quant
 DTYPES = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4}
 MODES = ("linear_symmetric", "linear")
 GRANULARITIES = ("per_tensor", "per_channel", "per_block")
-
-
-def _positive_int(instance, attribute, value):
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
 
 
 @attrs.frozen
@@ -47,7 +43,7 @@ class QuantizeSpec:
     granularity: str = attrs.field(
         default="per_channel", validator=attrs.validators.in_(GRANULARITIES)
     )
-    block_size: int = attrs.field(default=32, validator=_positive_int)
+    block_size: int = attrs.field(default=32, validator=positive_int)
 
     @property
     def nbits(self) -> int:
