@@ -71,8 +71,9 @@ def _train_digits(seed: int = 0):
     return model, (x_train, y_train, x_test, y_test)
 
 
-def _accuracy(model, x, y) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on the held-out images, through the interpreter."""
+def _held_out(model, name: str, x, y, batch: int) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` on held-out batches of input `name`, through
+    the interpreter (a short last batch is left out: the model's batch size is fixed)."""
     import numpy as np
     from milsparse.ir.interpreter import evaluate_program
 
@@ -81,16 +82,41 @@ def _accuracy(model, x, y) -> tuple[float, float]:
     prog = ms.load_program(model)
     correct, loss, count = 0, 0.0, 0
     cache: dict = {}
-    for i in range(0, len(x) - len(x) % BATCH, BATCH):
-        out = next(iter(evaluate_program(prog, {"x": x[i : i + BATCH]}, cache=cache).values()))
+    for i in range(0, len(x) - len(x) % batch, batch):
+        out = next(iter(evaluate_program(prog, {name: x[i : i + batch]}, cache=cache).values()))
         logits = out.astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        labels = y[i : i + BATCH]
+        labels = y[i : i + batch]
         loss -= float(log_p[np.arange(len(labels)), labels].sum())
         correct += int((out.argmax(-1) == labels).sum())
         count += len(labels)
     return correct / count, loss / count
+
+
+def _criteria_rows(path, settings, calib, evaluate, tag: str) -> list[dict]:
+    """The dense row, then one row per (pattern, criterion, allocate, extra config) setting:
+    held-out accuracy and loss (`evaluate(model)`), prune seconds, stored bytes."""
+    import milsparse as ms
+
+    acc, loss = evaluate(path)
+    rows = [{"pattern": "dense", "criterion": "-", "allocate": "-", "accuracy": acc,
+             "loss": loss, "seconds": 0.0}]  # fmt: skip
+    for pattern, criterion, allocate, extra in settings:
+        config = {"spec": pattern, "criterion": criterion, "min_size": 2048,
+                  "allocate": allocate, **extra}  # fmt: skip
+        needs = criterion != "magnitude" or allocate != "uniform"
+        t0 = time.perf_counter()
+        pruned, report = ms.compress_with_report(path, config, calibration=calib if needs else None)
+        seconds = time.perf_counter() - t0
+        acc, loss = evaluate(pruned)
+        label = criterion + "".join(f" ({k} {v})" for k, v in extra.items())
+        rows.append({"pattern": pattern, "criterion": label, "allocate": allocate,
+                     "accuracy": acc, "loss": loss, "seconds": seconds,
+                     "stored_bytes": report.totals()["stored_bytes"],
+                     "sparsities": {d.name: d.sparsity for d in report.compressed}})  # fmt: skip
+        print(f"{tag} {pattern} {label} {allocate}: {acc:.4f}", file=sys.stderr, flush=True)
+    return rows
 
 
 def digits_rows(folder: Path) -> list[dict]:
@@ -113,26 +139,14 @@ def digits_rows(folder: Path) -> list[dict]:
     path = folder / "digits.mlpackage"
     dense.save(str(path))
     calib = [{"x": x_train[i : i + BATCH]} for i in range(0, 8 * BATCH, BATCH)]
-    base, base_loss = _accuracy(path, x_test, y_test)
-    rows = [{"pattern": "dense", "criterion": "-", "allocate": "-", "accuracy": base,
-             "loss": base_loss, "seconds": 0.0}]  # fmt: skip
     uniform = list(dict.fromkeys(PATTERNS + ALLOCATED))
-    settings = [(p, c, "uniform") for p in uniform for c in CRITERIA]
-    settings += [(p, c, "global") for p in ALLOCATED for c in CRITERIA]
-    for pattern, criterion, allocate in settings:
-        config = {"spec": pattern, "criterion": criterion, "min_size": 2048,
-                  "allocate": allocate}  # fmt: skip
-        needs = criterion != "magnitude" or allocate != "uniform"
-        t0 = time.perf_counter()
-        pruned, report = ms.compress_with_report(path, config, calibration=calib if needs else None)
-        seconds = time.perf_counter() - t0
-        acc, loss = _accuracy(pruned, x_test, y_test)
-        stored = report.totals()["stored_bytes"]
-        rows.append({"pattern": pattern, "criterion": criterion, "allocate": allocate,
-                     "accuracy": acc, "loss": loss, "seconds": seconds,
-                     "stored_bytes": stored,
-                     "sparsities": {d.name: d.sparsity for d in report.compressed}})  # fmt: skip
-        print(f"{pattern} {criterion} {allocate}: {acc:.4f}", file=sys.stderr, flush=True)
+    settings = [(p, c, "uniform", {}) for p in uniform for c in CRITERIA]
+    settings += [(p, c, "global", {}) for p in ALLOCATED for c in CRITERIA]
+
+    def evaluate(model):
+        return _held_out(model, "x", x_test, y_test, BATCH)
+
+    rows = _criteria_rows(path, settings, calib, evaluate, "digits")
     # the joint chains, their tables and ranges fitted plainly or weighted by activation energy
     for second in ("lut4", "int4"):
         for weighted in (False, True):
@@ -146,7 +160,7 @@ def digits_rows(folder: Path) -> list[dict]:
                 path, recipe, calibration=calib if weighted else None
             )
             seconds = time.perf_counter() - t0
-            acc, loss = _accuracy(pruned, x_test, y_test)
+            acc, loss = evaluate(pruned)
             rows.append({"pattern": f"2:4 + {second}", "criterion": "magnitude",
                          "allocate": "activation-weighted" if weighted else "plain fit",
                          "accuracy": acc, "loss": loss, "seconds": seconds,
@@ -194,31 +208,10 @@ def _train_pointer_transformer(seed: int = 0):
     return model, calib.astype("int32"), x_test.numpy().astype("int32"), y_test.numpy()
 
 
-def _seq_metrics(model, x, y) -> tuple[float, float]:
-    import numpy as np
-    from milsparse.ir.interpreter import evaluate_program
-
-    import milsparse as ms
-
-    prog = ms.load_program(model)
-    correct, loss, cache = 0, 0.0, {}
-    for i in range(0, len(x), SEQ_BATCH):
-        out = next(iter(evaluate_program(prog, {"ids": x[i : i + SEQ_BATCH]}, cache=cache)
-                        .values())).astype(np.float64)  # fmt: skip
-        out -= out.max(-1, keepdims=True)
-        log_p = out - np.log(np.exp(out).sum(-1, keepdims=True))
-        labels = y[i : i + SEQ_BATCH]
-        loss -= float(log_p[np.arange(len(labels)), labels].sum())
-        correct += int((out.argmax(-1) == labels).sum())
-    return correct / len(x), loss / len(x)
-
-
 def transformer_rows(folder: Path) -> list[dict]:
     import coremltools as ct
     import numpy as np
     import torch
-
-    import milsparse as ms
 
     model, calib_ids, x_test, y_test = _train_pointer_transformer()
     traced = torch.jit.trace(model, torch.zeros(SEQ_BATCH, SEQ, dtype=torch.int64),
@@ -234,27 +227,15 @@ def transformer_rows(folder: Path) -> list[dict]:
     path = folder / "pointer.mlpackage"
     converted.save(str(path))
     calib = [{"ids": calib_ids[i : i + SEQ_BATCH]} for i in range(0, len(calib_ids), SEQ_BATCH)]
-    acc, loss = _seq_metrics(path, x_test, y_test)
-    rows = [{"pattern": "dense", "criterion": "-", "allocate": "-", "accuracy": acc,
-             "loss": loss, "seconds": 0.0}]  # fmt: skip
     settings = [(p, c, "uniform", {}) for p in TRANSFORMER_PATTERNS for c in CRITERIA]
     settings += [("unstructured:0.75", c, "global", {}) for c in CRITERIA]
     # this network's first layer sees 256 distinct input vectors: more dampening
     settings += [("unstructured:0.75", "sparsegpt", "uniform", {"dampening": 0.1})]
-    for pattern, criterion, allocate, extra in settings:
-        config = {"spec": pattern, "criterion": criterion, "min_size": 2048,
-                  "allocate": allocate, **extra}  # fmt: skip
-        needs = criterion != "magnitude" or allocate != "uniform"
-        t0 = time.perf_counter()
-        pruned, report = ms.compress_with_report(path, config, calibration=calib if needs else None)
-        seconds = time.perf_counter() - t0
-        acc, loss = _seq_metrics(pruned, x_test, y_test)
-        label = criterion + "".join(f" ({k} {v})" for k, v in extra.items())
-        rows.append({"pattern": pattern, "criterion": label, "allocate": allocate,
-                     "accuracy": acc, "loss": loss, "seconds": seconds,
-                     "stored_bytes": report.totals()["stored_bytes"]})  # fmt: skip
-        print(f"transformer {pattern} {label} {allocate}: {acc:.4f}", file=sys.stderr)
-    return rows
+
+    def evaluate(model):
+        return _held_out(model, "ids", x_test, y_test, SEQ_BATCH)
+
+    return _criteria_rows(path, settings, calib, evaluate, "transformer")
 
 
 TRANSFORMER_PATTERNS = ["unstructured:0.5", "2:4", "unstructured:0.75"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write  # noqa: E402
-from bench_prune import _peak_bytes, _rss_bytes  # noqa: E402
+from bench_prune import _peak_bytes, _rss_bytes, run_workers  # noqa: E402
 
 SPEED = {
     "4-bit k-means": ("dense", "lut4"),
@@ -65,24 +64,6 @@ def worker(tool: str, spec: str, src: str, dst: str, joint: bool) -> dict:
             out = cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=op))
         out.save(dst)
     return {"seconds": time.perf_counter() - t0, "peak_above_import": _peak_bytes() - baseline}
-
-
-def _run(tool, spec, src, dst, joint: bool, runs: int) -> dict:
-    samples = []
-    for _ in range(runs):
-        shutil.rmtree(dst, ignore_errors=True)
-        cmd = [sys.executable, __file__, "--worker", tool, spec, str(src), str(dst), str(joint)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines()
-            return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
-        samples.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    seconds = sorted(s["seconds"] for s in samples)
-    return {
-        "seconds": seconds[len(seconds) // 2],
-        "seconds_all": seconds,
-        "peak_above_import": max(s["peak_above_import"] for s in samples),
-    }
 
 
 def _kept_error(pruned: Path, palettized) -> tuple[float, dict]:
@@ -170,7 +151,8 @@ def speed(folder: Path, params: float, runs: int) -> list[dict]:
         for tool in ("milsparse", "coremltools"):
             dst = folder / f"{tool}_{spec}_{source}.mlpackage"
             print(f"[{label}] {tool} ...", file=sys.stderr, flush=True)
-            run = _run(tool, spec, src, dst, source == "pruned", runs)
+            joint = source == "pruned"
+            run = run_workers(__file__, (tool, spec, src, dst, joint), dst, runs)
             if "error" not in run:
                 run["size"] = tree_size(dst)
                 forms = {r.format for r in ms.inspect_model(dst).rows if len(r.shape) > 1}

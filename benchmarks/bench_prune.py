@@ -76,13 +76,14 @@ def worker(tool: str, spec: str, src: str, dst: str) -> dict:
     return {"seconds": elapsed, "peak_above_import": _peak_bytes() - baseline}
 
 
-def _run_worker(tool, spec, src, dst, runs: int) -> dict:
-    """Median time and largest peak over `runs` fresh processes (disk and page-cache timing on a
-    shared VM varies from run to run)."""
+def run_workers(script, args, dst, runs: int) -> dict:
+    """Median time and largest peak over `runs` fresh processes of `script --worker *args`,
+    each printing JSON with `seconds` and `peak_above_import` last, `dst` removed before each
+    (disk and page-cache timing on a shared VM varies from run to run)."""
     samples = []
     for _ in range(runs):
         shutil.rmtree(dst, ignore_errors=True)
-        cmd = [sys.executable, __file__, "--worker", tool, spec, str(src), str(dst)]
+        cmd = [sys.executable, str(script), "--worker", *map(str, args)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
@@ -175,7 +176,7 @@ def main() -> None:
                 for tool in ("milsparse", "coremltools"):
                     dst = folder / f"{tool}_{dtype}_{spec.replace(':', '_')}.mlpackage"
                     print(f"[{dtype} {label}] {tool} ...", file=sys.stderr, flush=True)
-                    run = _run_worker(tool, spec, src, dst, args.runs)
+                    run = run_workers(__file__, (tool, spec, src, dst), dst, args.runs)
                     if "error" not in run:
                         run.update(_measure_output(dst, weights))
                         shutil.rmtree(dst, ignore_errors=True)
