@@ -5,11 +5,12 @@ Every weight is viewed as a matrix whose rows are its outputs and whose columns 
 one output reads (`Columns`): linear `W[out, in]` (columns: `in`); conv `W[Cout, Cin/g, *k]`
 (columns: `(Cin/g) * prod(k)` im2col patches, per group; dilation, stride, padding and groups
 respected); a const operand of matmul (columns: the contracted axis). For each, `LayerStats`
-accumulates in float64, per group of columns:
+accumulates, per group of columns:
 
 - `sq[g, j]`: the sum of squares of input column j over every activation row (Wanda's
-  `||X_j||^2`);
-- `xtx[g, j, l]`: `X^T X` (SparseGPT's Hessian, up to a factor 2), only when asked for;
+  `||X_j||^2`), in float64;
+- `xtx[g, j, l]`: `X^T X` (SparseGPT's Hessian, up to a factor 2), only when asked for, in
+  float32, as SparseGPT's own code keeps it (9 MiB for K = 1536, half of float64's);
 - `rows`: how many activation rows were seen.
 
 Memory is bounded by the statistics (`K` or `K^2` floats per weight), not by the activations of
@@ -25,9 +26,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from milsparse.ir import kernels_nn
 from milsparse.ir.errors import ConfigError
-from milsparse.ir.interpreter import StopRun, evaluate_program, fits_input
+from milsparse.ir.interpreter import Cursor, StopRun, fits_input, top_level_op
 
-__all__ = ["Columns", "LayerStats", "columns_of", "targets_of", "collect", "read_samples"]
+__all__ = [
+    "Columns",
+    "LayerStats",
+    "columns_of",
+    "targets_of",
+    "collect",
+    "collect_at",
+    "read_samples",
+]
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,10 @@ def targets_of(name: str, uses) -> dict | None:
     return targets
 
 
+# Columns of X^T X updated per product while folding in a sample.
+_XTX_PANEL = 256
+
+
 @dataclass
 class LayerStats:
     """Accumulated statistics of one weight's input columns (see the module docstring)."""
@@ -82,19 +95,21 @@ class LayerStats:
     samples: int = field(default=0)
 
     def add(self, x: np.ndarray) -> None:
-        """Fold in activation rows `x` [groups, N, K] (float32 or float64)."""
-        x = np.asarray(x, dtype=np.float64)
-        sq = np.einsum("gnk,gnk->gk", x, x)
+        """Fold in activation rows `x` [groups, N, K]."""
+        x = np.asarray(x, dtype=np.float32)
+        sq = np.einsum("gnk,gnk->gk", x, x, dtype=np.float64)
         if self.sq is None:
             self.sq = sq
         else:
             self.sq += sq
         if self.with_xtx:
+            groups, _, k = x.shape
             if self.xtx is None:
-                self.xtx = np.matmul(np.swapaxes(x, 1, 2), x)
-            else:  # into the running sum: no second K x K array per sample
-                for g in range(x.shape[0]):
-                    self.xtx[g] += x[g].T @ x[g]
+                self.xtx = np.zeros((groups, k, k), np.float32)
+            for g in range(groups):  # a panel of columns at a time: no second K x K array
+                for c in range(0, k, _XTX_PANEL):
+                    e = min(c + _XTX_PANEL, k)
+                    self.xtx[g][:, c:e] += x[g].T @ x[g][:, c:e]
         self.rows += x.shape[1]
 
     def wanda_scale(self, weight_shape: tuple[int, ...], weight_axes: tuple[int, int]):
@@ -230,19 +245,7 @@ def check_samples(prog, samples: list[dict], function: str = "main") -> list[dic
     return out
 
 
-def collect(
-    prog,
-    samples: list[dict],
-    targets: Mapping[int, tuple[str, Columns]],
-    *,
-    with_xtx: bool,
-    function: str = "main",
-    stop_after: int | None = None,
-    progress=None,
-) -> dict[str, LayerStats]:
-    """Run `samples` through `function` and accumulate the statistics of each target:
-    `targets` maps id(consumer op) -> (weight name, Columns). With `stop_after` (an op id),
-    each run ends once that op has been observed (sequential calibration needs no more)."""
+def _observers(targets: Mapping[int, tuple[str, Columns]], with_xtx: bool, stop_at=None):
     stats: dict[str, LayerStats] = {}
     observers = {}
     for op_id, (name, columns) in targets.items():
@@ -250,15 +253,55 @@ def collect(
 
         def observe(op, values, layer=layer, op_id=op_id):
             layer.add(_activation_rows(op, layer.columns, values))
-            if op_id == stop_after:
+            if op_id == stop_at:
                 raise StopRun
 
         observers[op_id] = observe
-    cache: dict = {}
-    for sample in samples:
-        evaluate_program(prog, sample, function, cache, observers)
-        for layer in stats.values():
-            layer.samples += 1
-        if progress is not None:
-            progress()
+    return stats, observers
+
+
+def collect(
+    prog,
+    samples: list[dict],
+    targets: Mapping[int, tuple[str, Columns]],
+    *,
+    with_xtx: bool,
+    function: str = "main",
+    progress=None,
+) -> dict[str, LayerStats]:
+    """Run `samples` through `function` once and accumulate the statistics of each target:
+    `targets` maps id(consumer op) -> (weight name, Columns). The samples go through together
+    (an interpreter `Cursor`), so decoded weights are held a stretch at a time.
+    `progress(done, total)` is called as the run goes."""
+    stats, observers = _observers(targets, with_xtx)
+    cursor = Cursor(prog, samples, function)
+    cursor.advance(observers=observers, progress=progress)
+    for layer in stats.values():
+        layer.samples = len(cursor)
+    return stats
+
+
+def collect_at(
+    cursor: Cursor,
+    targets: Mapping[int, tuple[str, Columns]],
+    consumers: list,
+    *,
+    with_xtx: bool,
+    progress=None,
+) -> dict[str, LayerStats]:
+    """Sequential calibration: move `cursor` up to the first of `consumers` (the ops in
+    `targets`, none reached yet), running the program as it is now, and accumulate their
+    statistics from a probe that leaves the cursor there."""
+    func = cursor.prog.functions[cursor.function]
+    order = {id(op): i for i, op in enumerate(func.operations)}
+    tops = [top_level_op(op, func) for op in consumers]
+    first = min(tops, key=lambda op: order[id(op)])
+    last = max(range(len(consumers)), key=lambda i: order[id(tops[i])])
+    # the last consumer, when it is a top-level op itself, ends each sample's probe
+    stop_at = id(consumers[last]) if tops[last] is consumers[last] else None
+    stats, observers = _observers(targets, with_xtx, stop_at)
+    cursor.advance(until=first, progress=progress)
+    cursor.probe(consumers, observers)
+    for layer in stats.values():
+        layer.samples = len(cursor)
     return stats

@@ -32,6 +32,8 @@ __all__ = [
     "static_values",
     "StopRun",
     "fits_input",
+    "Cursor",
+    "top_level_op",
 ]
 
 Kernel = Callable[..., Any]
@@ -282,8 +284,14 @@ def run_block(
     env = _ChainedEnv(outer_env)
     for var, value in zip(block.inputs, inputs or [], strict=False):
         env[id(var)] = value
+    _execute(_plan(block, cache), env, cache, observers)
+    return [_read(env, v) for v in block.outputs]
+
+
+def _execute(steps, env, cache: dict | None, observers: Mapping | None) -> None:
+    """Run prepared `steps` in `env` (see `run_block`)."""
     ctx = Context(env, cache, observers)
-    for step in _plan(block, cache):
+    for step in steps:
         if step.static and cache is not None:
             hit = cache.get(id(step.op))
             if hit is not None:
@@ -313,7 +321,6 @@ def run_block(
             cache[id(step.op)] = [env[key] for key in step.outputs]
         for key in step.free:
             env.pop_local(key)
-    return [_read(env, v) for v in block.outputs]
 
 
 def _read(env, var):
@@ -367,6 +374,32 @@ def fits_input(value: np.ndarray, var) -> bool:
     return value.ndim == len(expected) and (not fixed or value.shape == expected)
 
 
+def _check_supported(prog, function: str) -> None:
+    missing = unsupported_ops(prog, function)
+    if missing:
+        raise UnsupportedOpError(
+            f"the reference interpreter has no kernel for: {', '.join(missing)}"
+        )
+
+
+def _input_env(func, inputs: Mapping[str, Any]) -> _ChainedEnv:
+    """A top-level env holding the function's inputs (checked, in the interpreter's form)."""
+    feeds = []
+    for name, var in func.inputs.items():
+        if name not in inputs:
+            raise ConfigError(f"missing input {name!r}; the program takes {list(func.inputs)}")
+        value = np.asarray(inputs[name])
+        if not fits_input(value, var):
+            raise ConfigError(
+                f"input {name!r} has shape {value.shape}; the program expects {tuple(var.shape)}"
+            )
+        feeds.append(value)
+    env = _ChainedEnv(None)
+    for var, value in zip(func.inputs.values(), feeds, strict=True):
+        env[id(var)] = _conform(value, var)
+    return env
+
+
 class StopRun(Exception):
     """Raised by an observer to end a run once it has what it needs (`evaluate_program`
     returns None then)."""
@@ -388,26 +421,10 @@ def evaluate_program(
     func = prog.functions[function]
     checked = ("supported", id(func))
     if cache is None or checked not in cache:  # a cached program was checked on its first run
-        missing = unsupported_ops(prog, function)
-        if missing:
-            raise UnsupportedOpError(
-                f"the reference interpreter has no kernel for: {', '.join(missing)}"
-            )
+        _check_supported(prog, function)
         if cache is not None:
             cache[checked] = True
-    feeds = []
-    for name, var in func.inputs.items():
-        if name not in inputs:
-            raise ConfigError(f"missing input {name!r}; the program takes {list(func.inputs)}")
-        value = np.asarray(inputs[name])
-        if not fits_input(value, var):
-            raise ConfigError(
-                f"input {name!r} has shape {value.shape}; the program expects {tuple(var.shape)}"
-            )
-        feeds.append(value)
-    env = _ChainedEnv(None)
-    for var, value in zip(func.inputs.values(), feeds, strict=True):
-        env[id(var)] = _conform(value, var)
+    env = _input_env(func, inputs)
     try:
         results = run_block(func, env, None, cache, observers)
     except StopRun:
@@ -437,3 +454,163 @@ def static_values(op, cache: dict | None = None) -> list:
     if cache is not None:
         cache[id(op)] = out
     return out
+
+
+# Decoded weight bytes a `Cursor` keeps while its samples pass one stretch of ops.
+CURSOR_STRETCH_BYTES = 16 << 20
+
+
+def top_level_op(op, func):
+    """The op of `func`'s own block that is, or holds (in nested blocks), `op`."""
+    while op.enclosing_block is not func:
+        outer = op.enclosing_block.outer_op
+        if outer is None:
+            raise ValueError(f"op {op.name!r} is not in this function")
+        op = outer
+    return op
+
+
+def _static_bytes(op) -> int:
+    """The decoded size of a const or constexpr op's outputs (float32 for fp16), 0 for others."""
+    if not _is_static(op):
+        return 0
+    total = 0
+    for var in op.outputs:
+        shape = getattr(var, "shape", ())
+        if all(isinstance(d, int) for d in shape):
+            total += int(np.prod(shape, dtype=np.int64)) * 4
+    return total
+
+
+class Cursor:
+    """Several samples stepped through one function together, a stretch of ops at a time.
+
+    Each sample keeps its own values, only those the ops still to run will read. Every sample
+    passes a stretch before the next stretch starts, so a weight decoded in a stretch serves
+    all samples and is dropped after it: memory holds the samples' live activations and one
+    stretch's decoded weights (about `stretch_bytes`), never every weight of the program, as a
+    shared `evaluate_program` cache does.
+
+    The program may change between calls, as when a pass replaces a weight whose consumer the
+    cursor has not reached: each call re-reads the function's ops and runs those it has not run
+    (the replacement's ops included). So sequential calibration costs one run of the samples
+    in all: `advance(until=consumer)` runs the program as pruned so far up to a weight's
+    consumer, `probe` shows the consumer's inputs to the observers, the pass prunes the weight,
+    and the next `advance` goes on from there.
+    """
+
+    def __init__(
+        self,
+        prog,
+        samples: list[Mapping[str, Any]],
+        function: str = "main",
+        stretch_bytes: int = CURSOR_STRETCH_BYTES,
+    ):
+        self.prog, self.function = prog, function
+        self.stretch_bytes = stretch_bytes
+        func = prog.functions[function]
+        _load_kernels()
+        _check_supported(prog, function)
+        self._envs = [_input_env(func, sample) for sample in samples]
+        # id -> op already run for every sample; holding the ops keeps their ids unique
+        self._done: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._envs)
+
+    def _func(self):
+        return self.prog.functions[self.function]
+
+    def _pending(self) -> list[_Step]:
+        func = self._func()
+        freed = _last_uses(func)
+        return [
+            _Step(op, freed.get(i, ()))
+            for i, op in enumerate(func.operations)
+            if id(op) not in self._done
+        ]
+
+    def reached(self, op) -> bool:
+        """Whether the top-level op holding `op` has run (a probe of it would come too late)."""
+        return id(top_level_op(op, self._func())) in self._done
+
+    def _index(self, steps: list[_Step], op) -> int:
+        top = top_level_op(op, self._func())
+        for i, step in enumerate(steps):
+            if step.op is top:
+                return i
+        raise ValueError(f"op {op.name!r} has already run")
+
+    def _drop_dead(self, steps: list[_Step]) -> None:
+        """Forget values no op still to run reads (those of ops a pass removed, for one)."""
+        live = {id(var) for var in self._func().outputs}
+        for step in steps:
+            for reader in _all_ops_in(step.op):
+                for value in reader.inputs.values():
+                    for var in value if isinstance(value, (list, tuple)) else (value,):
+                        live.add(id(var))
+        for env in self._envs:
+            for key in [k for k in env if k not in live]:
+                del env[key]
+
+    def _stretches(self, steps: list[_Step]) -> list[list[_Step]]:
+        out, current, size = [], [], 0
+        for step in steps:
+            cost = _static_bytes(step.op)
+            if current and size + cost > self.stretch_bytes:
+                out.append(current)
+                current, size = [], 0
+            current.append(step)
+            size += cost
+        if current:
+            out.append(current)
+        return out
+
+    def advance(self, until=None, observers: Mapping | None = None, progress=None) -> None:
+        """Run, for every sample, the ops not run yet, up to (not including) the top-level op
+        holding `until`, or to the end. `observers` as in `run_block` (they may not stop the
+        run). `progress(done, total)` is called after each sample's pass over a stretch."""
+        steps = self._pending()
+        if until is not None:
+            steps = steps[: self._index(steps, until)]
+        self._drop_dead(self._pending())
+        stretches = self._stretches(steps)
+        total, done = len(stretches) * len(self._envs), 0
+        for stretch in stretches:
+            cache: dict = {}
+            for env in self._envs:
+                _execute(stretch, env, cache, observers)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            for step in stretch:
+                self._done[id(step.op)] = step.op
+            del cache
+
+    def probe(self, ops, observers: Mapping, progress=None) -> None:
+        """Show `observers` the inputs of `ops` (not run yet): each sample runs from here
+        through the top-level op holding the last of them, on a scratch copy of its values;
+        nothing is kept, and the cursor stays where it is. An observer may raise `StopRun` to
+        end a sample's probe."""
+        steps = self._pending()
+        last = max(self._index(steps, op) for op in ops)
+        steps = steps[: last + 1]
+        cache: dict = {}
+        for i, env in enumerate(self._envs):
+            scratch = _ChainedEnv(env)
+            try:
+                _execute(steps, scratch, cache, observers)
+            except StopRun:
+                pass
+            del scratch
+            if progress is not None:
+                progress(i + 1, len(self._envs))
+
+    def outputs(self) -> list[dict[str, np.ndarray]]:
+        """Each sample's outputs, once `advance()` has run the function to its end."""
+        func = self._func()
+        if self._pending():
+            raise RuntimeError("the cursor has not reached the end of the function")
+        return [
+            {var.name: _external(env[id(var)], var) for var in func.outputs} for env in self._envs
+        ]

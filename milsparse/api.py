@@ -162,26 +162,30 @@ def _budget_search(source, recipe: Recipe, target, samples):
     the interpreter before it is accepted. Returns what `_run_recipe` does, and notes."""
     import attrs
 
-    from milsparse.ir.interpreter import evaluate_program
+    from milsparse.ir.interpreter import Cursor
     from milsparse.verify import Tolerances, compare_outputs
+
+    def run(prog) -> list[dict]:  # the samples together: decoded weights a stretch at a time
+        cursor = Cursor(prog, samples, function)
+        cursor.advance()
+        return cursor.outputs()
 
     prune_step = recipe.step("prune")
     cfg = prune_step.config
     floor = Tolerances(min_snr_db=cfg.min_snr, min_cosine=cfg.min_cosine)
     dense = _io.load_program(source)
     function = next(iter(dense.functions))
-    cache: dict = {}
-    references = [evaluate_program(dense, s, function, cache) for s in samples]
-    del dense, cache
+    references = run(dense)
+    del dense
 
     def attempt(sparsity: float):
         spec = attrs.evolve(cfg.spec, sparsity=sparsity)
         config = attrs.evolve(cfg, spec=spec, allocate="global", min_cosine=None, min_snr=None)
         steps = [s if s.kind != "prune" else type(s)("prune", config) for s in recipe.steps]
         result = _run_recipe(source, recipe.with_steps(steps), target, samples)
-        run_cache: dict = {}
-        outputs = [evaluate_program(result[0], s, function, run_cache) for s in samples]
-        return result, all(not m.failures for m in compare_outputs(references, outputs, floor))
+        return result, all(
+            not m.failures for m in compare_outputs(references, run(result[0]), floor)
+        )
 
     best, best_s, tried = None, 0.0, []
     low, high = 0.0, 0.9

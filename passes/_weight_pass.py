@@ -233,11 +233,19 @@ class WeightPass(AbstractGraphPass):
             chosen = self._candidates_ready(fname, [cand for _, cand in candidates])
             if chosen is not None:  # the pass revised the candidates (their specs)
                 candidates = [(p, c) for (p, _), c in zip(candidates, chosen, strict=True)]
-            progress = tqdm(
-                candidates, desc=self.pass_name, unit="weight", leave=False, disable=None
-            )
-            for position, cand in progress:
-                decisions.append((position, self.compress(cand, context)))
+            del chosen
+            # Each candidate is let go once compressed: its weight (a mapped view of the source
+            # file) is released with the const it replaced, and its pages leave memory.
+            pending = candidates[::-1]
+            del candidates
+            with tqdm(
+                total=len(pending), desc=self.pass_name, unit="weight", leave=False, disable=None
+            ) as progress:
+                while pending:
+                    position, cand = pending.pop()
+                    decisions.append((position, self.compress(cand, context)))
+                    del cand
+                    progress.update(1)
             # Report in program order, whatever order the two phases produced the rows in.
             for position, decision in sorted(decisions, key=lambda item: item[0]):
                 if multifunction:

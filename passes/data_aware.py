@@ -12,7 +12,10 @@
   columns) take their mask once, up front, from the same scores. The kept weights change to
   compensate for the pruned ones; the pattern's counts and structure hold exactly.
 
-Everything is computed in float64; the result is rounded to the weight's dtype.
+Everything is computed in float32, as the paper does, and in place: `X^T X` becomes the factor
+of `H^-1` over its own array (the statistics are consumed), so a layer with K inputs costs one
+K x K float32 array (two while the singularity check factors a copy) and K x 256 panels. The
+result is rounded to the weight's dtype.
 """
 
 from __future__ import annotations
@@ -51,53 +54,97 @@ def wanda_mask(weight, spec, axis, stats: LayerStats, axes) -> np.ndarray:
 
 
 def _matrices(weight: np.ndarray, stats: LayerStats, axes):
-    """The weight as [groups, rows, K] float64 in the statistics' column order, and the
+    """The weight as [groups, rows, K] float32 in the statistics' column order, and the
     function that puts such a stack back into the weight's layout."""
     kind = stats.columns.kind
     shape = weight.shape
     if kind == "conv":
         groups = stats.columns.groups
-        stack = weight.astype(np.float64).reshape(groups, shape[0] // groups, -1)
+        stack = weight.astype(np.float32).reshape(groups, shape[0] // groups, -1)
         return stack, lambda s: s.reshape(shape)
     if kind == "linear":
-        return weight.astype(np.float64)[None], lambda s: s[0]
+        return weight.astype(np.float32)[None], lambda s: s[0]
     in_axis = axes[0]  # matmul operand: rows are the other axis
-    moved = np.moveaxis(weight.astype(np.float64), in_axis, -1)
+    moved = np.ascontiguousarray(np.moveaxis(weight.astype(np.float32), in_axis, -1))
     return moved[None], lambda s: np.moveaxis(s[0], -1, in_axis)
 
 
-def _inverse_factor(xtx: np.ndarray, rows: int, dampening: float) -> np.ndarray:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), H = X^T X / rows, damped.
+# Columns per step of the blocked factorisations: their temporaries are K x PANEL, never K x K.
+PANEL = 256
+
+
+def cholesky_in_place(a: np.ndarray) -> None:
+    """Overwrite the lower triangle of the symmetric positive definite `a` with its lower
+    Cholesky factor L (a = L L^T), and zero the strict upper triangle, a panel of columns at a
+    time: no second K x K array. Raises `np.linalg.LinAlgError` when `a` is not positive
+    definite. `a` may be a view (a reversed one included)."""
+    n = a.shape[0]
+    for j in range(0, n, PANEL):
+        e = min(j + PANEL, n)
+        diag = np.linalg.cholesky(a[j:e, j:e])
+        a[j:e, j:e] = diag
+        a[j:e, e:] = 0.0
+        if e == n:
+            break
+        panel = a[e:, j:e] @ np.linalg.inv(diag).T  # L21 = A21 L11^-T
+        a[e:, j:e] = panel
+        for c in range(e, n, PANEL):  # A22 -= L21 L21^T, lower part, a panel at a time
+            ce = min(c + PANEL, n)
+            a[c:, c:ce] -= panel[c - e :] @ panel[c - e : ce - e].T
+
+
+def invert_lower_in_place(a: np.ndarray) -> None:
+    """Overwrite the lower triangular `a` (strict upper triangle zero) with its inverse, a
+    panel of columns at a time, from the last: X21 = -X22 L21 X11 with X11 = L11^-1."""
+    n = a.shape[0]
+    starts = list(range(0, n, PANEL))
+    for j in reversed(starts):
+        e = min(j + PANEL, n)
+        inverse = np.linalg.inv(a[j:e, j:e])
+        if e < n:
+            a[e:, j:e] = -(a[e:, e:] @ a[e:, j:e]) @ inverse
+        a[j:e, j:e] = np.tril(inverse)
+
+
+def _hessian_in_place(stats: LayerStats, g: int) -> np.ndarray:
+    """`H = X^T X / rows` over the statistics' own array (which it consumes), dead columns
+    (never active) set to 1 on the diagonal."""
+    h = stats.xtx[g]
+    h /= np.float32(max(stats.rows, 1))
+    dead = np.flatnonzero(np.diag(h) == 0)
+    h[dead, dead] = 1.0
+    return h
+
+
+def _inverse_factor_in_place(h: np.ndarray, dampening: float) -> np.ndarray:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), H damped, written over `h`.
 
     With J the reversal permutation, the lower Cholesky factor C of J H J gives H = R R^T for
-    the upper triangular R = J C J, so U = R^-1: one factorisation and one triangular inverse,
-    no explicit H^-1 (fewer K x K temporaries than inverting, then factoring)."""
-    h = xtx / max(rows, 1)
-    diag = np.diag(h).copy()
-    dead = np.flatnonzero(diag == 0)
-    h[dead, dead] = 1.0
-    h[np.diag_indices_from(h)] += dampening * float(np.mean(np.diag(h)))
-    c = np.linalg.cholesky(h[::-1, ::-1])
-    del h
-    r = c[::-1, ::-1]
-    return np.linalg.inv(r)
+    the upper triangular R = J C J, so U = R^-1 = J C^-1 J: one factorisation and one
+    triangular inverse, both in place on the reversed view, no explicit H^-1."""
+    h[np.diag_indices_from(h)] += np.float32(dampening * float(np.mean(np.diag(h))))
+    reversed_view = h[::-1, ::-1]
+    cholesky_in_place(reversed_view)
+    invert_lower_in_place(reversed_view)
+    return h
 
 
-def singular(xtx: np.ndarray, rows: int) -> bool:
-    """Whether `X^T X / rows` (dead columns aside) is singular: the calibration inputs span
-    fewer dimensions than the weight has inputs, and the update leans on the dampening."""
-    h = xtx / max(rows, 1)
-    diag = np.diag(h)
-    live = np.flatnonzero(diag > 0)
-    if live.size == 0:
-        return False
-    h = h[np.ix_(live, live)]
+# A Cholesky pivot below this fraction of the mean diagonal counts as singular: float32's
+# rounding leaves pivots of about 1e-6 of the scale where the exact ones are zero.
+SINGULAR_PIVOT = 1e-5
+
+
+def singular(h: np.ndarray) -> bool:
+    """Whether `H` (X^T X / rows, dead columns already set to 1) is singular or nearly so: the
+    calibration inputs span fewer dimensions than the weight has inputs, and the update leans
+    on the dampening. Factors a copy (in place)."""
     scale = float(np.mean(np.diag(h)))
-    try:  # positive definite beyond rounding: a Cholesky factor with no negligible pivot
-        pivots = np.diag(np.linalg.cholesky(h)) ** 2
+    work = h.copy()
+    try:
+        cholesky_in_place(work)
     except np.linalg.LinAlgError:
         return True
-    return bool(pivots.min() < 1e-9 * scale)
+    return bool((np.diag(work) ** 2).min() < SINGULAR_PIVOT * scale)
 
 
 def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.01):
@@ -108,7 +155,13 @@ def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.
         raise ValueError("sparsegpt needs X^T X statistics")
     stack, unstack = _matrices(weight, stats, axes)
     groups, rows, k = stack.shape
-    factors = [_inverse_factor(stats.xtx[g], stats.rows, dampening) for g in range(groups)]
+    few_rows = stats.rows < k
+    is_singular, factors = False, []
+    for g in range(groups):  # consumes the statistics' X^T X: one K x K array per group
+        h = _hessian_in_place(stats, g)
+        is_singular = is_singular or few_rows or singular(h)
+        factors.append(_inverse_factor_in_place(h, dampening))
+    stats.xtx = None
     adaptive_nm = spec.pattern == "n:m" and stats.columns.kind != "conv" and axis == axes[0]
     adaptive = spec.pattern == "magnitude" or adaptive_nm
     fixed_keep = None
@@ -184,11 +237,10 @@ def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.
         smallest = np.finfo(weight.dtype).smallest_subnormal
         new[tiny] = np.where(unstack(stack)[tiny] < 0, -smallest, smallest).astype(weight.dtype)
     note = None
-    if any(singular(stats.xtx[g], stats.rows) for g in range(groups)):
-        few = stats.rows < k
+    if is_singular:
         why = (
             f"{stats.rows} activation rows for {k} inputs: more samples"
-            if few
+            if few_rows
             else "the calibration inputs span fewer dimensions than its inputs: more varied samples"
         )
         note = (

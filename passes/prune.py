@@ -41,6 +41,7 @@ from milsparse.ir import calibration, formats, masks
 from milsparse.ir.chain import Form, bits_of
 from milsparse.ir.errors import ConfigError
 from milsparse.ir.graph import Use
+from milsparse.ir.interpreter import Cursor
 from milsparse.passes import data_aware
 from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import named_const, replace_const, replace_op
@@ -110,11 +111,12 @@ class PruneWeights(WeightPass):
         # programs keep no cache.
         self._encoded = {} if len(prog.functions) > 1 else None
         self._stats, self._targets = {}, {}
+        self._cursor = None  # sequential calibration's position in the program
         self.allocation = []
 
     def _after(self, prog) -> None:
         self._encoded = None
-        self._stats, self._targets = {}, {}
+        self._stats, self._targets, self._cursor = {}, {}, None
 
     # -- calibration (criteria wanda, sparsegpt) -----------------------------------------------
     def _candidates_ready(self, function: str, candidates: list) -> list | None:
@@ -128,7 +130,7 @@ class PruneWeights(WeightPass):
                 "milsparse.compress(..., calibration=[{input: array}, ...] or 'data.npz') or "
                 "--calibration FILE.npz"
             )
-        self._function = function
+        self._function, self._cursor = function, None
         for cand in candidates:
             if cand.chain.form is not Form.DENSE and cfg.criterion == "sparsegpt":
                 continue  # its values must stay as they are: reported in compress
@@ -137,7 +139,7 @@ class PruneWeights(WeightPass):
         if not cfg.is_sequential or allocating:
             merged = {k: v for t in self._targets.values() if t for k, v in t.items()}
             self._stats = self._collect(
-                merged, None, f"calibrating {len(candidates)} weights", with_xtx=allocating
+                merged, f"calibrating {len(candidates)} weights", with_xtx=allocating
             )
         if allocating:
             return self._allocate(candidates)
@@ -177,19 +179,43 @@ class PruneWeights(WeightPass):
             revised.append(cand)
         return revised
 
-    def _collect(self, targets: dict, stop_after, what: str, with_xtx: bool = False) -> dict:
-        progress = tqdm(
-            total=len(self.calibration), desc=what, unit="sample", leave=False, disable=None
-        )
-        with progress:
+    def _progress(self, what: str):
+        """A tqdm bar (quiet off a terminal) and the `progress(done, total)` that drives it."""
+        bar = tqdm(desc=what, unit="step", leave=False, disable=None)
+
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return bar, update
+
+    def _with_xtx(self, allocating: bool = False) -> bool:
+        return allocating or self._config.criterion == "sparsegpt"
+
+    def _collect(self, targets: dict, what: str, with_xtx: bool = False) -> dict:
+        bar, update = self._progress(what)
+        with bar:
             return calibration.collect(
                 self._program,
                 self.calibration,
                 targets,
-                with_xtx=with_xtx or self._config.criterion == "sparsegpt",
+                with_xtx=self._with_xtx(with_xtx),
                 function=self._function,
-                stop_after=stop_after,
-                progress=lambda: progress.update(1),
+                progress=update,
+            )
+
+    def _collect_sequential(self, cand: Candidate, targets: dict) -> dict:
+        """Statistics of `cand`'s consumers on the program as pruned so far, from the run's
+        cursor (one pass of the samples over the whole program, weight after weight; a
+        weight whose consumer the cursor has passed restarts it from the inputs)."""
+        consumers = [use.op for use in cand.uses]
+        cursor = self._cursor
+        if cursor is None or any(cursor.reached(op) for op in consumers):
+            cursor = self._cursor = Cursor(self._program, self.calibration, self._function)
+        bar, update = self._progress(f"calibrating {cand.op.name}")
+        with bar:
+            return calibration.collect_at(
+                cursor, targets, consumers, with_xtx=self._with_xtx(), progress=update
             )
 
     def _stats_for(self, cand: Candidate):
@@ -199,9 +225,7 @@ class PruneWeights(WeightPass):
             kinds = sorted({u.op_type for u in cand.uses})
             return None, f"no calibration support for {', '.join(kinds)}"
         if self._config.is_sequential:
-            # the program as pruned so far feeds this weight's consumers
-            last = next(iter(targets)) if len(targets) == 1 else None
-            found = self._collect(targets, last, f"calibrating {cand.op.name}")
+            found = self._collect_sequential(cand, targets)
         else:
             found = self._stats
         stats = found.get(cand.op.name)
