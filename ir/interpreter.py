@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from coremltools.converters.mil.mil import types
+from milsparse.ir.blobs import release_pages
 from milsparse.ir.errors import ConfigError, UnsupportedOpError
 
 __all__ = [
@@ -585,6 +586,8 @@ class Cursor:
                     progress(done, total)
             for step in stretch:
                 self._done[id(step.op)] = step.op
+                if step.op.op_type == "const":  # mapped from a file: the pages leave memory
+                    release_pages(step.op.outputs[0].val)
             del cache
 
     def probe(self, ops, observers: Mapping, progress=None) -> None:

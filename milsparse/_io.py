@@ -221,6 +221,53 @@ def _mapped_weight_reads():
         milproto._load_value = original
 
 
+_BYTE_TYPES = {
+    "fp16": np.float16, "fp32": np.float32, "uint8": np.uint8, "int8": np.int8,
+    "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32,
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _milsparse_blob_writer():
+    """Serialise weights with `milsparse.ir.blobs.BlobWriter` during one export.
+
+    The bytes are coremltools' (tested), but a weight that is a view of a memory-mapped file
+    (an input weight left as it was, a value a pass spilled to disk) moves file to file
+    without entering memory, and sub-byte values are packed a chunk at a time. coremltools'
+    exporter looks up its writer class and its per-value function as module globals at each
+    call; both are restored on exit.
+    """
+    from coremltools.converters.mil.backend.mil import helper
+    from coremltools.converters.mil.backend.mil import load as backend
+    from coremltools.converters.mil.mil import types
+
+    from milsparse.ir import blobs
+
+    writers: list = []
+
+    def make_writer(path):
+        writer = blobs.BlobWriter(path)
+        writers.append(writer)
+        return writer
+
+    def write_value(var, writer):
+        type_name = types.builtin_to_string(var.dtype)
+        value = var.val
+        expected = _BYTE_TYPES.get(type_name)
+        if expected is not None and value.dtype != expected:
+            value = value.astype(expected)
+        return writer.write(value, type_name)
+
+    original_writer, original_write = backend.BlobWriter, helper._get_offset_by_writing_data
+    backend.BlobWriter, helper._get_offset_by_writing_data = make_writer, write_value
+    try:
+        yield
+    finally:
+        backend.BlobWriter, helper._get_offset_by_writing_data = original_writer, original_write
+        for writer in writers:
+            writer.close()
+
+
 def load_program(mlmodel: ct.models.MLModel):
     """A fresh pymil Program read from the model's spec and weight file."""
     spec = mlmodel.get_spec()
@@ -381,16 +428,17 @@ def _write_package(
     weights.mkdir(parents=True)
     share_identical_consts(prog)
     try:
-        spec, _ = mil_convert_to_proto(
-            prog,
-            "milinternal",
-            "mlprogram",
-            ConverterRegistry,
-            main_pipeline=ct.PassPipeline.EMPTY,
-            weights_dir=str(weights),
-            specification_version=spec_version,
-            model_description=_description(source, metadata),
-        )
+        with _milsparse_blob_writer():
+            spec, _ = mil_convert_to_proto(
+                prog,
+                "milinternal",
+                "mlprogram",
+                ConverterRegistry,
+                main_pipeline=ct.PassPipeline.EMPTY,
+                weights_dir=str(weights),
+                specification_version=spec_version,
+                model_description=_description(source, metadata),
+            )
     finally:
         _reset_conversion_state()
     (data / "model.mlmodel").write_bytes(spec.SerializeToString(deterministic=True))
@@ -569,6 +617,24 @@ def remove_stale_temporaries(folder) -> list[Path]:
 
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def spill_folder(output=None):
+    """A temporary folder for the values passes spill (`milsparse.ir.blobs.Spill`): beside
+    `output` (same file system: its bytes then move into the output file by reference or a
+    kernel copy), or in the temporary folder. Removed on exit; a full disk is a ConfigError."""
+    parent = Path(output).parent if output is not None else Path(tempfile.gettempdir())
+    remove_stale_temporaries(parent)
+    folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(".spill."), dir=parent))
+    try:
+        yield folder
+    except OSError as e:
+        if e.errno in _DISK_ERRORS:
+            raise ConfigError(f"{parent}: cannot write compressed values: {e.strerror}") from e
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -11,9 +11,11 @@ import coremltools as ct
 
 from milsparse import _io
 from milsparse.errors import ConfigError, MilsparseError, PassError
+from milsparse.ir.blobs import Spill
 from milsparse.ir.chain import Form, weight_chain
 from milsparse.ir.graph import walk_ops
 from milsparse.ir.weights import weight_table
+from milsparse.passes._rewrite import spilling
 from milsparse.passes._weight_pass import PIPELINE_RUNS
 from milsparse.passes.decisions import combine
 from milsparse.passes.registry import ChainStep, check_chain, place_in_pipeline
@@ -100,22 +102,28 @@ def compress_with_report(
         )
     prog = _io.load_program(source)
     samples = None if calibration is None else _calibration_samples(prog, calibration)
-    if prune_step is not None and prune_step.config.allocate == "budget":
-        del prog  # every attempt loads its own; only one program at a time is kept
-        prog, spec_version, opset, steps, budget_notes = _budget_search(
-            source, recipe, target, samples
-        )
-    else:
-        prog, spec_version, opset, steps = _run_recipe(source, recipe, target, samples, prog)
-        budget_notes = []
-    prune = next((p for step, p in steps if step.kind == "prune"), None)
-    metadata = _pruned_metadata(source, prune.report if prune is not None else [])
-    if output is None:
-        compressed = _io.program_to_model(prog, spec_version, source, metadata)
-    else:
-        compressed = _io.write_program(
-            prog, spec_version, source, output, overwrite=overwrite, metadata=metadata
-        )
+    # The passes' new values go to a scratch file beside the output as they are made, and the
+    # program maps them: the output's weights are on disk, not in memory, until written.
+    with _io.spill_folder(output) as folder:
+        if prune_step is not None and prune_step.config.allocate == "budget":
+            del prog  # every attempt loads its own; only one program at a time is kept
+            prog, spec_version, opset, steps, budget_notes = _budget_search(
+                source, recipe, target, samples, folder
+            )
+        else:
+            prog, spec_version, opset, steps = _run_recipe(
+                source, recipe, target, samples, prog, spill=Spill(folder)
+            )
+            budget_notes = []
+        prune = next((p for step, p in steps if step.kind == "prune"), None)
+        metadata = _pruned_metadata(source, prune.report if prune is not None else [])
+        if output is None:
+            compressed = _io.program_to_model(prog, spec_version, source, metadata)
+        else:
+            compressed = _io.write_program(
+                prog, spec_version, source, output, overwrite=overwrite, metadata=metadata
+            )
+        del prog  # its maps of the scratch file
     many = len(steps) > 1
     notes = [
         f"{step.kind + ': ' if many else ''}override {pattern!r} matched no weight or op of "
@@ -133,9 +141,10 @@ def compress_with_report(
     return compressed, report
 
 
-def _run_recipe(source, recipe: Recipe, target, samples, prog=None):
+def _run_recipe(source, recipe: Recipe, target, samples, prog=None, spill=None):
     """Retarget, check and run `recipe` on `prog` (default: a fresh program of `source`):
-    (program, spec version, opset, [(step, pass)])."""
+    (program, spec version, opset, [(step, pass)]). With `spill` (an `ir.blobs.Spill`), the
+    values the passes produce go to disk as they are made; the program maps them."""
     if prog is None:
         prog = _io.load_program(source)
     spec_version = _io.retarget(prog, source.get_spec().specificationVersion, target)
@@ -148,14 +157,15 @@ def _run_recipe(source, recipe: Recipe, target, samples, prog=None):
     for _, graph_pass in steps:
         graph_pass.calibration = samples  # prune: criteria and allocation; others: weighting
     # The passes remove the consts they replace, so no cleanup pass is needed afterwards.
-    run_passes(prog, [(step.pass_name, p) for step, p in steps])
+    with spilling(spill):
+        run_passes(prog, [(step.pass_name, p) for step, p in steps])
     return prog, spec_version, opset, steps
 
 
 BUDGET_STEPS = 7
 
 
-def _budget_search(source, recipe: Recipe, target, samples):
+def _budget_search(source, recipe: Recipe, target, samples, spill_folder):
     """allocate budget: the largest overall sparsity (global allocation) whose outputs on the
     calibration samples keep the floor (min_cosine / min_snr, per output against the dense
     model), by bisection over [0, 0.9] in BUDGET_STEPS steps; every candidate is run through
@@ -182,24 +192,32 @@ def _budget_search(source, recipe: Recipe, target, samples):
         spec = attrs.evolve(cfg.spec, sparsity=sparsity)
         config = attrs.evolve(cfg, spec=spec, allocate="global", min_cosine=None, min_snr=None)
         steps = [s if s.kind != "prune" else type(s)("prune", config) for s in recipe.steps]
-        result = _run_recipe(source, recipe.with_steps(steps), target, samples)
-        return result, all(
-            not m.failures for m in compare_outputs(references, run(result[0]), floor)
-        )
+        spill = Spill(spill_folder)  # each attempt's values in their own file
+        try:
+            result = _run_recipe(source, recipe.with_steps(steps), target, samples, spill=spill)
+            ok = all(not m.failures for m in compare_outputs(references, run(result[0]), floor))
+        except BaseException:
+            spill.close()
+            raise
+        if not ok:
+            spill.close()
+        return result, ok, spill
 
-    best, best_s, tried = None, 0.0, []
+    best, best_s, best_spill, tried = None, 0.0, None, []
     low, high = 0.0, 0.9
-    result, ok = attempt(high)
+    result, ok, spill = attempt(high)
     tried.append((high, ok))
     if ok:
-        best, best_s = result, high
+        best, best_s, best_spill = result, high, spill
     else:
         for _ in range(BUDGET_STEPS):
             middle = round((low + high) / 2, 6)
-            result, ok = attempt(middle)
+            result, ok, spill = attempt(middle)
             tried.append((middle, ok))
             if ok:
-                best, best_s, low = result, middle, middle
+                if best_spill is not None:
+                    best_spill.close()
+                best, best_s, best_spill, low = result, middle, spill, middle
             else:
                 high = middle
     floor_text = ", ".join(

@@ -8,17 +8,38 @@ weight names).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import Operation, Var
 
-__all__ = ["replace_const", "replace_op", "named_const"]
+__all__ = ["replace_const", "replace_op", "named_const", "spilling"]
+
+# Where new values go while passes run on a saved model (None: they stay in memory).
+_SPILL: contextvars.ContextVar = contextvars.ContextVar("milsparse_spill", default=None)
+
+
+@contextlib.contextmanager
+def spilling(spill):
+    """Within the block, `named_const` puts every large value into `spill` (an
+    `milsparse.ir.blobs.Spill`) and the const holds a read-only map of it; None changes nothing.
+    """
+    token = _SPILL.set(spill)
+    try:
+        yield
+    finally:
+        _SPILL.reset(token)
 
 
 def named_const(val: np.ndarray, name: str, before_op: Operation) -> Var:
-    """A `const` with a fixed name placed before `before_op` (names keep outputs deterministic)."""
+    """A `const` with a fixed name placed before `before_op` (names keep outputs deterministic).
+    Inside `spilling(spill)`, a large value is written to the spill file and mapped."""
+    spill = _SPILL.get()
+    if spill is not None:
+        val = spill.put(val)
     return mb.const(val=val, name=name, before_op=before_op)
 
 

@@ -95,14 +95,17 @@ def cholesky_in_place(a: np.ndarray) -> None:
 
 def invert_lower_in_place(a: np.ndarray) -> None:
     """Overwrite the lower triangular `a` (strict upper triangle zero) with its inverse, a
-    panel of columns at a time, from the last: X21 = -X22 L21 X11 with X11 = L11^-1."""
+    panel of columns at a time, from the last: X21 = -X22 L21 X11 with X11 = L11^-1, X22
+    (already inverted) taken a panel of rows at a time, so no product needs a copy of it."""
     n = a.shape[0]
-    starts = list(range(0, n, PANEL))
-    for j in reversed(starts):
+    for j in reversed(range(0, n, PANEL)):
         e = min(j + PANEL, n)
         inverse = np.linalg.inv(a[j:e, j:e])
         if e < n:
-            a[e:, j:e] = -(a[e:, e:] @ a[e:, j:e]) @ inverse
+            l21 = a[e:, j:e].copy()
+            for r in range(e, n, PANEL):  # X22 is lower triangular: row panel r reads to re
+                re = min(r + PANEL, n)
+                a[r:re, j:e] = -(a[r:re, e:re] @ l21[: re - e]) @ inverse
         a[j:e, j:e] = np.tril(inverse)
 
 
