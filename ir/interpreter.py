@@ -35,6 +35,7 @@ __all__ = [
     "fits_input",
     "Cursor",
     "top_level_op",
+    "StateCell",
 ]
 
 Kernel = Callable[..., Any]
@@ -361,6 +362,7 @@ def _load_kernels() -> None:
             kernels_control,
             kernels_math,
             kernels_nn,
+            kernels_state,
             kernels_tensor,
         )
 
@@ -383,11 +385,31 @@ def _check_supported(prog, function: str) -> None:
         )
 
 
+class StateCell:
+    """The value of a `state` input (an iOS18 stateful model's KV cache, say): `read_state`
+    reads it, `coreml_update_state` replaces it; it lasts one run of the function."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def is_state(var) -> bool:
+    return types.is_state(var.sym_type)
+
+
 def _input_env(func, inputs: Mapping[str, Any]) -> _ChainedEnv:
-    """A top-level env holding the function's inputs (checked, in the interpreter's form)."""
+    """A top-level env holding the function's inputs (checked, in the interpreter's form).
+    A state input starts from its entry in `inputs` when there is one, else from zeros."""
     feeds = []
     for name, var in func.inputs.items():
         if name not in inputs:
+            if is_state(var):
+                wrapped = var.sym_type.wrapped_type()
+                dtype = types.nptype_from_builtin(wrapped.get_primitive())
+                feeds.append(np.zeros(wrapped.get_shape(), dtype))
+                continue
             raise ConfigError(f"missing input {name!r}; the program takes {list(func.inputs)}")
         value = np.asarray(inputs[name])
         if not fits_input(value, var):
@@ -397,7 +419,13 @@ def _input_env(func, inputs: Mapping[str, Any]) -> _ChainedEnv:
         feeds.append(value)
     env = _ChainedEnv(None)
     for var, value in zip(func.inputs.values(), feeds, strict=True):
-        env[id(var)] = _conform(value, var)
+        if is_state(var):
+            wrapped = var.sym_type.wrapped_type()
+            fp16 = wrapped.get_primitive() == types.fp16
+            value = np.asarray(value, np.float16 if fp16 else None)
+            env[id(var)] = StateCell(value.astype(np.float32) if fp16 else value.copy())
+        else:
+            env[id(var)] = _conform(value, var)
     return env
 
 

@@ -97,7 +97,28 @@ def split(op, v, ctx):
 @kernel("slice_by_index")
 def slice_by_index(op, v, ctx):
     x = np.asarray(v["x"])
-    n = x.ndim
+    index, squeeze_axes = _slice_index(v, x.ndim)
+    out = x[index]
+    return np.squeeze(out, axis=squeeze_axes) if squeeze_axes else out
+
+
+@kernel("slice_update")
+def slice_update(op, v, ctx):
+    """x with the region `slice_by_index` would read replaced by `update` (iOS18; how
+    stateful models write a step into their KV cache)."""
+    x = np.asarray(v["x"])
+    index, squeeze_axes = _slice_index(v, x.ndim)
+    out = x.copy()
+    region = out[index]
+    update = np.asarray(v["update"], dtype=out.dtype)
+    if squeeze_axes:
+        update = np.expand_dims(update, squeeze_axes)
+    out[index] = update.reshape(region.shape)
+    return out
+
+
+def _slice_index(v, n: int):
+    """(index tuple, squeezed axes) of slice_by_index's begin/end/stride and masks."""
     begin, end = _ints(v["begin"]), _ints(v["end"])
     stride = _ints(v["stride"]) if v.get("stride") is not None else [1] * n
     begin_mask = _ints(v["begin_mask"]) if v.get("begin_mask") is not None else [0] * n
@@ -112,8 +133,7 @@ def slice_by_index(op, v, ctx):
         b = None if begin_mask[i] else begin[i]
         e = None if end_mask[i] else end[i]
         index.append(slice(b, e, stride[i]))
-    out = x[tuple(index)]
-    return np.squeeze(out, axis=tuple(squeeze_axes)) if squeeze_axes else out
+    return tuple(index), tuple(squeeze_axes)
 
 
 @kernel("slice_by_size")

@@ -31,6 +31,7 @@ class WeightRow:
     function: str | None = None  # set for multifunction programs
     shared_with: str | None = None  # another function stores this weight (counted there)
     form: str = "dense"  # the chain's Form value: dense, sparse, palettized, ...
+    read_by: tuple[str, ...] = ()  # multifunction: every function that reads this weight
 
     @property
     def num_elements(self) -> int:
@@ -48,6 +49,7 @@ class WeightRow:
         row = asdict(self)
         row["consumers"] = list(self.consumers)
         row["shape"] = list(self.shape)
+        row["read_by"] = list(self.read_by)
         row["bits_per_weight"] = self.bits_per_weight
         return row
 
@@ -55,9 +57,10 @@ class WeightRow:
 def weight_table(prog, functions=None) -> list[WeightRow]:
     """One row per weight of every function of `prog` (or of the named `functions`), in
     program order."""
-    rows = []
+    rows, keys = [], []
     multifunction = len(prog.functions) > 1
     stored_by: dict[tuple, str] = {}  # the arrays a weight is stored in -> first function
+    readers: dict[tuple, list[str]] = {}  # -> every function that reads them
     for name, func in prog.functions.items():
         if functions is not None and name not in functions:
             continue
@@ -71,7 +74,12 @@ def weight_table(prog, functions=None) -> list[WeightRow]:
                 key = tuple(id(v.val) for v in _stored_vars(chain))
                 first = stored_by.setdefault(key, name)
                 row = replace(row, function=name, shared_with=None if first == name else first)
+                keys.append(key)
+                if name not in readers.setdefault(key, []):
+                    readers[key].append(name)
             rows.append(row)
+    if multifunction:
+        rows = [replace(row, read_by=tuple(readers[k])) for row, k in zip(rows, keys, strict=True)]
     return rows
 
 

@@ -513,6 +513,13 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def compress_needs(model) -> int:
+    """Free disk a compression of `model` may need beside its output: the output (at most the
+    model's size) and the scratch file of spilled values (at most as much again: fp16 values
+    and masks held one byte per weight)."""
+    return 2 * package_bytes(model)
+
+
 def check_output_path(path, *, overwrite: bool, inputs=(), needed_bytes: int = 0) -> Path:
     """Refuse, before any work, an output that cannot be written or would touch an input.
 
@@ -552,7 +559,8 @@ def check_output_path(path, *, overwrite: bool, inputs=(), needed_bytes: int = 0
         free = shutil.disk_usage(parent).free
         if free < needed_bytes:
             raise ConfigError(
-                f"{path.parent}: {free / 2**20:.1f} MiB free, the output needs up to "
+                f"{path.parent}: {free / 2**20:.1f} MiB free, the output (and the scratch "
+                f"values beside it) needs up to "
                 f"{needed_bytes / 2**20:.1f} MiB"
             )
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def run_passes(prog, passes) -> None:
         try:
             graph_pass(prog)
             prog.validate()
-        except MilsparseError:
+        except (MilsparseError, OSError):  # OSError: the disk, not the pass (a full spill)
             raise
         except Exception as e:
             raise PassError(f"{type(e).__name__}: {e} in {name}, after [{', '.join(done)}]") from e
@@ -71,9 +72,11 @@ def compress_with_report(
     overwrite: bool = False,
     calibration=None,
     plot=None,
+    jobs: int | None = None,
 ) -> tuple[ct.models.MLModel, CompressReport]:
     """Like `compress`, and also return the per-weight report."""
     recipe = Recipe.coerce(config)
+    jobs = _jobs(jobs)
     prune_step = recipe.step("prune")
     needs_data = prune_step is not None and (
         prune_step.config.criterion != "magnitude" or prune_step.config.allocate != "uniform"
@@ -98,7 +101,7 @@ def compress_with_report(
             output,
             overwrite=overwrite,
             inputs=[_io.source_path(model)],
-            needed_bytes=_io.package_bytes(model),
+            needed_bytes=_io.compress_needs(model),
         )
     prog = _io.load_program(source)
     samples = None if calibration is None else _calibration_samples(prog, calibration)
@@ -108,11 +111,11 @@ def compress_with_report(
         if prune_step is not None and prune_step.config.allocate == "budget":
             del prog  # every attempt loads its own; only one program at a time is kept
             prog, spec_version, opset, steps, budget_notes = _budget_search(
-                source, recipe, target, samples, folder
+                source, recipe, target, samples, folder, jobs
             )
         else:
             prog, spec_version, opset, steps = _run_recipe(
-                source, recipe, target, samples, prog, spill=Spill(folder)
+                source, recipe, target, samples, prog, spill=Spill(folder), jobs=jobs
             )
             budget_notes = []
         prune = next((p for step, p in steps if step.kind == "prune"), None)
@@ -141,7 +144,18 @@ def compress_with_report(
     return compressed, report
 
 
-def _run_recipe(source, recipe: Recipe, target, samples, prog=None, spill=None):
+def _jobs(jobs) -> int:
+    """The `jobs` option: None means every core."""
+    if jobs is None:
+        if hasattr(os, "sched_getaffinity"):  # the cores this process may use
+            return max(1, len(os.sched_getaffinity(0)))
+        return os.cpu_count() or 1
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs must be a whole number of at least 1, got {jobs!r}")
+    return jobs
+
+
+def _run_recipe(source, recipe: Recipe, target, samples, prog=None, spill=None, jobs=1):
     """Retarget, check and run `recipe` on `prog` (default: a fresh program of `source`):
     (program, spec version, opset, [(step, pass)]). With `spill` (an `ir.blobs.Spill`), the
     values the passes produce go to disk as they are made; the program maps them."""
@@ -156,6 +170,7 @@ def _run_recipe(source, recipe: Recipe, target, samples, prog=None, spill=None):
     steps = [(step, step.make_pass()) for step in recipe.steps]
     for _, graph_pass in steps:
         graph_pass.calibration = samples  # prune: criteria and allocation; others: weighting
+        graph_pass.jobs = jobs
     # The passes remove the consts they replace, so no cleanup pass is needed afterwards.
     with spilling(spill):
         run_passes(prog, [(step.pass_name, p) for step, p in steps])
@@ -165,7 +180,7 @@ def _run_recipe(source, recipe: Recipe, target, samples, prog=None, spill=None):
 BUDGET_STEPS = 7
 
 
-def _budget_search(source, recipe: Recipe, target, samples, spill_folder):
+def _budget_search(source, recipe: Recipe, target, samples, spill_folder, jobs=1):
     """allocate budget: the largest overall sparsity (global allocation) whose outputs on the
     calibration samples keep the floor (min_cosine / min_snr, per output against the dense
     model), by bisection over [0, 0.9] in BUDGET_STEPS steps; every candidate is run through
@@ -194,7 +209,9 @@ def _budget_search(source, recipe: Recipe, target, samples, spill_folder):
         steps = [s if s.kind != "prune" else type(s)("prune", config) for s in recipe.steps]
         spill = Spill(spill_folder)  # each attempt's values in their own file
         try:
-            result = _run_recipe(source, recipe.with_steps(steps), target, samples, spill=spill)
+            result = _run_recipe(
+                source, recipe.with_steps(steps), target, samples, spill=spill, jobs=jobs
+            )
             ok = all(not m.failures for m in compare_outputs(references, run(result[0]), floor))
         except BaseException:
             spill.close()
@@ -295,6 +312,7 @@ def compress(
     overwrite: bool = False,
     calibration=None,
     plot=None,
+    jobs: int | None = None,
 ) -> ct.models.MLModel:
     """Compress a saved ML program (path or MLModel) with a recipe; return the compressed
     MLModel.
@@ -315,6 +333,10 @@ def compress(
     each weight's consumer its input activations, and the per-layer sparsity of
     `allocate: global | budget`; with it, palettize and quantize steps weight their fits by
     each input column's activation energy. `plot` (a .png path) draws an allocation's curves.
+
+    `jobs` weights are compressed at once in threads (default: every core); the output's bytes
+    are the same for any number (rewrites are applied in program order). Sequential
+    calibration (sparsegpt's default) and multifunction programs run one weight at a time.
     """
     return compress_with_report(
         model,
@@ -324,6 +346,7 @@ def compress(
         overwrite=overwrite,
         calibration=calibration,
         plot=plot,
+        jobs=jobs,
     )[0]
 
 

@@ -166,6 +166,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "(for convs with batchnorm folded in)",
     )
     comp.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    comp.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="weights compressed at once, in threads (default: all cores; the output's bytes "
+        "do not depend on it)",
+    )
     comp.add_argument("--json", action="store_true", help="print the report as JSON")
     comp.add_argument(
         "--verify",
@@ -178,6 +185,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ver.add_argument("reference", help="the dense .mlpackage")
     ver.add_argument("candidate", help="the compressed .mlpackage")
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
+    ver.add_argument(
+        "--function", metavar="NAME", help="the function of a multifunction model to run "
+        "(default: its default function)",
+    )  # fmt: skip
     _verify_options(ver)
 
     insp = sub.add_parser("inspect", help="list a model's weights: format, sparsity, bytes")
@@ -238,8 +249,9 @@ def _run_verify(reference, candidate, args):
     if args.inputs is not None and not Path(args.inputs).exists():
         raise ConfigError(f"{args.inputs}: no such file")
     return ms.verify(
-        reference, candidate, args.inputs, tolerances=_tolerances(args), samples=samples, seed=seed
-    )
+        reference, candidate, args.inputs, tolerances=_tolerances(args), samples=samples,
+        seed=seed, function=getattr(args, "function", None),
+    )  # fmt: skip
 
 
 _LUT_FLAGS = ("lut_mode", "lut_group_size", "cluster_dim")
@@ -410,16 +422,18 @@ def _cmd_compress(args) -> int:
         ]
         if given:
             raise ConfigError(f"{', '.join(given)} only apply with --verify")
+    if args.jobs is not None and args.jobs < 1:
+        raise _config_error("--jobs must be at least 1")
     # Every check on the output before any work (nothing is learned only after compressing).
     _io.check_output_path(
-        dst, overwrite=args.force, inputs=[src], needed_bytes=_io.package_bytes(src)
+        dst, overwrite=args.force, inputs=[src], needed_bytes=_io.compress_needs(src)
     )
     recipe = _recipe_from_args(args)
     verdict = None
     if args.verify:
         # verify the model in its temporary package; only a passing one is written
         model, report = ms.compress_with_report(
-            src, recipe, calibration=args.calibration, plot=args.plot
+            src, recipe, calibration=args.calibration, plot=args.plot, jobs=args.jobs
         )
         verdict = _run_verify(src, model, args)
         if verdict.passed:
@@ -432,6 +446,7 @@ def _cmd_compress(args) -> int:
             overwrite=args.force,
             calibration=args.calibration,
             plot=args.plot,
+            jobs=args.jobs,
         )
     written = verdict is None or verdict.passed
     if args.json:

@@ -189,6 +189,10 @@ class InspectReport:
             "stored",
             "bits/w",
         ]
+        if any(len(r.read_by) > 1 for r in self.rows):  # a multifunction package's sharing
+            headers.append("read by")
+            for row, r in zip(rows, self.rows, strict=True):
+                row.append(",".join(r.read_by))
         table = format_table(*_with_functions(headers, rows, self.rows))
         t = self.totals()
         return (

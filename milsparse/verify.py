@@ -342,13 +342,16 @@ def _read_inputs(inputs) -> list[dict[str, np.ndarray]]:
 
 
 def _check_feeds(feeds: list[dict], func) -> None:
-    """Every sample names exactly the function's inputs, each a real numeric array (shapes are
-    the interpreter's to check)."""
+    """Every sample names exactly the function's inputs (state inputs may be left out: they
+    start at zeros), each a real numeric array (shapes are the interpreter's to check)."""
+    from milsparse.ir.interpreter import is_state
+
     expected = set(func.inputs)
+    states = {name for name, var in func.inputs.items() if is_state(var)}
     for i, feed in enumerate(feeds):
         where = f"input sample {i}" if len(feeds) > 1 else "inputs"
         extra = sorted(set(feed) - expected)
-        missing = sorted(expected - set(feed))
+        missing = sorted(expected - states - set(feed))
         if extra or missing:
             parts = []
             if missing:
@@ -488,12 +491,19 @@ def declared_pruning(model) -> dict[str, dict]:
     return json.loads(meta[PRUNE_METADATA_KEY]) if PRUNE_METADATA_KEY in meta else {}
 
 
-def _weight_checks(
-    candidate_model, candidate_prog, function: str, cache: dict
-) -> list[WeightCheck]:
+def _run_all(prog, feeds: list[dict], function: str) -> list[dict]:
+    """Each feed's outputs of `function`, the feeds run together (`Cursor`)."""
+    from milsparse.ir.interpreter import Cursor
+
+    cursor = Cursor(prog, feeds, function)
+    cursor.advance()
+    return cursor.outputs()
+
+
+def _weight_checks(candidate_model, candidate_prog, function: str) -> list[WeightCheck]:
     """Format, sparsity and declared pattern of each compressed weight (any form) of
-    `function`, nested blocks included; decoded values come from the interpreter's `cache` of
-    the runs just made (a weight in a branch that did not run is decoded here)."""
+    `function`, nested blocks included; a weight with a declared pattern is decoded here, one
+    at a time."""
     declared = declared_pruning(candidate_model)
     func = candidate_prog.functions[function]
     sparse_ops = {op.name: op for op in walk_ops(func) if op.op_type == "constexpr_sparse_to_dense"}
@@ -507,7 +517,7 @@ def _weight_checks(
             check.pattern = info["spec"]
             op = sparse_ops.get(row.name)
             if info.get("axis") is not None and op is not None:
-                (weight,) = static_values(op, cache)
+                (weight,) = static_values(op)
                 check.pattern_holds, check.detail = _pattern_holds(
                     weight, info["spec"], info["axis"]
                 )
@@ -542,6 +552,7 @@ def verify(
     tolerances: Tolerances | None = None,
     samples: int = 4,
     seed: int = 0,
+    function: str | None = None,
 ) -> VerifyReport:
     """Compare `candidate` with `reference` (Programs, MLModels or paths) on the same inputs.
 
@@ -549,13 +560,22 @@ def verify(
     inputs generated from the reference's input description with `seed` (see
     `generate_inputs`). A reference whose outputs are not finite on the inputs is a
     ConfigError: the comparison would mean nothing, and it is not the candidate's fault.
+    `function`: which function of a multifunction model to run (default: its default one).
+    The samples run together through the interpreter (`Cursor`): each weight is decoded once
+    for all of them and dropped after its stretch of ops, so a large model needs no float32
+    copy of itself.
     """
     tolerances = tolerances or Tolerances()
     _check_count("samples", samples, low=1)
     _check_count("seed", seed, low=0)
     ref_model, ref_prog = _program_of(reference)
     cand_model, cand_prog = _program_of(candidate)
-    function = default_function(ref_model, ref_prog)
+    if function is None:
+        function = default_function(ref_model, ref_prog)
+    elif function not in ref_prog.functions:
+        raise ConfigError(
+            f"the reference has no function {function!r} (it has {sorted(ref_prog.functions)})"
+        )
     if function not in cand_prog.functions:
         raise UnsupportedModelError(
             f"the candidate has no function {function!r} (it has {sorted(cand_prog.functions)})"
@@ -578,15 +598,15 @@ def verify(
     else:
         feeds = _read_inputs(inputs)
     _check_feeds(feeds, ref_fn)
-    ref_cache, cand_cache = {}, {}
     ref_out: dict[str, list] = {}
     cand_out: dict[str, list] = {}
-    for i, feed in enumerate(feeds):
-        for name, value in evaluate_program(ref_prog, feed, function, cache=ref_cache).items():
+    for i, outputs in enumerate(_run_all(ref_prog, feeds, function)):
+        for name, value in outputs.items():
             if not np.all(np.isfinite(value)):
                 raise ConfigError(_non_finite_reference(name, i, generated))
             ref_out.setdefault(name, []).append(value)
-        for name, value in evaluate_program(cand_prog, feed, function, cache=cand_cache).items():
+    for outputs in _run_all(cand_prog, feeds, function):
+        for name, value in outputs.items():
             cand_out.setdefault(name, []).append(value)
     outputs = []
     for name in ref_out:
@@ -595,11 +615,7 @@ def verify(
         )
         metrics.shape = metrics.shape[1:]  # one sample's shape; metrics cover all samples
         outputs.append(metrics)
-    weights = (
-        _weight_checks(cand_model, cand_prog, function, cand_cache)
-        if cand_model is not None
-        else []
-    )
+    weights = _weight_checks(cand_model, cand_prog, function) if cand_model is not None else []
     return VerifyReport(outputs, weights, tolerances, len(feeds))
 
 

@@ -15,11 +15,30 @@ from collections.abc import Callable
 import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import Operation, Var
+from milsparse.ir.blobs import release_pages
 
-__all__ = ["replace_const", "replace_op", "named_const", "spilling"]
+__all__ = ["replace_const", "replace_op", "named_const", "spilling", "deferring"]
 
 # Where new values go while passes run on a saved model (None: they stay in memory).
 _SPILL: contextvars.ContextVar = contextvars.ContextVar("milsparse_spill", default=None)
+
+
+# Rewrites recorded instead of done (a worker thread's; see `deferring`).
+_DEFERRED: contextvars.ContextVar = contextvars.ContextVar("milsparse_deferred", default=None)
+
+
+@contextlib.contextmanager
+def deferring():
+    """Within the block, `replace_op` / `replace_const` record `(op, build)` in the yielded
+    list instead of rewriting: a pass computes a weight's replacement in a worker thread, and
+    the main thread applies the recorded rewrites in program order (so the program, and the
+    bytes written, do not depend on which thread finished first)."""
+    recorded: list = []
+    token = _DEFERRED.set(recorded)
+    try:
+        yield recorded
+    finally:
+        _DEFERRED.reset(token)
 
 
 @contextlib.contextmanager
@@ -54,8 +73,12 @@ def replace_op(op: Operation, build: Callable[[Operation, str], Var]) -> Var:
 
     `build` receives the anchor op and a temporary name for its root op; it must create every op
     with `before_op=op`. The consts that only `op` read are removed with it. Returns the new
-    var, renamed to the old op's name.
+    var, renamed to the old op's name; None when recorded inside `deferring()`.
     """
+    recorded = _DEFERRED.get()
+    if recorded is not None:
+        recorded.append((op, build))
+        return None
     block = op.enclosing_block
     old_var = op.outputs[-1]
     name = op.name
@@ -72,7 +95,23 @@ def replace_op(op: Operation, build: Callable[[Operation, str], Var]) -> Var:
         _release_value(const)
     new_var.op.name = name
     new_var.name = name
+    _release_pages_below(new_var)
     return new_var
+
+
+def _release_pages_below(var) -> None:
+    """coremltools' type inference of a constexpr op reads its operands (a sparse op counts
+    its mask's ones): the pages of mapped values read so leave this process's memory again."""
+    seen, stack = set(), [var]
+    while stack:
+        op = stack.pop().op
+        if op is None or id(op) in seen:
+            continue
+        seen.add(id(op))
+        if op.op_type == "const":
+            release_pages(op.outputs[0].val)
+        else:
+            stack.extend(v for v in op.inputs.values() if isinstance(v, Var))
 
 
 def _consts_read_only_by(op: Operation) -> list[Operation]:

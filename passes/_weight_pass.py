@@ -161,6 +161,47 @@ class WeightPass(AbstractGraphPass):
         self._program = None
         self._energy: dict = {}
 
+    # -- parallel compression ----------------------------------------------------------------
+    # Weights compressed at once in worker threads (the `jobs` option; 1: in the caller's).
+    jobs: int = 1
+
+    def parallel_ok(self) -> bool:
+        """Whether weights are independent for this run (sequential calibration makes each
+        depend on the ones before)."""
+        return True
+
+    def _compress_in_parallel(self, pending, context, jobs, decisions, progress) -> None:
+        """`compress` of the candidates in `pending` (last = next) in `jobs` threads, at most
+        2 x jobs in flight. Workers record their rewrites (`deferring`); this thread applies
+        them in program order, so the program and its bytes are those of a serial run."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        from milsparse.passes._rewrite import deferring, replace_op
+
+        def work(cand):
+            with deferring() as rewrites:
+                decision = self.compress(cand, context)
+            return decision, rewrites
+
+        window: deque = deque()
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="milsparse") as pool:
+            try:
+                while pending or window:
+                    while pending and len(window) < 2 * jobs:
+                        position, cand = pending.pop()
+                        window.append((position, pool.submit(work, cand)))
+                        del cand
+                    position, future = window.popleft()
+                    decision, rewrites = future.result()
+                    for op, build in rewrites:
+                        replace_op(op, build)
+                    decisions.append((position, decision))
+                    progress.update(1)
+            finally:
+                for _, future in window:
+                    future.cancel()
+
     # -- what a subclass gives ---------------------------------------------------------------
     @staticmethod
     def parse_config(value):
@@ -238,9 +279,12 @@ class WeightPass(AbstractGraphPass):
             # file) is released with the const it replaced, and its pages leave memory.
             pending = candidates[::-1]
             del candidates
+            jobs = self.jobs if not multifunction and self.parallel_ok() else 1
             with tqdm(
                 total=len(pending), desc=self.pass_name, unit="weight", leave=False, disable=None
             ) as progress:
+                if jobs > 1 and len(pending) > 1:
+                    self._compress_in_parallel(pending, context, jobs, decisions, progress)
                 while pending:
                     position, cand = pending.pop()
                     decisions.append((position, self.compress(cand, context)))

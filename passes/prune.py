@@ -118,6 +118,10 @@ class PruneWeights(WeightPass):
         self._encoded = None
         self._stats, self._targets, self._cursor = {}, {}, None
 
+    def parallel_ok(self) -> bool:
+        # sequential calibration runs each weight on the program as pruned before it
+        return not self._config.is_sequential
+
     # -- calibration (criteria wanda, sparsegpt) -----------------------------------------------
     def _candidates_ready(self, function: str, candidates: list) -> list | None:
         cfg = self._config
@@ -253,15 +257,18 @@ class PruneWeights(WeightPass):
 
     # -- values ------------------------------------------------------------------------------
     def _match_values(self, cand: Candidate, ios18: bool) -> MatchResult:
-        """(keep, values to store, note) of a dense weight, or the reason it stays dense."""
+        """(encoded operands, note) of a dense weight, or the reason it stays dense."""
         weight = cand.weight
         if not masks.all_finite(weight):
             return MatchResult.fail("non-finite values (inf or nan)")
         keep, weight, note = self._mask_and_values(cand, weight)
         if keep is None:
             return MatchResult.fail(note)
-        masks.exclude_zeros(weight, keep)  # zeros are never stored, whatever the pattern kept
-        nnz = int(np.count_nonzero(keep))
+        # zeros are never stored, whatever the pattern kept (the encoder drops them)
+        encode = formats.encode_sparse_ios18 if ios18 else formats.encode_sparse_ios16
+        enc = encode(weight, keep)
+        del keep
+        nnz = int(enc.nonzero_data.size)
         sparsity = 1.0 - nnz / weight.size
         if cand.spec.pattern == "threshold" and sparsity < cand.spec.min_sparsity:
             return MatchResult.fail(
@@ -271,7 +278,7 @@ class PruneWeights(WeightPass):
         sparse = formats.sparse_bytes(weight.size, nnz, weight.dtype, ios18=ios18, rank=weight.ndim)
         if sparse >= dense:
             return MatchResult.fail(f"sparse form would be larger: {sparse} >= {dense} bytes")
-        return MatchResult.ok((keep, weight, note))
+        return MatchResult.ok((enc, note))
 
     def _encode(self, cand: Candidate, ios18: bool):
         """(encoded operands, None) or (None, reason)."""
@@ -283,9 +290,7 @@ class PruneWeights(WeightPass):
         if not match.matched:
             result = (None, match.reason)
         else:
-            keep, values, note = match.value
-            encode = formats.encode_sparse_ios18 if ios18 else formats.encode_sparse_ios16
-            result = ((encode(values, keep, exact=True), note), None)
+            result = (match.value, None)
         if self._encoded is not None:
             self._encoded[key] = result
         return result

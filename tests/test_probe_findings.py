@@ -207,7 +207,9 @@ def test_10_unwritable_outputs_exit_2_before_any_work(model, tmp_path, capsys, m
         m.setattr(_io.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
         assert main(["compress", str(model), "-o", str(tmp_path / "o.mlpackage"), "--prune",
                      "2:4"]) == 2  # fmt: skip
-        assert "MiB free, the output needs" in capsys.readouterr().err
+        assert "MiB free, the output (and the scratch values beside it) needs" in (
+            capsys.readouterr().err
+        )
     assert _leftovers(tmp_path) == []
 
 
@@ -221,6 +223,21 @@ def test_10_a_disk_that_fills_during_the_write_exits_2_and_leaves_nothing(
     out = tmp_path / "o.mlpackage"
     assert main(["compress", str(model), "-o", str(out), "--prune", "2:4"]) == 2
     assert "No space left on device" in capsys.readouterr().err
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_10_a_disk_that_fills_while_values_spill_exits_2_and_leaves_nothing(
+    model, tmp_path, capsys, monkeypatch
+):
+    from milsparse.ir import blobs
+
+    def full(self, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(blobs.Spill, "put", full)
+    out = tmp_path / "o.mlpackage"
+    assert main(["compress", str(model), "-o", str(out), "--prune", "2:4"]) == 2
+    assert "cannot write compressed values: No space left on device" in capsys.readouterr().err
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
@@ -523,13 +540,22 @@ def test_4_multifunction_packages_compress_verify_and_share_weights(tmp_path, ca
     size = _weight_file(out).stat().st_size
     assert size == _weight_file(single_out).stat().st_size
     assert main(["inspect", str(out), "--json"]) == 0
-    assert (
-        json.loads(capsys.readouterr().out)["totals"]["stored_bytes"]
-        == (single_report["totals"]["stored_bytes"])
-    )
+    inspected = json.loads(capsys.readouterr().out)
+    assert inspected["totals"]["stored_bytes"] == single_report["totals"]["stored_bytes"]
+    assert all(r["read_by"] == list(functions) for r in inspected["weights"])  # who reads it
+    assert main(["inspect", str(out)]) == 0
+    assert ",".join(functions) in capsys.readouterr().out
     # the default function is verified, from its own input description
     assert main(["verify", str(source), str(out), "--min-snr", "0", "--min-cosine", "0"]) == 0
     assert "PASS" in capsys.readouterr().out
+    # and any other function on request, its pattern checks included
+    assert main(["verify", str(source), str(out), "--function", functions[1], "--min-snr", "0",
+                 "--min-cosine", "0", "--json"]) == 0  # fmt: skip
+    checked = json.loads(capsys.readouterr().out)
+    assert checked["passed"] and len(checked["weights"]) == 2  # the last layer is too small
+    assert all(w["pattern_holds"] for w in checked["weights"])
+    assert main(["verify", str(source), str(out), "--function", "nope"]) == 2
+    assert "the reference has no function 'nope'" in capsys.readouterr().err
     prog = ms.load_program(out)
     assert list(prog.functions) == list(functions)
     assert ms.verify(source, source).passed

@@ -98,3 +98,64 @@ def test_the_spill_sits_beside_the_output_and_is_gone_after(save_program, tmp_pa
     spilled = [p for p, mapped in seen if mapped]
     assert spilled and all(p.startswith(str(out.parent)) for p in spilled)
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.mlpackage"]
+
+
+@pytest.mark.parametrize(
+    "recipe", ["2:4", "unstructured:0.5", ["2:4", "lut4"], ["block2@0:0.5", "int8"], "lut4x2"]
+)
+def test_jobs_do_not_change_the_output(save_program, tmp_path, recipe):
+    path = save_program(programs.mlp(sizes=(64, 128, 96, 128, 32, 10), dtype=np.float16))
+    digests = []
+    for jobs in (1, 3):
+        out = tmp_path / f"jobs{jobs}.mlpackage"
+        _, report = ms.compress_with_report(path, recipe, output=out, jobs=jobs)
+        digests.append((_digest(out), [d.to_dict() for d in report.decisions]))
+    assert digests[0] == digests[1]
+    assert sum(d["compressed"] for d in digests[0][1]) >= 4
+
+
+def test_jobs_with_calibration_do_not_change_the_output(save_program, tmp_path):
+    path = save_program(programs.mlp(sizes=(64, 128, 96, 10), dtype=np.float16))
+    rng = np.random.default_rng(0)
+    cal = [{"x": rng.standard_normal((2, 64)).astype(np.float32)} for _ in range(4)]
+    for config in ({"spec": "2:4", "criterion": "wanda"},
+                   {"spec": "unstructured:0.5", "criterion": "sparsegpt"}):  # fmt: skip
+        digests = []
+        for jobs in (1, 2):
+            out = tmp_path / f"{config['criterion']}{jobs}.mlpackage"
+            ms.compress(path, config, output=out, calibration=cal, jobs=jobs)
+            digests.append(_digest(out))
+        assert digests[0] == digests[1], config
+
+
+@pytest.mark.parametrize("jobs", [0, -2, 1.5, True])
+def test_bad_jobs_are_config_errors(save_program, tmp_path, jobs):
+    path = save_program(programs.mlp(sizes=(64, 128, 10)))
+    with pytest.raises(ms.ConfigError, match="jobs must be"):
+        ms.compress(path, "2:4", jobs=jobs)
+
+
+def test_cli_jobs(save_program, tmp_path, capsys):
+    from milsparse.cli import main
+
+    path = save_program(programs.mlp(sizes=(64, 128, 10)))
+    out = tmp_path / "o.mlpackage"
+    assert main(["compress", str(path), "-o", str(out), "--prune", "2:4", "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err and not out.exists()
+    assert main(["compress", str(path), "-o", str(out), "--prune", "2:4", "--jobs", "2"]) == 0
+
+
+def test_generated_large_packages_load_and_differ_per_layer(tmp_path):
+    from milsparse.fixtures.large import linear_stack_package
+
+    path = linear_stack_package(tmp_path / "stack.mlpackage", layers=3, width=64, seed=1)
+    prog = ms.load_program(path)
+    weights = [op.outputs[0].val for op in prog.functions["main"].operations
+               if op.op_type == "const" and op.name.endswith("_weight")]  # fmt: skip
+    assert len(weights) == 3 and all(w.shape == (64, 64) and w.dtype == np.float16 for w in weights)
+    assert not np.array_equal(weights[0], weights[1])
+    w = weights[0].astype(np.float64)
+    kurtosis = ((w - w.mean()) ** 4).mean() / w.var() ** 2
+    assert kurtosis > 4  # heavy-tailed, as trained weights are (a normal's is 3)
+    out = ms.evaluate(path, {"x": np.ones((1, 64), np.float32)})
+    assert out["y"].shape == (1, 64) and np.isfinite(out["y"]).all()
