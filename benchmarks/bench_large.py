@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -92,6 +93,7 @@ def _build(path: Path, layers: int, width: int) -> dict:
 
 def _run(tool, spec, src, dst, jobs) -> dict:
     print(f"[{spec}] {tool} jobs={jobs} ...", file=sys.stderr, flush=True)
+    os.sync()  # the previous step's writes reach the disk first: none is timed in the next
     run = run_workers(__file__, (tool, spec, src, dst, jobs), dst, 1)
     if "error" not in run:
         run["size"] = _size(dst)
@@ -108,6 +110,10 @@ def main() -> None:
     parser.add_argument("--huge-layers", type=int, default=0, help="also a package this large")
     parser.add_argument("--folder", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "large.json"))
+    parser.add_argument(
+        "--only", metavar="SETTING", help="run this setting only and replace its row in --out "
+        "(each row's tools always run side by side, in one run)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="milsparse-large-", dir=args.folder))
@@ -116,10 +122,12 @@ def main() -> None:
         src = folder / "dense.mlpackage"
         result["model"] = _build(src, args.layers, args.width)
         settings = dict(SETTINGS)
-        if args.joint:
+        if args.joint or args.only:
             settings["2:4 + lut4"] = "2:4+lut4"
+        if args.only:
+            settings = {args.only: settings[args.only]}
         for label, spec in settings.items():
-            row = {"setting": label}
+            row = {"setting": label, "date": time.strftime("%Y-%m-%d")}
             for tool, jobs in (("milsparse", "all"), ("milsparse", "1"), ("coremltools", "-")):
                 dst = folder / f"{tool}_{jobs}.mlpackage"
                 row[f"{tool}_{jobs}" if tool == "milsparse" else tool] = _run(
@@ -146,6 +154,12 @@ def main() -> None:
                 print(json.dumps(result["huge"]), file=sys.stderr)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    if args.only:  # the other rows, and the large model, as they were
+        previous = json.loads(Path(args.out).read_text())
+        previous.pop("machine", None)
+        rows = {r["setting"]: r for r in previous["rows"]}
+        rows.update({r["setting"]: r for r in result["rows"]})
+        result = {**previous, "rows": list(rows.values())}
     write(args.out, result)
 
 

@@ -137,6 +137,45 @@ def _bert_table(data: dict) -> str:
     return _table(headers, bert)
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def large_table() -> str:
+    data = json.loads((RESULTS / "large.json").read_text())
+    dense = data["model"]["size"]
+    rows = []
+    for r in data["rows"]:
+        m, one, c = r["milsparse_all"], r["milsparse_1"], r["coremltools"]
+        ok = "error" not in c
+        rows.append(
+            [r["setting"], f"{m['seconds']:.1f}", f"{one['seconds']:.1f}",
+             f"{c['seconds']:.1f}" if ok else "error",
+             f"{c['seconds'] / m['seconds']:.1f}x" if ok else "-",
+             _mib(m["peak_above_import"]), _mib(one["peak_above_import"]),
+             _gib(c["peak_above_import"]) if ok else "-",
+             f"{m['peak_above_import'] / dense:.3f}", "yes" if r["identical_bytes"] else "NO",
+             _gib(m["size"]), _gib(c["size"]) if ok else "-"]
+        )  # fmt: skip
+    headers = ["setting", "milsparse s (all cores)", "milsparse s (--jobs 1)", "coremltools s",
+               "speedup", "milsparse peak", "milsparse peak (--jobs 1)", "coremltools peak",
+               "milsparse peak / dense", "same bytes, 1 job and all", "milsparse size",
+               "coremltools size"]  # fmt: skip
+    table = _table(headers, rows)
+    huge = data.get("huge")
+    if huge and "skipped" not in huge:
+        run = huge["2:4"]
+        table += "\n\n" + _table(
+            ["generated model", "parameters", "package", "2:4, all cores: s", "peak",
+             "peak / dense", "output"],
+            [["linear stack", f"{huge['model']['params'] / 1e9:.2f}B",
+              _gib(huge["model"]["size"]), f"{run['seconds']:.1f}",
+              _mib(run["peak_above_import"]),
+              f"{run['peak_above_import'] / huge['model']['size']:.3f}", _gib(run["size"])]],
+        )  # fmt: skip
+    return table
+
+
 TABLES = {
     "interpreter": interpreter_table,
     "scope": scope_table,
@@ -144,6 +183,7 @@ TABLES = {
     "joint-speed": joint_speed_table,
     "data-aware": data_aware_table,
     "data-aware-transformer": data_aware_transformer_table,
+    "large": large_table,
 }
 
 

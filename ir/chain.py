@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil.mil import types
 from milsparse.ir import formats
+from milsparse.ir.blobs import release_pages
 from milsparse.ir.graph import uses_of
 
 __all__ = ["Form", "StoredTensor", "WeightChain", "weight_chain", "is_compressed", "bits_of"]
@@ -85,6 +86,7 @@ class WeightChain:
         if cached is None:
             val = self.op.outputs[0].val
             cached = (val.size - int(np.count_nonzero(val))) / val.size
+            release_pages(val)  # a mapped weight's pages, read to count, leave memory
             object.__setattr__(self, "_zeros", cached)
         return cached
 
@@ -265,5 +267,6 @@ def _mask_sparsity(ops: tuple, shape: tuple) -> float | None:
                 if "shape" in o.inputs
                 else int(np.count_nonzero(mask))
             )
+            release_pages(var.val)  # a mapped mask's pages, read to count, leave memory
             return 1.0 - ones / n
     return None

@@ -30,6 +30,7 @@ from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.frontend.milproto import load as milproto
 
 from milsparse.errors import ConfigError, UnsupportedModelError
+from milsparse.ir.blobs import release_pages
 
 __all__ = [
     "TARGETS",
@@ -333,6 +334,7 @@ def share_identical_consts(prog) -> int:
                 digest = hashlib.blake2b(np.ascontiguousarray(val).view(np.uint8).data)
                 key = (str(val.dtype), val.shape, digest.hexdigest())
                 by_identity[id(val)] = key
+                release_pages(val)  # a mapped weight's pages, read to hash it, leave memory
             groups.setdefault(key, []).append(op)
     shared = 0
     for index, ops in enumerate(g for g in groups.values() if len(g) > 1):

@@ -144,6 +144,10 @@ def dense_decision(op, reason: str, cand: Candidate | None = None) -> WeightDeci
     )
 
 
+# Dense bytes of the weights a parallel run has in flight at most (one larger weight goes alone).
+IN_FLIGHT_BYTES = 512 << 20
+
+
 class WeightPass(AbstractGraphPass):
     """The template (see the module docstring). Subclasses set `pass_name` and the weight
     forms they take (`accepts`; others are reported as already compressed)."""
@@ -188,18 +192,23 @@ class WeightPass(AbstractGraphPass):
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="milsparse") as pool:
             try:
                 while pending or window:
+                    # at most 2 x jobs weights in flight, and no more than IN_FLIGHT_BYTES of
+                    # them (dense size) unless one alone is larger: a huge embedding goes alone
                     while pending and len(window) < 2 * jobs:
+                        size = pending[-1][1].chain.dense_bytes
+                        if window and sum(w[2] for w in window) + size > IN_FLIGHT_BYTES:
+                            break
                         position, cand = pending.pop()
-                        window.append((position, pool.submit(work, cand)))
+                        window.append((position, pool.submit(work, cand), size))
                         del cand
-                    position, future = window.popleft()
+                    position, future, _ = window.popleft()
                     decision, rewrites = future.result()
                     for op, build in rewrites:
                         replace_op(op, build)
                     decisions.append((position, decision))
                     progress.update(1)
             finally:
-                for _, future in window:
+                for _, future, _ in window:
                     future.cancel()
 
     # -- what a subclass gives ---------------------------------------------------------------

@@ -159,3 +159,32 @@ def test_generated_large_packages_load_and_differ_per_layer(tmp_path):
     assert kurtosis > 4  # heavy-tailed, as trained weights are (a normal's is 3)
     out = ms.evaluate(path, {"x": np.ones((1, 64), np.float32)})
     assert out["y"].shape == (1, 64) and np.isfinite(out["y"]).all()
+
+
+def test_a_byte_budget_keeps_large_weights_one_at_a_time(save_program, tmp_path, monkeypatch):
+    """With the in-flight budget below one weight, weights go one at a time (and the bytes are
+    still the serial run's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from milsparse.passes import _weight_pass
+
+    path = save_program(programs.mlp(sizes=(64, 128, 96, 128, 10), dtype=np.float16))
+    serial = tmp_path / "serial.mlpackage"
+    ms.compress(path, "2:4", output=serial, jobs=1)
+    most = []
+    real_submit = ThreadPoolExecutor.submit
+    in_flight = set()
+
+    def submit(self, fn, *args):
+        future = real_submit(self, fn, *args)
+        in_flight.add(future)
+        in_flight.difference_update({f for f in in_flight if f.done()})
+        most.append(len(in_flight))
+        return future
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", submit)
+    monkeypatch.setattr(_weight_pass, "IN_FLIGHT_BYTES", 1)
+    out = tmp_path / "budget.mlpackage"
+    ms.compress(path, "2:4", output=out, jobs=2)
+    assert most and max(most) == 1
+    assert _digest(out) == _digest(serial)
