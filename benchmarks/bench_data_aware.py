@@ -119,8 +119,23 @@ def _criteria_rows(path, settings, calib, evaluate, tag: str) -> list[dict]:
     return rows
 
 
-def digits_rows(folder: Path) -> list[dict]:
+def _save_converted(traced, name: str, shape, dtype, path: Path, fp16: bool = False) -> Path:
+    """`ct.convert` a traced module with one input (iOS18; fp32 compute, or fp16) and save it."""
     import coremltools as ct
+
+    model = ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=name, shape=shape, dtype=dtype)],
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
+        skip_model_load=True,
+    )
+    model.save(str(path))
+    return path
+
+
+def digits_rows(folder: Path) -> list[dict]:
     import numpy as np
     import torch
 
@@ -128,16 +143,7 @@ def digits_rows(folder: Path) -> list[dict]:
 
     model, (x_train, y_train, x_test, y_test) = _train_digits()
     traced = torch.jit.trace(model, torch.zeros(BATCH, 1, 8, 8))
-    dense = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name="x", shape=(BATCH, 1, 8, 8), dtype=np.float32)],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT32,
-        skip_model_load=True,
-    )
-    path = folder / "digits.mlpackage"
-    dense.save(str(path))
+    path = _save_converted(traced, "x", (BATCH, 1, 8, 8), np.float32, folder / "digits.mlpackage")
     calib = [{"x": x_train[i : i + BATCH]} for i in range(0, 8 * BATCH, BATCH)]
     uniform = list(dict.fromkeys(PATTERNS + ALLOCATED))
     settings = [(p, c, "uniform", {}) for p in uniform for c in CRITERIA]
@@ -209,23 +215,13 @@ def _train_pointer_transformer(seed: int = 0):
 
 
 def transformer_rows(folder: Path) -> list[dict]:
-    import coremltools as ct
     import numpy as np
     import torch
 
     model, calib_ids, x_test, y_test = _train_pointer_transformer()
     traced = torch.jit.trace(model, torch.zeros(SEQ_BATCH, SEQ, dtype=torch.int64),
                              check_trace=False)  # fmt: skip
-    converted = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name="ids", shape=(SEQ_BATCH, SEQ), dtype=np.int32)],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT32,
-        skip_model_load=True,
-    )
-    path = folder / "pointer.mlpackage"
-    converted.save(str(path))
+    path = _save_converted(traced, "ids", (SEQ_BATCH, SEQ), np.int32, folder / "pointer.mlpackage")
     calib = [{"ids": calib_ids[i : i + SEQ_BATCH]} for i in range(0, len(calib_ids), SEQ_BATCH)]
     settings = [(p, c, "uniform", {}) for p in TRANSFORMER_PATTERNS for c in CRITERIA]
     settings += [("unstructured:0.75", c, "global", {}) for c in CRITERIA]
@@ -258,7 +254,6 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak": status("VmHWM") -
 
 
 def bert_rows(folder: Path) -> list[dict]:
-    import coremltools as ct
     import numpy as np
     import torch
     from milsparse.fixtures import torch_models
@@ -275,16 +270,9 @@ def bert_rows(folder: Path) -> list[dict]:
                     torch.nn.init.xavier_uniform_(p)
     shape = (1, 32, 384)
     traced = torch.jit.trace(module, torch.zeros(shape), check_trace=False)
-    model = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name="x", shape=shape, dtype=np.float32)],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT16,
-        skip_model_load=True,
+    src = _save_converted(
+        traced, "x", shape, np.float32, folder / "bert_small.mlpackage", fp16=True
     )
-    src = folder / "bert_small.mlpackage"
-    model.save(str(src))
     rows = []
     for criterion in ("wanda", "sparsegpt"):
         proc = subprocess.run(

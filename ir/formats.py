@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from milsparse.ir.masks import magnitude_keys
 
 __all__ = [
     "SparseIOS16",
@@ -122,20 +123,14 @@ def _mask_and_values(weight: np.ndarray, keep: np.ndarray | None, exact: bool):
     return mask, values
 
 
-_SIGNLESS = {2: (np.uint16, 0x7FFF), 4: (np.uint32, 0x7FFFFFFF), 8: (np.uint64, (1 << 63) - 1)}
-
-
 def _all_nonzero(values: np.ndarray) -> bool:
-    """No element is 0 (or -0.0); floats are tested on their bits, integer work that is fast
-    for fp16 too (numpy compares float16 through float32)."""
-    if values.dtype.kind == "f" and values.dtype.itemsize in _SIGNLESS:
-        uint, bits = _SIGNLESS[values.dtype.itemsize]
-        flat = values.reshape(-1).view(uint)
-        return all(
-            bool(np.all(flat[s : s + _EXTRACT_CHUNK] & uint(bits)))
-            for s in range(0, flat.size, _EXTRACT_CHUNK)
-        )
-    return bool(np.all(values))
+    """No element is 0 (or -0.0), tested on the magnitude keys (integer work: numpy compares
+    float16 through float32), a chunk at a time."""
+    flat = values.reshape(-1)
+    return all(
+        bool(np.all(magnitude_keys(flat[s : s + _EXTRACT_CHUNK])))
+        for s in range(0, flat.size, _EXTRACT_CHUNK)
+    )
 
 
 def _check_dtype(weight: np.ndarray) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "Cursor",
     "top_level_op",
     "StateCell",
+    "run_samples",
 ]
 
 Kernel = Callable[..., Any]
@@ -402,31 +403,32 @@ def is_state(var) -> bool:
 def _input_env(func, inputs: Mapping[str, Any]) -> _ChainedEnv:
     """A top-level env holding the function's inputs (checked, in the interpreter's form).
     A state input starts from its entry in `inputs` when there is one, else from zeros."""
-    feeds = []
-    for name, var in func.inputs.items():
-        if name not in inputs:
-            if is_state(var):
-                wrapped = var.sym_type.wrapped_type()
-                dtype = types.nptype_from_builtin(wrapped.get_primitive())
-                feeds.append(np.zeros(wrapped.get_shape(), dtype))
-                continue
-            raise ConfigError(f"missing input {name!r}; the program takes {list(func.inputs)}")
-        value = np.asarray(inputs[name])
-        if not fits_input(value, var):
-            raise ConfigError(
-                f"input {name!r} has shape {value.shape}; the program expects {tuple(var.shape)}"
-            )
-        feeds.append(value)
     env = _ChainedEnv(None)
-    for var, value in zip(func.inputs.values(), feeds, strict=True):
-        if is_state(var):
+    for name, var in func.inputs.items():
+        state = is_state(var)
+        if name in inputs:
+            value = np.asarray(inputs[name])
+            if not fits_input(value, var):
+                raise ConfigError(
+                    f"input {name!r} has shape {value.shape}; the program expects "
+                    f"{tuple(var.shape)}"
+                )
+        elif state:
             wrapped = var.sym_type.wrapped_type()
-            fp16 = wrapped.get_primitive() == types.fp16
-            value = np.asarray(value, np.float16 if fp16 else None)
-            env[id(var)] = StateCell(value.astype(np.float32) if fp16 else value.copy())
+            value = np.zeros(
+                wrapped.get_shape(), types.nptype_from_builtin(wrapped.get_primitive())
+            )
         else:
-            env[id(var)] = _conform(value, var)
+            raise ConfigError(f"missing input {name!r}; the program takes {list(func.inputs)}")
+        env[id(var)] = _state_cell(value, var) if state else _conform(value, var)
     return env
+
+
+def _state_cell(value: np.ndarray, var) -> StateCell:
+    """A state's starting value in the interpreter's form (fp16 as float32), copied."""
+    if var.sym_type.wrapped_type().get_primitive() == types.fp16:
+        return StateCell(np.asarray(value, np.float16).astype(np.float32))
+    return StateCell(np.array(value))
 
 
 class StopRun(Exception):
@@ -599,10 +601,9 @@ class Cursor:
         """Run, for every sample, the ops not run yet, up to (not including) the top-level op
         holding `until`, or to the end. `observers` as in `run_block` (they may not stop the
         run). `progress(done, total)` is called after each sample's pass over a stretch."""
-        steps = self._pending()
-        if until is not None:
-            steps = steps[: self._index(steps, until)]
-        self._drop_dead(self._pending())
+        pending = self._pending()
+        self._drop_dead(pending)
+        steps = pending if until is None else pending[: self._index(pending, until)]
         stretches = self._stretches(steps)
         total, done = len(stretches) * len(self._envs), 0
         for stretch in stretches:
@@ -640,8 +641,16 @@ class Cursor:
     def outputs(self) -> list[dict[str, np.ndarray]]:
         """Each sample's outputs, once `advance()` has run the function to its end."""
         func = self._func()
-        if self._pending():
+        if any(id(op) not in self._done for op in func.operations):
             raise RuntimeError("the cursor has not reached the end of the function")
         return [
             {var.name: _external(env[id(var)], var) for var in func.outputs} for env in self._envs
         ]
+
+
+def run_samples(prog, samples: list[Mapping[str, Any]], function: str = "main") -> list[dict]:
+    """Each sample's outputs of `function`, the samples run together (a `Cursor`: each weight
+    decoded once for all of them, a stretch at a time)."""
+    cursor = Cursor(prog, samples, function)
+    cursor.advance()
+    return cursor.outputs()

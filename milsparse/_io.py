@@ -222,12 +222,6 @@ def _mapped_weight_reads():
         milproto._load_value = original
 
 
-_BYTE_TYPES = {
-    "fp16": np.float16, "fp32": np.float32, "uint8": np.uint8, "int8": np.int8,
-    "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32,
-}  # fmt: skip
-
-
 @contextlib.contextmanager
 def _milsparse_blob_writer():
     """Serialise weights with `milsparse.ir.blobs.BlobWriter` during one export.
@@ -245,6 +239,7 @@ def _milsparse_blob_writer():
     from milsparse.ir import blobs
 
     writers: list = []
+    byte_types = _direct_blob_dtypes()  # MIL type -> numpy dtype of the byte-sized types
 
     def make_writer(path):
         writer = blobs.BlobWriter(path)
@@ -252,12 +247,11 @@ def _milsparse_blob_writer():
         return writer
 
     def write_value(var, writer):
-        type_name = types.builtin_to_string(var.dtype)
         value = var.val
-        expected = _BYTE_TYPES.get(type_name)
+        expected = byte_types.get(var.dtype)
         if expected is not None and value.dtype != expected:
             value = value.astype(expected)
-        return writer.write(value, type_name)
+        return writer.write(value, types.builtin_to_string(var.dtype))
 
     original_writer, original_write = backend.BlobWriter, helper._get_offset_by_writing_data
     backend.BlobWriter, helper._get_offset_by_writing_data = make_writer, write_value

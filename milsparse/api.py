@@ -187,20 +187,15 @@ def _budget_search(source, recipe: Recipe, target, samples, spill_folder, jobs=1
     the interpreter before it is accepted. Returns what `_run_recipe` does, and notes."""
     import attrs
 
-    from milsparse.ir.interpreter import Cursor
+    from milsparse.ir.interpreter import run_samples
     from milsparse.verify import Tolerances, compare_outputs
-
-    def run(prog) -> list[dict]:  # the samples together: decoded weights a stretch at a time
-        cursor = Cursor(prog, samples, function)
-        cursor.advance()
-        return cursor.outputs()
 
     prune_step = recipe.step("prune")
     cfg = prune_step.config
     floor = Tolerances(min_snr_db=cfg.min_snr, min_cosine=cfg.min_cosine)
     dense = _io.load_program(source)
     function = next(iter(dense.functions))
-    references = run(dense)
+    references = run_samples(dense, samples, function)
     del dense
 
     def attempt(sparsity: float):
@@ -212,7 +207,8 @@ def _budget_search(source, recipe: Recipe, target, samples, spill_folder, jobs=1
             result = _run_recipe(
                 source, recipe.with_steps(steps), target, samples, spill=spill, jobs=jobs
             )
-            ok = all(not m.failures for m in compare_outputs(references, run(result[0]), floor))
+            outputs = run_samples(result[0], samples, function)
+            ok = all(not m.failures for m in compare_outputs(references, outputs, floor))
         except BaseException:
             spill.close()
             raise

@@ -22,7 +22,7 @@ from milsparse import _io
 from milsparse.errors import ConfigError, UnsupportedModelError
 from milsparse.ir import masks
 from milsparse.ir.graph import walk_ops
-from milsparse.ir.interpreter import evaluate_program, static_values
+from milsparse.ir.interpreter import evaluate_program, run_samples, static_values
 from milsparse.ir.weights import weight_table
 from milsparse.report import format_table
 
@@ -491,15 +491,6 @@ def declared_pruning(model) -> dict[str, dict]:
     return json.loads(meta[PRUNE_METADATA_KEY]) if PRUNE_METADATA_KEY in meta else {}
 
 
-def _run_all(prog, feeds: list[dict], function: str) -> list[dict]:
-    """Each feed's outputs of `function`, the feeds run together (`Cursor`)."""
-    from milsparse.ir.interpreter import Cursor
-
-    cursor = Cursor(prog, feeds, function)
-    cursor.advance()
-    return cursor.outputs()
-
-
 def _weight_checks(candidate_model, candidate_prog, function: str) -> list[WeightCheck]:
     """Format, sparsity and declared pattern of each compressed weight (any form) of
     `function`, nested blocks included; a weight with a declared pattern is decoded here, one
@@ -600,12 +591,12 @@ def verify(
     _check_feeds(feeds, ref_fn)
     ref_out: dict[str, list] = {}
     cand_out: dict[str, list] = {}
-    for i, outputs in enumerate(_run_all(ref_prog, feeds, function)):
+    for i, outputs in enumerate(run_samples(ref_prog, feeds, function)):
         for name, value in outputs.items():
             if not np.all(np.isfinite(value)):
                 raise ConfigError(_non_finite_reference(name, i, generated))
             ref_out.setdefault(name, []).append(value)
-    for outputs in _run_all(cand_prog, feeds, function):
+    for outputs in run_samples(cand_prog, feeds, function):
         for name, value in outputs.items():
             cand_out.setdefault(name, []).append(value)
     outputs = []

@@ -383,21 +383,7 @@ def test_a_reference_not_finite_on_generated_inputs_is_a_clear_error(save_progra
 
 
 def test_pattern_checks_reach_weights_inside_control_flow(save_program):
-    rng = np.random.default_rng(0)
-    w_then = rng.standard_normal((64, 64)).astype(np.float32)
-    w_else = rng.standard_normal((64, 64)).astype(np.float32)
-
-    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 64))], opset_version=ct.target.iOS18)
-    def prog(x):
-        positive = mb.greater(x=mb.reduce_sum(x=x), y=0.0)
-        return mb.cond(
-            pred=positive,
-            _true_fn=lambda: mb.linear(x=x, weight=mb.const(val=w_then, name="w_then")),
-            _false_fn=lambda: mb.linear(x=x, weight=mb.const(val=w_else, name="w_else")),
-            name="y",
-        )
-
-    path = save_program(prog)
+    path = save_program(programs.branches(64))
     candidate = ms.compress(path, "2:4")
     report = ms.verify(path, candidate, tolerances=Tolerances(None, None), samples=1)
     checks = {w.name: w for w in report.weights}

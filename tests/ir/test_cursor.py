@@ -125,21 +125,7 @@ def test_a_weight_replaced_ahead_of_the_cursor_is_what_the_run_uses():
 
 
 def test_ops_inside_control_flow_are_reached_through_their_top_level_op():
-    rng = np.random.default_rng(0)
-    w_then = rng.standard_normal((16, 16)).astype(np.float32)
-    w_else = rng.standard_normal((16, 16)).astype(np.float32)
-
-    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 16))], opset_version=ct.target.iOS18)
-    def prog(x):
-        positive = mb.greater(x=mb.reduce_sum(x=x), y=0.0)
-        y = mb.cond(
-            pred=positive,
-            _true_fn=lambda: mb.linear(x=x, weight=mb.const(val=w_then), name="then_linear"),
-            _false_fn=lambda: mb.linear(x=x, weight=mb.const(val=w_else), name="else_linear"),
-            name="y",
-        )
-        return mb.relu(x=y, name="out")
-
+    prog = programs.branches(16)
     cond = next(op for op in prog.functions["main"].operations if op.op_type == "cond")
     block = cond.blocks[0]
     inner = next(op for op in block.operations if op.op_type == "linear")
