@@ -9,6 +9,7 @@ writer does (tested against it for every type):
   each), zeros; the data right after it. Sub-byte types (uint1/2/3/4/6, int4) are packed
   least significant bit first; nothing pads the last record's data.
 
+`read_blob` maps one tensor of a weight file read-only (loading copies nothing).
 `BlobWriter` writes from memory or straight from a region of another file (a weight that is a
 view of a memory-mapped file: an input weight left as it was, or a value spilled to disk):
 such bytes move with `os.copy_file_range`, kernel to kernel, so they never enter the process's
@@ -26,10 +27,13 @@ import weakref
 from pathlib import Path
 
 import numpy as np
+from milsparse.ir.errors import UnsupportedModelError
 
 __all__ = [
     "BlobWriter",
     "Spill",
+    "read_blob",
+    "BYTE_DTYPES",
     "file_region",
     "release_pages",
     "TYPE_CODES",
@@ -50,6 +54,11 @@ TYPE_CODES = {
     "int32": 14, "uint32": 15,
 }  # fmt: skip
 SUB_BYTE_BITS = {"int4": 4, "uint1": 1, "uint2": 2, "uint4": 4, "uint3": 3, "uint6": 6}
+# The byte-sized MIL types by name, as numpy stores them (bf16 has no numpy type).
+BYTE_DTYPES = {
+    "fp16": np.float16, "fp32": np.float32, "int8": np.int8, "uint8": np.uint8,
+    "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32,
+}  # fmt: skip
 
 # Elements packed per step (a multiple of 8, so every step ends on a byte for any width).
 _PACK_CHUNK = 1 << 22
@@ -59,6 +68,44 @@ _COPY_CHUNK = 1 << 30
 
 def _align(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def read_blob(path: str, offset: int, dtype, shape) -> np.ndarray:
+    """One tensor of a Core ML weight file, mapped read-only (no copy).
+
+    The 64-byte record at `offset` gives the data's size and offset. The array is a read-only
+    view of the file's pages: loading costs no memory copy, and the pages are shared with the
+    page cache. The source file must not be modified in place while the program is alive
+    (milsparse itself only ever writes new files).
+    """
+    try:
+        file_size = os.path.getsize(path)
+    except OSError as e:
+        raise UnsupportedModelError(f"{path}: cannot read the weight file: {e.strerror}") from e
+    if offset + 24 > file_size:
+        raise UnsupportedModelError(
+            f"{path}: weight file is truncated ({file_size} bytes; the model reads a record at "
+            f"offset {offset})"
+        )
+    sentinel_and_type, size, data_offset = np.fromfile(path, np.uint64, 3, offset=offset)
+    if int(sentinel_and_type) & 0xFFFFFFFF != SENTINEL:
+        raise UnsupportedModelError(f"{path}: no weight record at offset {offset}")
+    if int(data_offset) + int(size) > file_size:
+        raise UnsupportedModelError(
+            f"{path}: weight file is truncated ({file_size} bytes; a record needs "
+            f"{int(data_offset) + int(size)})"
+        )
+    count = int(size) // np.dtype(dtype).itemsize
+    expected = int(np.prod(shape, dtype=np.int64))
+    if count != expected:
+        raise UnsupportedModelError(
+            f"{path}: weight record at offset {offset} holds {count} values, "
+            f"the model says {expected}"
+        )
+    if count == 0:
+        return np.zeros(shape, dtype)
+    mapped = np.memmap(path, dtype=dtype, mode="r", offset=int(data_offset), shape=(count,))
+    return mapped.view(np.ndarray).reshape(shape)
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:

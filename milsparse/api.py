@@ -10,12 +10,13 @@ from pathlib import Path
 
 import coremltools as ct
 
-from milsparse import _io
+from milsparse import package, staging, targets
 from milsparse.errors import ConfigError, MilsparseError, PassError
 from milsparse.ir.blobs import Spill
 from milsparse.ir.chain import Form, weight_chain
 from milsparse.ir.graph import walk_ops
 from milsparse.ir.weights import weight_table
+from milsparse.passes import program_edits
 from milsparse.passes._rewrite import spilling
 from milsparse.passes._weight_pass import PIPELINE_RUNS
 from milsparse.passes.decisions import combine
@@ -60,7 +61,7 @@ def run_passes(prog, passes) -> None:
 
 def load_program(model):
     """A fresh pymil Program of an MLModel or a saved .mlpackage (the input is not modified)."""
-    return _io.load_program(_io.open_model(model))
+    return package.load_program(package.open_model(model))
 
 
 def compress_with_report(
@@ -93,21 +94,21 @@ def compress_with_report(
             f"{what} needs calibration inputs: calibration=[{{input: array}}, ...] or an .npz "
             "path (CLI: --calibration FILE.npz)"
         )
-    target = _io.parse_target(target if target is not None else recipe.target)
-    source = _io.open_model(model)
+    target = targets.parse_target(target if target is not None else recipe.target)
+    source = package.open_model(model)
     if output is not None:
         # before any work: an output that would touch the input, or cannot be written
-        _io.check_output_path(
+        staging.check_output_path(
             output,
             overwrite=overwrite,
-            inputs=[_io.source_path(model)],
-            needed_bytes=_io.compress_needs(model),
+            inputs=[package.source_path(model)],
+            needed_bytes=package.compress_needs(model),
         )
-    prog = _io.load_program(source)
+    prog = package.load_program(source)
     samples = None if calibration is None else _calibration_samples(prog, calibration)
     # The passes' new values go to a scratch file beside the output as they are made, and the
     # program maps them: the output's weights are on disk, not in memory, until written.
-    with _io.spill_folder(output) as folder:
+    with staging.spill_folder(output) as folder:
         if prune_step is not None and prune_step.config.allocate == "budget":
             del prog  # every attempt loads its own; only one program at a time is kept
             prog, spec_version, opset, steps, budget_notes = _budget_search(
@@ -121,9 +122,9 @@ def compress_with_report(
         prune = next((p for step, p in steps if step.kind == "prune"), None)
         metadata = _pruned_metadata(source, prune.report if prune is not None else [])
         if output is None:
-            compressed = _io.program_to_model(prog, spec_version, source, metadata)
+            compressed = package.program_to_model(prog, spec_version, source, metadata)
         else:
-            compressed = _io.write_program(
+            compressed = package.write_program(
                 prog, spec_version, source, output, overwrite=overwrite, metadata=metadata
             )
         del prog  # its maps of the scratch file
@@ -160,8 +161,8 @@ def _run_recipe(source, recipe: Recipe, target, samples, prog=None, spill=None, 
     (program, spec version, opset, [(step, pass)]). With `spill` (an `ir.blobs.Spill`), the
     values the passes produce go to disk as they are made; the program maps them."""
     if prog is None:
-        prog = _io.load_program(source)
-    spec_version = _io.retarget(prog, source.get_spec().specificationVersion, target)
+        prog = package.load_program(source)
+    spec_version = program_edits.retarget(prog, source.get_spec().specificationVersion, target)
     # compressed weights of an older opset move to the new one's forms (or nothing loads it)
     upgrade_constexpr_ops(prog)
     opset = max(f.opset_version for f in prog.functions.values())
@@ -193,7 +194,7 @@ def _budget_search(source, recipe: Recipe, target, samples, spill_folder, jobs=1
     prune_step = recipe.step("prune")
     cfg = prune_step.config
     floor = Tolerances(min_snr_db=cfg.min_snr, min_cosine=cfg.min_cosine)
-    dense = _io.load_program(source)
+    dense = package.load_program(source)
     function = next(iter(dense.functions))
     references = run_samples(dense, samples, function)
     del dense
@@ -348,7 +349,7 @@ def compress(
 
 def save(model: ct.models.MLModel, path, *, overwrite: bool = False) -> Path:
     """Save atomically (no half-written package) and deterministically (stable manifest ids)."""
-    return _io.save_package(model, path, overwrite=overwrite)
+    return package.save_package(model, path, overwrite=overwrite)
 
 
 def coreml_pipeline(config, base: ct.PassPipeline | None = None, *, target=None) -> ct.PassPipeline:
@@ -360,7 +361,7 @@ def coreml_pipeline(config, base: ct.PassPipeline | None = None, *, target=None)
     the `minimum_deployment_target` you convert with). Each pass leaves its report under a key
     this pipeline carries, for `conversion_report` (or use `milsparse.convert`)."""
     recipe = Recipe.coerce(config)
-    target = _io.parse_target(target if target is not None else recipe.target)
+    target = targets.parse_target(target if target is not None else recipe.target)
     check_recipe(recipe, target)
     base = ct.PassPipeline.DEFAULT if base is None else base
     run = uuid.uuid4().hex
@@ -415,7 +416,7 @@ def _final_names(model) -> set[str]:
     """The weight names of the converted model (its backend pipeline sanitizes names)."""
     prog = getattr(model, "_mil_program", None)
     if prog is None:
-        prog = _io.load_program(model)
+        prog = package.load_program(model)
     return {row.name for row in weight_table(prog)}
 
 
@@ -439,7 +440,7 @@ def convert_with_report(source, config, *, base=None, **convert_options):
         raise ConfigError("convert builds the pass pipeline itself: give base= instead")
     target = convert_options.get("minimum_deployment_target")
     if target is None and recipe.target is not None:
-        target = _io.parse_target(recipe.target)
+        target = targets.parse_target(recipe.target)
         convert_options["minimum_deployment_target"] = target
     pipeline = coreml_pipeline(recipe, base, target=target)
     convert_options.setdefault("convert_to", "mlprogram")
@@ -456,6 +457,6 @@ def convert(source, config, *, base=None, **convert_options) -> ct.models.MLMode
 
 def inspect_model(model) -> InspectReport:
     """The weight table (format, sparsity, bytes) of an MLModel or saved package."""
-    source = _io.open_model(model)
+    source = package.open_model(model)
     path = str(model) if isinstance(model, (str, Path)) else None
-    return InspectReport(weight_table(_io.load_program(source)), path=path)
+    return InspectReport(weight_table(package.load_program(source)), path=path)

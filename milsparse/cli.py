@@ -407,7 +407,7 @@ def _recipe_from_args(args):
 
 def _cmd_compress(args) -> int:
     import milsparse as ms
-    from milsparse import _io
+    from milsparse import package, staging
     from milsparse.errors import ConfigError
 
     src, dst = Path(args.input), Path(args.output)
@@ -425,8 +425,8 @@ def _cmd_compress(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise _config_error("--jobs must be at least 1")
     # Every check on the output before any work (nothing is learned only after compressing).
-    _io.check_output_path(
-        dst, overwrite=args.force, inputs=[src], needed_bytes=_io.compress_needs(src)
+    staging.check_output_path(
+        dst, overwrite=args.force, inputs=[src], needed_bytes=package.compress_needs(src)
     )
     recipe = _recipe_from_args(args)
     verdict = None
@@ -486,12 +486,12 @@ def _cmd_passes(args) -> int:
         if args.dot or args.target:
             raise _config_error("--dot and --target apply with --recipe")
         return _list_passes(MILSPARSE_PASSES, args.json)
-    from milsparse import _io
+    from milsparse import targets
     from milsparse.api import check_recipe
     from milsparse.recipe import Recipe
 
     recipe = Recipe.from_yaml(args.recipe)
-    target = _io.parse_target(args.target if args.target is not None else recipe.target)
+    target = targets.parse_target(args.target if args.target is not None else recipe.target)
     taken = check_recipe(recipe, target)
     if args.dot:
         print(chain_dot(taken, name=Path(args.recipe).stem))

@@ -32,7 +32,7 @@ from coremltools.optimize.coreml import (
     OptimizationConfig,
 )
 
-from milsparse import _io
+from milsparse import package
 from milsparse.errors import ConfigError
 from milsparse.ir.chain import Form, weight_chain
 from milsparse.ir.graph import walk_ops
@@ -217,8 +217,8 @@ def recipe_of(prog, kind: str, config: OptimizationConfig, joint_compression: bo
 def _run(kind: str, mlmodel, config, joint_compression: bool) -> ct.models.MLModel:
     from milsparse.api import compress
 
-    source = _io.open_model(mlmodel)
-    prog = _io.load_program(source)
+    source = package.open_model(mlmodel)
+    prog = package.load_program(source)
     recipe = recipe_of(prog, kind, config, joint_compression)
     return compress(source, recipe)
 

@@ -14,18 +14,16 @@ def plot_allocation(allocation: dict[str, dict], path) -> Path:
     sparsity, the chosen sparsity marked) and the chosen sparsity per layer as bars."""
     if not allocation:
         raise ConfigError("nothing to plot: the plot shows the curves of allocate global/budget")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure with its own Agg canvas: no pyplot, so the caller's backend stays as it is
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise ConfigError("--plot needs matplotlib: pip install 'milsparse[plot]'") from None
     path = Path(path)
     names = list(allocation)
-    fig, (curves, bars) = plt.subplots(
-        1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]}
-    )
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)
+    curves, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     for name in names:
         a = allocation[name]
         (line,) = curves.plot(a["sparsity"], a["error"], marker=".", label=name, linewidth=1)
@@ -48,7 +46,6 @@ def plot_allocation(allocation: dict[str, dict], path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

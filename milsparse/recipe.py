@@ -141,7 +141,7 @@ def _steps(value) -> tuple[Step, ...]:
 
 def _target_name(instance, attribute, value):
     if value is not None:
-        from milsparse._io import parse_target
+        from milsparse.targets import parse_target
 
         parse_target(value)
 

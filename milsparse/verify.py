@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from milsparse import _io
+from milsparse import package
 from milsparse.errors import ConfigError, UnsupportedModelError
 from milsparse.ir import masks
 from milsparse.ir.graph import walk_ops
@@ -525,8 +525,8 @@ def _program_of(model):
 
     if isinstance(model, Program):
         return None, model
-    mlmodel = _io.open_model(model)
-    return mlmodel, _io.load_program(mlmodel)
+    mlmodel = package.open_model(model)
+    return mlmodel, package.load_program(mlmodel)
 
 
 def evaluate(model, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
-"""The one place where milsparse passes mutate a MIL program.
+"""The one place where milsparse passes mutate the ops of a MIL program (whole-program edits:
+opset, function order, shared consts, live in `program_edits`).
 
 Every rewrite has the same shape: build the replacement right before the old op, point every
 use of the old value at the new one, delete the old op (and the consts that only it read), and

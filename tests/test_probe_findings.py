@@ -26,7 +26,7 @@ from milsparse.fixtures import programs
 from milsparse.fixtures.files import tree_digest
 
 import milsparse as ms
-from milsparse import _io
+from milsparse import package, staging, targets
 from milsparse.cli import main
 from milsparse.errors import ConfigError, UnsupportedModelError
 
@@ -199,12 +199,12 @@ def test_10_unwritable_outputs_exit_2_before_any_work(model, tmp_path, capsys, m
         return real_mkdtemp(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(_io.tempfile, "mkdtemp", read_only)
+        m.setattr(staging.tempfile, "mkdtemp", read_only)
         assert main(["compress", str(model), "-o", str(tmp_path / "o.mlpackage"), "--prune",
                      "2:4"]) == 2  # fmt: skip
         assert "cannot write there: Read-only file system" in capsys.readouterr().err
     with monkeypatch.context() as m:
-        m.setattr(_io.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+        m.setattr(staging.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
         assert main(["compress", str(model), "-o", str(tmp_path / "o.mlpackage"), "--prune",
                      "2:4"]) == 2  # fmt: skip
         assert "MiB free, the output (and the scratch values beside it) needs" in (
@@ -219,7 +219,7 @@ def test_10_a_disk_that_fills_during_the_write_exits_2_and_leaves_nothing(
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_io, "_write_package", full)
+    monkeypatch.setattr(package, "write_package", full)
     out = tmp_path / "o.mlpackage"
     assert main(["compress", str(model), "-o", str(out), "--prune", "2:4"]) == 2
     assert "No space left on device" in capsys.readouterr().err
@@ -268,13 +268,13 @@ def test_12_sigterm_and_sighup_mid_write_clean_up(
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    real = _io._make_deterministic
+    real = package.make_deterministic
 
     def killed(package):
         real(package)
         os.kill(os.getpid(), signum)  # arrives while the staged package is complete but unmoved
 
-    monkeypatch.setattr(_io, "_make_deterministic", killed)
+    monkeypatch.setattr(package, "make_deterministic", killed)
     args = ["compress", str(model), "-o", str(out_dir / "o.mlpackage"), "--prune", "2:4"]
     args += ["--verify", "--min-snr", "0", "--min-cosine", "0"] if verify else []
     assert main(args) == 128 + signum
@@ -345,13 +345,13 @@ def test_18_verify_options_without_verify_are_refused(model, tmp_path, capsys):
 
 
 def test_19_target_names_of_every_platform_and_a_clear_refusal():
-    assert _io.parse_target("macOS13") is ct.target.iOS16
-    assert _io.parse_target("MACOS15") is ct.target.iOS18
-    assert _io.parse_target("watchOS10") is ct.target.iOS17
-    assert _io.parse_target(ct.target.tvOS18) is ct.target.iOS18
+    assert targets.parse_target("macOS13") is ct.target.iOS16
+    assert targets.parse_target("MACOS15") is ct.target.iOS18
+    assert targets.parse_target("watchOS10") is ct.target.iOS17
+    assert targets.parse_target(ct.target.tvOS18) is ct.target.iOS18
     for bad in ("ios26", "macOS12", "ios15", ct.target.iOS15, 18):
         with pytest.raises(ConfigError) as info:
-            _io.parse_target(bad)
+            targets.parse_target(bad)
         offered = str(info.value).split("use one of")[1]
         assert "ios26" not in offered and offered.startswith(" ios16, ios17, ios18 (")
 

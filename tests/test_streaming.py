@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from milsparse.fixtures import programs
 
 import milsparse as ms
-from milsparse import _io, api
+from milsparse import api, ct_hooks
 
 
 def _digest(package):
@@ -67,7 +67,7 @@ def test_the_weight_file_is_coremltools_own(save_program, tmp_path, monkeypatch,
     path = save_program(programs.transformer_block(dtype=np.float16))
     ours = ms.compress(path, recipe, output=tmp_path / "ours.mlpackage")
     with monkeypatch.context() as m:
-        m.setattr(_io, "_milsparse_blob_writer", _coremltools_writer)
+        m.setattr(ct_hooks, "milsparse_blob_writer", _coremltools_writer)
         m.setattr(api, "Spill", _InMemory)
         theirs = ms.compress(path, recipe, output=tmp_path / "theirs.mlpackage")
     assert _digest(tmp_path / "ours.mlpackage") == _digest(tmp_path / "theirs.mlpackage")

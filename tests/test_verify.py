@@ -10,7 +10,7 @@ from coremltools.converters.mil.mil import types
 from milsparse.fixtures import programs
 
 import milsparse as ms
-from milsparse import _io
+from milsparse import package
 from milsparse.errors import ConfigError, UnsupportedModelError
 from milsparse.verify import Tolerances, generate_inputs, output_metrics
 
@@ -51,7 +51,7 @@ def _rebuild_sparse(model, weight_name, edit):
     func.remove_ops([op])
     new.op.name = weight_name
     spec_version = model.get_spec().specificationVersion
-    return _io.program_to_model(prog, spec_version, model)
+    return package.program_to_model(prog, spec_version, model)
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ def test_a_scale_multiplied_by_ten_fails(save_program, tmp_path):
         anchor_op=op, old_var=op.outputs[0], new_var=new, force_replace=True
     )
     func.remove_ops([op])
-    damaged = _io.program_to_model(prog, quantized.get_spec().specificationVersion, quantized)
+    damaged = package.program_to_model(prog, quantized.get_spec().specificationVersion, quantized)
     report = ms.verify(reference, damaged)
     assert not report.passed
     (out,) = report.outputs

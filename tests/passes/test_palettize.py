@@ -156,10 +156,10 @@ def test_verify_passes_a_4_bit_mlp(save_program):
     path = save_program(programs.mlp(sizes=(64, 128, 128, 10), dtype=np.float16))
     prog = ms.load_program(path)
     _run(prog, PalettizeConfig(parse_palettize_spec("lut4"), min_size=1024))
-    from milsparse import _io
+    from milsparse import package
 
     model = ct.models.MLModel(str(path), skip_model_load=True)
-    candidate = _io.program_to_model(prog, model.get_spec().specificationVersion, model)
+    candidate = package.program_to_model(prog, model.get_spec().specificationVersion, model)
     report = ms.verify(path, candidate)
     assert report.passed, report
     assert {w.format for w in ms.inspect_model(candidate).rows if w.name.endswith("weight")} >= {
