@@ -7,34 +7,10 @@ mlmodel = ct.convert(traced, pass_pipeline=ms.coreml_pipeline("unstructured:0.5"
                      minimum_deployment_target=ct.target.iOS18)
 """
 
-import logging as _logging
-import warnings as _warnings
+from milsparse import ct_import as _ct_import
 
-
-class _ImportNotes(_logging.Filter):
-    """What importing coremltools says is about the environment, not about milsparse's work:
-    its macOS-only prediction proxies do not load here, and the versions of torch, scikit-learn,
-    TensorFlow or XGBoost it finds are untested or unsupported for conversions milsparse never
-    makes. Those messages are kept in `IMPORT_NOTES` (the CLI shows them with --debug) instead
-    of printed; only during the import, and errors still go through."""
-
-    def filter(self, record):
-        if record.levelno >= _logging.ERROR:
-            return True
-        IMPORT_NOTES.append(record.getMessage())
-        return False
-
-
-IMPORT_NOTES: list[str] = []
-_filter = _ImportNotes()
-_logging.getLogger("coremltools").addFilter(_filter)
-try:
-    with _warnings.catch_warnings(record=True) as _caught:
-        _warnings.simplefilter("always")
-        import coremltools as _ct  # noqa: F401
-    IMPORT_NOTES.extend(str(w.message) for w in _caught)
-finally:
-    _logging.getLogger("coremltools").removeFilter(_filter)
+IMPORT_NOTES = _ct_import.IMPORT_NOTES
+_ct_import.install()
 
 from milsparse import passes as _passes  # noqa: E402,F401  (registers milsparse:: passes)
 from milsparse.api import (  # noqa: E402
@@ -50,7 +26,7 @@ from milsparse.api import (  # noqa: E402
     run_passes,
     save,
 )
-from milsparse.errors import (
+from milsparse.errors import (  # noqa: E402
     ConfigError,
     MilsparseError,
     PassError,
@@ -59,12 +35,17 @@ from milsparse.errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config, parse_prune_spec
-from milsparse.passes.lut_config import PalettizeConfig, PalettizeSpec
-from milsparse.passes.quant_config import QuantizeConfig, QuantizeSpec
-from milsparse.recipe import Recipe, Step
-from milsparse.report import CompressReport, InspectReport
-from milsparse.verify import Tolerances, VerifyReport, evaluate, verify
+from milsparse.passes.config import (  # noqa: E402
+    PruneConfig,
+    PruneSpec,
+    parse_prune_config,
+    parse_prune_spec,
+)
+from milsparse.passes.lut_config import PalettizeConfig, PalettizeSpec  # noqa: E402
+from milsparse.passes.quant_config import QuantizeConfig, QuantizeSpec  # noqa: E402
+from milsparse.recipe import Recipe, Step  # noqa: E402
+from milsparse.report import CompressReport, InspectReport  # noqa: E402
+from milsparse.verify import Tolerances, VerifyReport, evaluate, verify  # noqa: E402
 
 __version__ = "0.1.0"
 

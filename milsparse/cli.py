@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import signal
 import sys
 import traceback
@@ -555,18 +554,20 @@ _COMMANDS = {
 }
 
 
-def _quiet_coremltools_progress() -> None:
-    """Hide the "Running MIL ... pipeline" bars coremltools prints for every load and save (three
-    per command, none of them about milsparse's own work, which keeps its progress bar)."""
-    import functools
+@contextlib.contextmanager
+def _quiet_coremltools(debug: bool):
+    """Errors are printed by us, once; coremltools' own warnings would only repeat them (shown
+    with --debug). Its logger level is put back after the command."""
+    import logging
 
-    import milsparse  # noqa: F401  (imports coremltools quietly)
-
-    # isort: split
-    from coremltools.converters.mil.mil.passes import pass_pipeline
-    from tqdm import tqdm
-
-    pass_pipeline.tqdm = functools.partial(tqdm, disable=True)
+    logger = logging.getLogger("coremltools")
+    previous = logger.level
+    if not debug:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 class _Terminated(BaseException):
@@ -610,11 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.debug:
         _replay_import_notes()
-    else:
-        # Errors are printed by us, once; coremltools' own warnings would only repeat them.
-        logging.getLogger("coremltools").setLevel(logging.ERROR)
-        _quiet_coremltools_progress()
-    with _terminate_cleanly():
+    with _terminate_cleanly(), _quiet_coremltools(args.debug):
         try:
             from milsparse.errors import MilsparseError
 
@@ -636,7 +633,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _replay_import_notes() -> None:
-    """--debug shows what importing coremltools logged (hidden otherwise: see milsparse)."""
+    """--debug shows what importing coremltools logged (hidden otherwise: see
+    milsparse.ct_import)."""
+    import coremltools  # noqa: F401
+
     import milsparse
 
     for record in milsparse.IMPORT_NOTES:

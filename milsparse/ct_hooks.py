@@ -1,4 +1,5 @@
-"""Scoped swaps of coremltools' module globals: its weight loader and its weight-file writer.
+"""Scoped swaps of coremltools' module globals: its weight loader, its weight-file writer and
+its pass-pipeline progress bar.
 
 coremltools' milproto loader and MIL exporter look their per-value functions and writer class
 up as module globals at each call, so milsparse swaps them for the length of one load or one
@@ -10,6 +11,7 @@ milsparse call every coremltools global is what it was.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -19,7 +21,7 @@ from coremltools.converters.mil.frontend.milproto import load as milproto
 from milsparse.ir import blobs
 from milsparse.ir.errors import UnsupportedModelError
 
-__all__ = ["mapped_weight_reads", "milsparse_blob_writer"]
+__all__ = ["mapped_weight_reads", "milsparse_blob_writer", "coremltools_progress"]
 
 # Re-entrant: an export may load (it does not today), and a load inside a load is harmless.
 _LOCK = threading.RLock()
@@ -132,3 +134,21 @@ def milsparse_blob_writer():
             )
             for writer in writers:
                 writer.close()
+
+
+@contextlib.contextmanager
+def coremltools_progress(show: bool | None = None):
+    """coremltools' "Running MIL ... pipeline" bars (printed for every export, none of them
+    about milsparse's work): shown with `show=True`, never with False, and with None only on a
+    terminal (tqdm's own rule), so a library call off a terminal prints nothing."""
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+
+    with _LOCK:
+        original = pass_pipeline.tqdm
+        disable = None if show is None else not show
+        pass_pipeline.tqdm = functools.partial(original, disable=disable)
+        try:
+            yield
+        finally:
+            pass_pipeline.tqdm = original
+

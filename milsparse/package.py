@@ -198,7 +198,7 @@ def write_package(
     weights.mkdir(parents=True)
     share_identical_consts(prog)
     try:
-        with ct_hooks.milsparse_blob_writer():
+        with ct_hooks.milsparse_blob_writer(), ct_hooks.coremltools_progress(None):
             spec, _ = mil_convert_to_proto(
                 prog,
                 "milinternal",

@@ -1,0 +1,68 @@
+"""milsparse is safe to embed (issue 15): no call leaves a coremltools module global or a logger
+level changed, and coremltools' import notes stay off stderr."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import numpy as np
+from milsparse.fixtures import programs
+
+import milsparse as ms
+from milsparse.cli import main
+
+# coremltools itself rebinds these on every conversion (`_reset_conversion_state`).
+_REBOUND_BY_COREMLTOOLS = {"coremltools.converters.mil.mil.block.BLOCK_STACK"}
+
+
+def _coremltools_state() -> dict:
+    """Every coremltools module's globals (by identity) and every coremltools logger's level."""
+    state = {}
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "coremltools" and module is not None:
+            state[name] = {k: id(v) for k, v in vars(module).items()}
+    loggers = logging.Logger.manager.loggerDict
+    for name in list(loggers):
+        if name.split(".")[0] == "coremltools" and isinstance(loggers[name], logging.Logger):
+            state[f"logger {name}"] = (loggers[name].level, tuple(loggers[name].filters))
+    return state
+
+
+def _changes(before: dict, after: dict) -> list[str]:
+    changed = []
+    for name, values in before.items():
+        now = after.get(name)
+        if isinstance(values, dict):
+            changed += [f"{name}.{k}" for k, v in values.items() if now.get(k) != v]
+            changed = [c for c in changed if c not in _REBOUND_BY_COREMLTOOLS]
+        elif now != values:
+            changed.append(name)
+    return changed
+
+
+def test_compress_verify_and_the_cli_leave_coremltools_as_they_found_it(save_program, tmp_path):
+    model = save_program(programs.mlp(sizes=(64, 128, 128, 10), dtype=np.float16))
+    args = ["compress", str(model), "-o", str(tmp_path / "warm.mlpackage"), "--prune", "2:4"]
+    assert main(args) == 0  # first use: coremltools fills its own caches
+    before = _coremltools_state()
+    small = ms.compress(model, ["2:4", "lut4"])
+    ms.verify(model, small)
+    ms.save(small, tmp_path / "a.mlpackage")
+    args = ["compress", str(model), "-o", str(tmp_path / "b.mlpackage"), "--prune", "2:4"]
+    assert main(args) == 0
+    assert main(["verify", str(model), str(tmp_path / "b.mlpackage")]) in (0, 1)
+    assert main(["inspect", str(tmp_path / "b.mlpackage")]) == 0
+    assert _changes(before, _coremltools_state()) == []
+
+
+def test_coremltools_imported_after_milsparse_has_its_passes_and_is_quiet():
+    code = (
+        "import milsparse, coremltools\n"
+        "from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY\n"
+        "print('milsparse::prune' in PASS_REGISTRY, len(milsparse.IMPORT_NOTES) > 0)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["True", "True"], run.stderr
+    assert "Failed to load" not in run.stderr and "has not been tested" not in run.stderr
