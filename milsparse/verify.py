@@ -2,9 +2,10 @@
 
 `verify(reference, candidate)` runs both programs on the same inputs (given, or generated from
 the model's input description) and reports, per output, how far the candidate moved (max and
-mean absolute error, relative L2 error, SNR and PSNR in dB, cosine similarity) and, per pruned
-weight, the sparsity reached and whether its block or n:m pattern holds. The verdict compares
-the metrics with `Tolerances`.
+mean absolute error, relative L2 error, SNR and PSNR in dB, cosine similarity; for integer and
+bool outputs, which are labels or indices rather than measurements, the match rate of exact
+comparison) and, per pruned weight, the sparsity reached and whether its block or n:m pattern
+holds. The verdict compares the metrics with `Tolerances`.
 """
 
 from __future__ import annotations
@@ -38,12 +39,17 @@ class Tolerances:
     Defaults: SNR >= 15 dB (the error carries at most about 3% of the output's energy) and
     cosine similarity >= 0.98, per output over all samples. Tighten them for models whose outputs
     must barely move; compressions that damage a model land far below either.
+
+    Integer and bool outputs (an argmax, a top-k index, a mask) are compared exactly instead:
+    `max_mismatch` is the fraction of their values allowed to differ (default 0). The float
+    metrics would pass an argmax that moved from 8 to 9 on every sample (SNR 18 dB, cosine 1).
     """
 
     min_snr_db: float | None = 15.0
     min_cosine: float | None = 0.98
     max_rel_l2: float | None = None
     max_abs: float | None = None
+    max_mismatch: float | None = 0.0
 
     def __post_init__(self):
         # NaN compares false with everything, so a NaN bound would switch its check off.
@@ -52,6 +58,7 @@ class Tolerances:
             ("min_cosine", -1.0, 1.0),
             ("max_rel_l2", 0.0, math.inf),
             ("max_abs", 0.0, math.inf),
+            ("max_mismatch", 0.0, 1.0),
         ):  # bounds are finite: an infinite one would also switch its check off
             value = getattr(self, name)
             if value is None:
@@ -66,15 +73,23 @@ class Tolerances:
 
 @dataclass
 class OutputMetrics:
+    """How far one output moved over all samples. For an `exact` (integer or bool) output the
+    float metrics that treat it as a signal (rel_l2, SNR, PSNR, cosine) are None, and
+    `mismatches` / `match_rate` count the values that differ; for a float output those two
+    are None."""
+
     name: str
     shape: tuple[int, ...]
     max_abs: float
     mean_abs: float
-    rel_l2: float
-    snr_db: float
-    psnr_db: float
-    cosine: float
+    rel_l2: float | None
+    snr_db: float | None
+    psnr_db: float | None
+    cosine: float | None
     failures: list[str] = field(default_factory=list)
+    exact: bool = False
+    mismatches: int | None = None
+    match_rate: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -135,24 +150,27 @@ class VerifyReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
+        def number(value, form: str) -> str:
+            return "-" if value is None else format(value, form)
+
+        exact = any(o.exact for o in self.outputs)
         rows = [
             [
                 o.name,
                 "x".join(map(str, o.shape)),
                 f"{o.max_abs:.3g}",
                 f"{o.mean_abs:.3g}",
-                f"{o.rel_l2:.3g}",
-                f"{o.snr_db:.1f}",
-                f"{o.psnr_db:.1f}",
-                f"{o.cosine:.6f}",
+                number(o.rel_l2, ".3g"),
+                number(o.snr_db, ".1f"),
+                number(o.psnr_db, ".1f"),
+                number(o.cosine, ".6f"),
+                *([f"{o.match_rate:.4f} ({o.mismatches} differ)" if o.exact else "-"] * exact),
                 "ok" if o.passed else "FAIL",
             ]
             for o in self.outputs
         ]
-        text = format_table(
-            ["output", "shape", "max abs", "mean abs", "rel L2", "SNR dB", "PSNR dB", "cosine", ""],
-            rows,
-        )
+        header = ["output", "shape", "max abs", "mean abs", "rel L2", "SNR dB", "PSNR dB", "cosine"]
+        text = format_table([*header, *(["match"] * exact), ""], rows)
         checked = [w for w in self.weights if w.pattern is not None or w.sparse]
         if checked:
             wrows = [
@@ -386,18 +404,24 @@ def compare_outputs(references: list[dict], outputs: list[dict], tol: Tolerances
     return [
         output_metrics(
             name,
-            np.concatenate([np.asarray(r[name], np.float64).ravel() for r in references]),
-            np.concatenate([np.asarray(o[name], np.float64).ravel() for o in outputs]),
+            np.concatenate([np.asarray(r[name]).ravel() for r in references]),
+            np.concatenate([np.asarray(o[name]).ravel() for o in outputs]),
             tol,
         )
         for name in names
     ]
 
 
+def _is_exact(values: np.ndarray) -> bool:
+    """Integer and bool outputs are labels, indices or masks: compared exactly."""
+    return values.dtype.kind in "biu"
+
+
 def output_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances) -> OutputMetrics:
-    r = np.asarray(ref, dtype=np.float64).ravel()
-    c = np.asarray(cand, dtype=np.float64).ravel()
-    if r.shape != c.shape:
+    """The metrics of one output (all samples) and the tolerances it misses. Integer and bool
+    outputs get `exact_metrics`; float ones the signal metrics."""
+    ref, cand = np.asarray(ref), np.asarray(cand)
+    if ref.shape != cand.shape:
         return OutputMetrics(
             name,
             tuple(np.shape(ref)),
@@ -409,6 +433,43 @@ def output_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances
             0.0,
             [f"shape {np.shape(cand)} != {np.shape(ref)}"],
         )
+    if _is_exact(ref) or _is_exact(cand):
+        return exact_metrics(name, ref, cand, tol)
+    return _signal_metrics(name, ref, cand, tol)
+
+
+def exact_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances) -> OutputMetrics:
+    """Integer or bool output: how many values differ, and the largest difference. An argmax
+    that moves by one class is wrong, however high the SNR of the indices as floats."""
+    r, c = ref.ravel(), cand.ravel()
+    differ = r != c
+    mismatches = int(np.count_nonzero(differ))
+    # the differences of int64 values can exceed int64: measure them in float64
+    err = np.abs(c.astype(np.float64) - r.astype(np.float64))
+    m = OutputMetrics(
+        name=name,
+        shape=tuple(ref.shape),
+        max_abs=float(err.max()) if r.size else 0.0,
+        mean_abs=float(err.mean()) if r.size else 0.0,
+        rel_l2=None,
+        snr_db=None,
+        psnr_db=None,
+        cosine=None,
+        exact=True,
+        mismatches=mismatches,
+        match_rate=1.0 - mismatches / r.size if r.size else 1.0,
+    )
+    if tol.max_mismatch is not None and mismatches > tol.max_mismatch * r.size:
+        m.failures.append(
+            f"{mismatches} of {r.size} values differ (match rate {m.match_rate:.4g}; "
+            f"max_mismatch {tol.max_mismatch:g})"
+        )
+    return m
+
+
+def _signal_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances):
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    c = np.asarray(cand, dtype=np.float64).ravel()
     err = c - r
     noise = float(err @ err)
     signal = float(r @ r)
