@@ -20,6 +20,7 @@ interpreter's `observers` hook (`run_block`), one mechanism for every op.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ import numpy as np
 from milsparse.ir import kernels_nn
 from milsparse.ir.errors import ConfigError
 from milsparse.ir.interpreter import Cursor, StopRun, fits_input, top_level_op
+from milsparse.ir.samples import check_input_value, read_npz
 
 __all__ = [
     "Columns",
@@ -173,25 +175,12 @@ def _activation_rows(op, columns: Columns, values: Mapping) -> np.ndarray:
 
 def read_samples(value, input_names: Iterable[str]) -> list[dict[str, np.ndarray]]:
     """Calibration samples from a list of input dicts, one dict, or an .npz path whose arrays
-    are named after the model's inputs with a leading sample axis."""
+    are named after the model's inputs with a leading sample axis (read by `samples.read_npz`,
+    as verify's inputs are)."""
     names = list(input_names)
     if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
-        from pathlib import Path
-
-        path = Path(value)
-        if path.suffix != ".npz":
-            raise ConfigError(f"{path}: calibration data must be an .npz file")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: cannot read calibration data: {e}") from e
-        missing = [n for n in names if n not in arrays]
-        if missing:
-            raise ConfigError(
-                f"{path}: calibration data has no array for input(s) {missing}; it has "
-                f"{sorted(arrays)}"
-            )
+        path = os.fsdecode(value)
+        arrays = read_npz(path, names, what="calibration data")
         counts = {arrays[n].shape[0] if arrays[n].ndim else 0 for n in names}
         if len(counts) != 1:
             raise ConfigError(f"{path}: the inputs' arrays hold different numbers of samples")
@@ -240,6 +229,7 @@ def check_samples(prog, samples: list[dict], function: str = "main") -> list[dic
                 )
             if want_float and not np.all(np.isfinite(value)):
                 raise ConfigError(f"calibration sample {i}: input {name!r} is not finite")
+            check_input_value(name, value, var, f"calibration sample {i}")
             arrays[name] = value
         out.append(arrays)
     return out

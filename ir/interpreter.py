@@ -23,6 +23,7 @@ import numpy as np
 from coremltools.converters.mil.mil import types
 from milsparse.ir.blobs import release_pages
 from milsparse.ir.errors import ConfigError, UnsupportedOpError
+from milsparse.ir.samples import check_input_value
 
 __all__ = [
     "KERNELS",
@@ -413,6 +414,7 @@ def _input_env(func, inputs: Mapping[str, Any]) -> _ChainedEnv:
                     f"input {name!r} has shape {value.shape}; the program expects "
                     f"{tuple(var.shape)}"
                 )
+            check_input_value(name, value, var)
         elif state:
             wrapped = var.sym_type.wrapped_type()
             value = np.zeros(

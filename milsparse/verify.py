@@ -24,6 +24,7 @@ from milsparse.errors import ConfigError, UnsupportedModelError
 from milsparse.ir import masks
 from milsparse.ir.graph import walk_ops
 from milsparse.ir.interpreter import evaluate_program, run_samples, static_values
+from milsparse.ir.samples import check_input_value, name_problem, read_npz
 from milsparse.ir.weights import weight_table
 from milsparse.report import format_table
 
@@ -331,25 +332,11 @@ def _check_count(name: str, value, low: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _read_inputs(inputs) -> list[dict[str, np.ndarray]]:
+def _read_inputs(inputs, func) -> list[dict[str, np.ndarray]]:
+    """One sample per .npz (entries keyed by input name; states may be given), or the dicts."""
     if isinstance(inputs, (str, Path)):
-        path = Path(inputs)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such file")
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise ConfigError(f"{path}: cannot read inputs (.npz expected): {e}") from e
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ConfigError(
-                f"{path}: an .npz archive of arrays keyed by input name is expected "
-                "(np.savez(path, x=...)), not a single array"
-            )
-        with data:
-            try:
-                return [{k: data[k] for k in data.files}]
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"{path}: cannot read inputs: {e}") from e
+        required, states = _input_names(func)
+        return [read_npz(inputs, required, states, what="inputs")]
     if isinstance(inputs, Mapping):
         return [dict(inputs)]
     if isinstance(inputs, Sequence) and all(isinstance(i, Mapping) for i in inputs):
@@ -359,25 +346,24 @@ def _read_inputs(inputs) -> list[dict[str, np.ndarray]]:
     raise ConfigError("inputs must be a dict of arrays, a list of such dicts, or an .npz path")
 
 
-def _check_feeds(feeds: list[dict], func) -> None:
-    """Every sample names exactly the function's inputs (state inputs may be left out: they
-    start at zeros), each a real numeric array (shapes are the interpreter's to check)."""
+def _input_names(func) -> tuple[list[str], list[str]]:
+    """(inputs a sample must give, state inputs it may give: they start at zeros otherwise)."""
     from milsparse.ir.interpreter import is_state
 
-    expected = set(func.inputs)
-    states = {name for name, var in func.inputs.items() if is_state(var)}
+    states = [name for name, var in func.inputs.items() if is_state(var)]
+    return [name for name in func.inputs if name not in states], states
+
+
+def _check_feeds(feeds: list[dict], func) -> None:
+    """Every sample names exactly the function's inputs (state inputs may be left out), each a
+    real numeric array whose values the input's dtype can hold (shapes are the interpreter's
+    to check)."""
+    required, states = _input_names(func)
     for i, feed in enumerate(feeds):
         where = f"input sample {i}" if len(feeds) > 1 else "inputs"
-        extra = sorted(set(feed) - expected)
-        missing = sorted(expected - states - set(feed))
-        if extra or missing:
-            parts = []
-            if missing:
-                parts.append(
-                    f"missing input {missing[0]!r}" if len(missing) == 1 else f"missing {missing}"
-                )
-            parts += [f"not inputs of the model: {extra}"] if extra else []
-            raise ConfigError(f"{where}: {'; '.join(parts)}; the model takes {sorted(expected)}")
+        problem = name_problem(feed, required, states)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
         for name, value in feed.items():
             kind = np.asarray(value).dtype.kind
             if kind not in "biuf":
@@ -385,6 +371,7 @@ def _check_feeds(feeds: list[dict], func) -> None:
                 raise ConfigError(
                     f"{where}: {name!r} is a {what} array; inputs must be real numbers"
                 )
+            check_input_value(name, value, func.inputs[name], where)
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -648,7 +635,7 @@ def verify(
             raise ConfigError("give inputs when the reference is a Program (no input description)")
         feeds = generate_inputs(ref_model, ref_prog, samples=samples, seed=seed, function=function)
     else:
-        feeds = _read_inputs(inputs)
+        feeds = _read_inputs(inputs, ref_fn)
     _check_feeds(feeds, ref_fn)
     ref_out: dict[str, list] = {}
     cand_out: dict[str, list] = {}

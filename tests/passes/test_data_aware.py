@@ -250,7 +250,7 @@ def test_calibration_errors_are_clear(tmp_path, save_program, capsys):
     with pytest.raises(ConfigError, match="needs calibration inputs"):
         ms.compress(path, {"spec": "2:4", "criterion": "wanda", "min_size": 512})
     cases = {
-        "other.npz": ({"other": np.ones((3, *shape), np.float32)}, "no array for input"),
+        "other.npz": ({"other": np.ones((3, *shape), np.float32)}, "missing input"),
         "shape.npz": ({name: np.ones((3, 7), np.float32)}, "has shape (7,)"),
         "empty.npz": ({name: np.ones((0, *shape), np.float32)}, "at least one sample"),
         "text.npz": ({name: np.array([["a"] * shape[-1]] * shape[0])[None]}, "expects fp32"),
