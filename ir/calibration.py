@@ -96,10 +96,18 @@ class LayerStats:
     rows: int = 0
     samples: int = field(default=0)
 
-    def add(self, x: np.ndarray) -> None:
-        """Fold in activation rows `x` [groups, N, K]."""
+    def add(self, x: np.ndarray, where: str = "activations") -> None:
+        """Fold in activation rows `x` [groups, N, K]. Non-finite rows, or an `X^T X` that
+        overflows float32, are a ConfigError starting with `where` (the weight and sample):
+        the criteria would rank weights by NaN."""
         x = np.asarray(x, dtype=np.float32)
         sq = np.einsum("gnk,gnk->gk", x, x, dtype=np.float64)
+        if not np.isfinite(sq).all():  # float32 squares fit float64: only inf or nan gets here
+            raise ConfigError(
+                f"{where}: the activations reaching it are not finite (inf or nan): the model "
+                "overflows on this sample (fp16 holds values up to 65504); calibrate on inputs "
+                "like the ones the model meets in use"
+            )
         if self.sq is None:
             self.sq = sq
         else:
@@ -112,6 +120,12 @@ class LayerStats:
                 for c in range(0, k, _XTX_PANEL):
                     e = min(c + _XTX_PANEL, k)
                     self.xtx[g][:, c:e] += x[g].T @ x[g][:, c:e]
+                    if not np.isfinite(self.xtx[g][:, c:e]).all():
+                        raise ConfigError(
+                            f"{where}: X^T X of the activations reaching it overflows float32 "
+                            f"(activations up to {float(np.abs(x).max()):.3g}); calibrate on "
+                            "inputs of the scale the model meets in use"
+                        )
         self.rows += x.shape[1]
 
     def wanda_scale(self, weight_shape: tuple[int, ...], weight_axes: tuple[int, int]):
@@ -235,14 +249,17 @@ def check_samples(prog, samples: list[dict], function: str = "main") -> list[dic
     return out
 
 
-def _observers(targets: Mapping[int, tuple[str, Columns]], with_xtx: bool, stop_at=None):
+def _observers(
+    targets: Mapping[int, tuple[str, Columns]], with_xtx: bool, cursor: Cursor, stop_at=None
+):
     stats: dict[str, LayerStats] = {}
     observers = {}
     for op_id, (name, columns) in targets.items():
         layer = stats.setdefault(name, LayerStats(columns, with_xtx))
 
-        def observe(op, values, layer=layer, op_id=op_id):
-            layer.add(_activation_rows(op, layer.columns, values))
+        def observe(op, values, layer=layer, op_id=op_id, name=name):
+            where = f"weight {name!r}, calibration sample {cursor.current_sample}"
+            layer.add(_activation_rows(op, layer.columns, values), where)
             if op_id == stop_at:
                 raise StopRun
 
@@ -263,8 +280,8 @@ def collect(
     `targets` maps id(consumer op) -> (weight name, Columns). The samples go through together
     (an interpreter `Cursor`), so decoded weights are held a stretch at a time.
     `progress(done, total)` is called as the run goes."""
-    stats, observers = _observers(targets, with_xtx)
     cursor = Cursor(prog, samples, function)
+    stats, observers = _observers(targets, with_xtx, cursor)
     cursor.advance(observers=observers, progress=progress)
     for layer in stats.values():
         layer.samples = len(cursor)
@@ -289,7 +306,7 @@ def collect_at(
     last = max(range(len(consumers)), key=lambda i: order[id(tops[i])])
     # the last consumer, when it is a top-level op itself, ends each sample's probe
     stop_at = id(consumers[last]) if tops[last] is consumers[last] else None
-    stats, observers = _observers(targets, with_xtx, stop_at)
+    stats, observers = _observers(targets, with_xtx, cursor, stop_at)
     cursor.advance(until=first, progress=progress)
     cursor.probe(consumers, observers)
     for layer in stats.values():
