@@ -5,6 +5,7 @@ the error reduction against magnitude pruning, and the errors for bad calibratio
 import json
 import warnings
 
+import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil.mil import Builder as mb
@@ -511,3 +512,27 @@ def test_finite_activations_whose_x_t_x_overflows_are_refused(save_program):
     config = {"spec": "2:4", "criterion": "sparsegpt", "min_size": 512}
     with pytest.raises(ConfigError, match=r"weight 'fc0_weight'.*calibration sample 1.*X\^T X"):
         ms.compress(path, config, calibration=cal)
+
+
+@pytest.mark.parametrize(
+    "extra", [{"criterion": "sparsegpt"}, {"allocate": "global", "spec": "unstructured:0.5"}]
+)
+def test_huge_weights_raise_no_numpy_warnings(extra):
+    """Finding 14: weights near float32's limit made sparsegpt's scores (w^2) and the
+    allocation's error energies (W H W^T) overflow, with RuntimeWarnings on stderr (and NaN
+    errors for the allocation to rank)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 128)) * 1e37).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 128))], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.linear(x=x, weight=mb.const(val=w, name="w"), name="y")
+
+    cal = [{"x": rng.standard_normal((2, 128)).astype(np.float32)} for _ in range(4)]
+    config = parse_prune_config({"spec": "unstructured:0.5", "min_size": 1, **extra})
+    graph_pass = PruneWeights(config, calibration=calibration.check_samples(prog, cal))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph_pass(prog)
+    if "allocate" in extra:
+        assert all(np.isfinite(c.errors).all() for c in graph_pass.allocation)
