@@ -20,6 +20,7 @@ interpreter's `observers` hook (`run_block`), one mechanism for every op.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ import numpy as np
 from milsparse.ir import kernels_nn
 from milsparse.ir.errors import ConfigError
 from milsparse.ir.interpreter import Cursor, StopRun, fits_input, top_level_op
+from milsparse.ir.samples import check_input_value, read_npz
 
 __all__ = [
     "Columns",
@@ -94,10 +96,18 @@ class LayerStats:
     rows: int = 0
     samples: int = field(default=0)
 
-    def add(self, x: np.ndarray) -> None:
-        """Fold in activation rows `x` [groups, N, K]."""
+    def add(self, x: np.ndarray, where: str = "activations") -> None:
+        """Fold in activation rows `x` [groups, N, K]. Non-finite rows, or an `X^T X` that
+        overflows float32, are a ConfigError starting with `where` (the weight and sample):
+        the criteria would rank weights by NaN."""
         x = np.asarray(x, dtype=np.float32)
         sq = np.einsum("gnk,gnk->gk", x, x, dtype=np.float64)
+        if not np.isfinite(sq).all():  # float32 squares fit float64: only inf or nan gets here
+            raise ConfigError(
+                f"{where}: the activations reaching it are not finite (inf or nan): the model "
+                "overflows on this sample (fp16 holds values up to 65504); calibrate on inputs "
+                "like the ones the model meets in use"
+            )
         if self.sq is None:
             self.sq = sq
         else:
@@ -110,6 +120,12 @@ class LayerStats:
                 for c in range(0, k, _XTX_PANEL):
                     e = min(c + _XTX_PANEL, k)
                     self.xtx[g][:, c:e] += x[g].T @ x[g][:, c:e]
+                    if not np.isfinite(self.xtx[g][:, c:e]).all():
+                        raise ConfigError(
+                            f"{where}: X^T X of the activations reaching it overflows float32 "
+                            f"(activations up to {float(np.abs(x).max()):.3g}); calibrate on "
+                            "inputs of the scale the model meets in use"
+                        )
         self.rows += x.shape[1]
 
     def wanda_scale(self, weight_shape: tuple[int, ...], weight_axes: tuple[int, int]):
@@ -173,25 +189,12 @@ def _activation_rows(op, columns: Columns, values: Mapping) -> np.ndarray:
 
 def read_samples(value, input_names: Iterable[str]) -> list[dict[str, np.ndarray]]:
     """Calibration samples from a list of input dicts, one dict, or an .npz path whose arrays
-    are named after the model's inputs with a leading sample axis."""
+    are named after the model's inputs with a leading sample axis (read by `samples.read_npz`,
+    as verify's inputs are)."""
     names = list(input_names)
     if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
-        from pathlib import Path
-
-        path = Path(value)
-        if path.suffix != ".npz":
-            raise ConfigError(f"{path}: calibration data must be an .npz file")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: cannot read calibration data: {e}") from e
-        missing = [n for n in names if n not in arrays]
-        if missing:
-            raise ConfigError(
-                f"{path}: calibration data has no array for input(s) {missing}; it has "
-                f"{sorted(arrays)}"
-            )
+        path = os.fsdecode(value)
+        arrays = read_npz(path, names, what="calibration data")
         counts = {arrays[n].shape[0] if arrays[n].ndim else 0 for n in names}
         if len(counts) != 1:
             raise ConfigError(f"{path}: the inputs' arrays hold different numbers of samples")
@@ -240,19 +243,23 @@ def check_samples(prog, samples: list[dict], function: str = "main") -> list[dic
                 )
             if want_float and not np.all(np.isfinite(value)):
                 raise ConfigError(f"calibration sample {i}: input {name!r} is not finite")
+            check_input_value(name, value, var, f"calibration sample {i}")
             arrays[name] = value
         out.append(arrays)
     return out
 
 
-def _observers(targets: Mapping[int, tuple[str, Columns]], with_xtx: bool, stop_at=None):
+def _observers(
+    targets: Mapping[int, tuple[str, Columns]], with_xtx: bool, cursor: Cursor, stop_at=None
+):
     stats: dict[str, LayerStats] = {}
     observers = {}
     for op_id, (name, columns) in targets.items():
         layer = stats.setdefault(name, LayerStats(columns, with_xtx))
 
-        def observe(op, values, layer=layer, op_id=op_id):
-            layer.add(_activation_rows(op, layer.columns, values))
+        def observe(op, values, layer=layer, op_id=op_id, name=name):
+            where = f"weight {name!r}, calibration sample {cursor.current_sample}"
+            layer.add(_activation_rows(op, layer.columns, values), where)
             if op_id == stop_at:
                 raise StopRun
 
@@ -273,8 +280,8 @@ def collect(
     `targets` maps id(consumer op) -> (weight name, Columns). The samples go through together
     (an interpreter `Cursor`), so decoded weights are held a stretch at a time.
     `progress(done, total)` is called as the run goes."""
-    stats, observers = _observers(targets, with_xtx)
     cursor = Cursor(prog, samples, function)
+    stats, observers = _observers(targets, with_xtx, cursor)
     cursor.advance(observers=observers, progress=progress)
     for layer in stats.values():
         layer.samples = len(cursor)
@@ -299,7 +306,7 @@ def collect_at(
     last = max(range(len(consumers)), key=lambda i: order[id(tops[i])])
     # the last consumer, when it is a top-level op itself, ends each sample's probe
     stop_at = id(consumers[last]) if tops[last] is consumers[last] else None
-    stats, observers = _observers(targets, with_xtx, stop_at)
+    stats, observers = _observers(targets, with_xtx, cursor, stop_at)
     cursor.advance(until=first, progress=progress)
     cursor.probe(consumers, observers)
     for layer in stats.values():

@@ -23,6 +23,7 @@ import numpy as np
 from coremltools.converters.mil.mil import types
 from milsparse.ir.blobs import release_pages
 from milsparse.ir.errors import ConfigError, UnsupportedOpError
+from milsparse.ir.samples import check_input_value
 
 __all__ = [
     "KERNELS",
@@ -292,7 +293,17 @@ def run_block(
 
 
 def _execute(steps, env, cache: dict | None, observers: Mapping | None) -> None:
-    """Run prepared `steps` in `env` (see `run_block`)."""
+    """Run prepared `steps` in `env` (see `run_block`).
+
+    numpy's floating-point warnings are off while the ops run: a kernel's inf or nan (an fp16
+    cast that overflows, inf * 0 in a matmul) is the program's IEEE result, as on device, and
+    the callers judge it (verify refuses a non-finite reference and fails a non-finite
+    candidate, calibration refuses non-finite statistics), in one message of their own."""
+    with np.errstate(all="ignore"):
+        _execute_steps(steps, env, cache, observers)
+
+
+def _execute_steps(steps, env, cache: dict | None, observers: Mapping | None) -> None:
     ctx = Context(env, cache, observers)
     for step in steps:
         if step.static and cache is not None:
@@ -413,6 +424,7 @@ def _input_env(func, inputs: Mapping[str, Any]) -> _ChainedEnv:
                     f"input {name!r} has shape {value.shape}; the program expects "
                     f"{tuple(var.shape)}"
                 )
+            check_input_value(name, value, var)
         elif state:
             wrapped = var.sym_type.wrapped_type()
             value = np.zeros(
@@ -545,6 +557,8 @@ class Cursor:
         self._envs = [_input_env(func, sample) for sample in samples]
         # id -> op already run for every sample; holding the ops keeps their ids unique
         self._done: dict[int, Any] = {}
+        # the index of the sample running now (None between runs), for observers' messages
+        self.current_sample: int | None = None
 
     def __len__(self) -> int:
         return len(self._envs)
@@ -608,8 +622,12 @@ class Cursor:
         total, done = len(stretches) * len(self._envs), 0
         for stretch in stretches:
             cache: dict = {}
-            for env in self._envs:
-                _execute(stretch, env, cache, observers)
+            for i, env in enumerate(self._envs):
+                self.current_sample = i
+                try:
+                    _execute(stretch, env, cache, observers)
+                finally:
+                    self.current_sample = None
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -630,10 +648,13 @@ class Cursor:
         cache: dict = {}
         for i, env in enumerate(self._envs):
             scratch = _ChainedEnv(env)
+            self.current_sample = i
             try:
                 _execute(steps, scratch, cache, observers)
             except StopRun:
                 pass
+            finally:
+                self.current_sample = None
             del scratch
             if progress is not None:
                 progress(i + 1, len(self._envs))

@@ -206,7 +206,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_VERIFY_OPTIONS = ("inputs", "samples", "seed", "min_snr", "min_cosine")
+_VERIFY_OPTIONS = ("inputs", "samples", "seed", "min_snr", "min_cosine", "max_mismatch")
 
 
 def _verify_options(parser) -> None:
@@ -223,6 +223,12 @@ def _verify_options(parser) -> None:
     parser.add_argument(
         "--min-cosine", type=float, metavar="C", help="minimum cosine per output (default 0.98)"
     )
+    parser.add_argument(
+        "--max-mismatch",
+        type=float,
+        metavar="F",
+        help="integer and bool outputs: fraction of values allowed to differ (default 0)",
+    )
 
 
 def _tolerances(args):
@@ -232,6 +238,7 @@ def _tolerances(args):
     return Tolerances(
         min_snr_db=defaults.min_snr_db if args.min_snr is None else args.min_snr,
         min_cosine=defaults.min_cosine if args.min_cosine is None else args.min_cosine,
+        max_mismatch=defaults.max_mismatch if args.max_mismatch is None else args.max_mismatch,
     )
 
 

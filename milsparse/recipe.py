@@ -116,6 +116,26 @@ class Step:
         raise ConfigError(f"cannot make a recipe step from {type(value).__name__}")
 
 
+def _read_recipe_text(path: Path) -> str:
+    """A recipe file's text: UTF-8 (a BOM allowed), whatever the locale says."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read recipe: {e.strerror}") from e
+    how = "save it as UTF-8 (YAML files are UTF-8; this one looks like UTF-16)"
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        if not data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            how = "save it as UTF-8"
+        raise ConfigError(
+            f"{path}: the recipe must be UTF-8 text (byte {e.start} is not UTF-8); {how}"
+        ) from e
+    if "\x00" in text:  # UTF-16 without a BOM decodes as UTF-8 when it is all ASCII
+        raise ConfigError(f"{path}: the recipe must be UTF-8 text (it holds NUL bytes); {how}")
+    return text
+
+
 def _steps(value) -> tuple[Step, ...]:
     if isinstance(value, (Step, str, Mapping)) or type(value) in _KIND_OF_TYPE:
         value = [value]
@@ -217,11 +237,7 @@ class Recipe:
         """Read a recipe from a YAML file (or YAML text containing a newline)."""
         text = str(path_or_text)
         if "\n" not in text:
-            path = Path(text)
-            try:
-                text = path.read_text()
-            except OSError as e:
-                raise ConfigError(f"{path}: cannot read recipe: {e.strerror}") from e
+            text = _read_recipe_text(Path(text))
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -2,9 +2,10 @@
 
 `verify(reference, candidate)` runs both programs on the same inputs (given, or generated from
 the model's input description) and reports, per output, how far the candidate moved (max and
-mean absolute error, relative L2 error, SNR and PSNR in dB, cosine similarity) and, per pruned
-weight, the sparsity reached and whether its block or n:m pattern holds. The verdict compares
-the metrics with `Tolerances`.
+mean absolute error, relative L2 error, SNR and PSNR in dB, cosine similarity; for integer and
+bool outputs, which are labels or indices rather than measurements, the match rate of exact
+comparison) and, per pruned weight, the sparsity reached and whether its block or n:m pattern
+holds. The verdict compares the metrics with `Tolerances`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from milsparse.errors import ConfigError, UnsupportedModelError
 from milsparse.ir import masks
 from milsparse.ir.graph import walk_ops
 from milsparse.ir.interpreter import evaluate_program, run_samples, static_values
+from milsparse.ir.samples import check_input_value, name_problem, read_npz
 from milsparse.ir.weights import weight_table
 from milsparse.report import format_table
 
@@ -38,12 +40,17 @@ class Tolerances:
     Defaults: SNR >= 15 dB (the error carries at most about 3% of the output's energy) and
     cosine similarity >= 0.98, per output over all samples. Tighten them for models whose outputs
     must barely move; compressions that damage a model land far below either.
+
+    Integer and bool outputs (an argmax, a top-k index, a mask) are compared exactly instead:
+    `max_mismatch` is the fraction of their values allowed to differ (default 0). The float
+    metrics would pass an argmax that moved from 8 to 9 on every sample (SNR 18 dB, cosine 1).
     """
 
     min_snr_db: float | None = 15.0
     min_cosine: float | None = 0.98
     max_rel_l2: float | None = None
     max_abs: float | None = None
+    max_mismatch: float | None = 0.0
 
     def __post_init__(self):
         # NaN compares false with everything, so a NaN bound would switch its check off.
@@ -52,6 +59,7 @@ class Tolerances:
             ("min_cosine", -1.0, 1.0),
             ("max_rel_l2", 0.0, math.inf),
             ("max_abs", 0.0, math.inf),
+            ("max_mismatch", 0.0, 1.0),
         ):  # bounds are finite: an infinite one would also switch its check off
             value = getattr(self, name)
             if value is None:
@@ -66,15 +74,23 @@ class Tolerances:
 
 @dataclass
 class OutputMetrics:
+    """How far one output moved over all samples. For an `exact` (integer or bool) output the
+    float metrics that treat it as a signal (rel_l2, SNR, PSNR, cosine) are None, and
+    `mismatches` / `match_rate` count the values that differ; for a float output those two
+    are None."""
+
     name: str
     shape: tuple[int, ...]
     max_abs: float
     mean_abs: float
-    rel_l2: float
-    snr_db: float
-    psnr_db: float
-    cosine: float
+    rel_l2: float | None
+    snr_db: float | None
+    psnr_db: float | None
+    cosine: float | None
     failures: list[str] = field(default_factory=list)
+    exact: bool = False
+    mismatches: int | None = None
+    match_rate: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -135,24 +151,27 @@ class VerifyReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
+        def number(value, form: str) -> str:
+            return "-" if value is None else format(value, form)
+
+        exact = any(o.exact for o in self.outputs)
         rows = [
             [
                 o.name,
                 "x".join(map(str, o.shape)),
                 f"{o.max_abs:.3g}",
                 f"{o.mean_abs:.3g}",
-                f"{o.rel_l2:.3g}",
-                f"{o.snr_db:.1f}",
-                f"{o.psnr_db:.1f}",
-                f"{o.cosine:.6f}",
+                number(o.rel_l2, ".3g"),
+                number(o.snr_db, ".1f"),
+                number(o.psnr_db, ".1f"),
+                number(o.cosine, ".6f"),
+                *([f"{o.match_rate:.4f} ({o.mismatches} differ)" if o.exact else "-"] * exact),
                 "ok" if o.passed else "FAIL",
             ]
             for o in self.outputs
         ]
-        text = format_table(
-            ["output", "shape", "max abs", "mean abs", "rel L2", "SNR dB", "PSNR dB", "cosine", ""],
-            rows,
-        )
+        header = ["output", "shape", "max abs", "mean abs", "rel L2", "SNR dB", "PSNR dB", "cosine"]
+        text = format_table([*header, *(["match"] * exact), ""], rows)
         checked = [w for w in self.weights if w.pattern is not None or w.sparse]
         if checked:
             wrows = [
@@ -313,25 +332,11 @@ def _check_count(name: str, value, low: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _read_inputs(inputs) -> list[dict[str, np.ndarray]]:
+def _read_inputs(inputs, func) -> list[dict[str, np.ndarray]]:
+    """One sample per .npz (entries keyed by input name; states may be given), or the dicts."""
     if isinstance(inputs, (str, Path)):
-        path = Path(inputs)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such file")
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise ConfigError(f"{path}: cannot read inputs (.npz expected): {e}") from e
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ConfigError(
-                f"{path}: an .npz archive of arrays keyed by input name is expected "
-                "(np.savez(path, x=...)), not a single array"
-            )
-        with data:
-            try:
-                return [{k: data[k] for k in data.files}]
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"{path}: cannot read inputs: {e}") from e
+        required, states = _input_names(func)
+        return [read_npz(inputs, required, states, what="inputs")]
     if isinstance(inputs, Mapping):
         return [dict(inputs)]
     if isinstance(inputs, Sequence) and all(isinstance(i, Mapping) for i in inputs):
@@ -341,25 +346,24 @@ def _read_inputs(inputs) -> list[dict[str, np.ndarray]]:
     raise ConfigError("inputs must be a dict of arrays, a list of such dicts, or an .npz path")
 
 
-def _check_feeds(feeds: list[dict], func) -> None:
-    """Every sample names exactly the function's inputs (state inputs may be left out: they
-    start at zeros), each a real numeric array (shapes are the interpreter's to check)."""
+def _input_names(func) -> tuple[list[str], list[str]]:
+    """(inputs a sample must give, state inputs it may give: they start at zeros otherwise)."""
     from milsparse.ir.interpreter import is_state
 
-    expected = set(func.inputs)
-    states = {name for name, var in func.inputs.items() if is_state(var)}
+    states = [name for name, var in func.inputs.items() if is_state(var)]
+    return [name for name in func.inputs if name not in states], states
+
+
+def _check_feeds(feeds: list[dict], func) -> None:
+    """Every sample names exactly the function's inputs (state inputs may be left out), each a
+    real numeric array whose values the input's dtype can hold (shapes are the interpreter's
+    to check)."""
+    required, states = _input_names(func)
     for i, feed in enumerate(feeds):
         where = f"input sample {i}" if len(feeds) > 1 else "inputs"
-        extra = sorted(set(feed) - expected)
-        missing = sorted(expected - states - set(feed))
-        if extra or missing:
-            parts = []
-            if missing:
-                parts.append(
-                    f"missing input {missing[0]!r}" if len(missing) == 1 else f"missing {missing}"
-                )
-            parts += [f"not inputs of the model: {extra}"] if extra else []
-            raise ConfigError(f"{where}: {'; '.join(parts)}; the model takes {sorted(expected)}")
+        problem = name_problem(feed, required, states)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
         for name, value in feed.items():
             kind = np.asarray(value).dtype.kind
             if kind not in "biuf":
@@ -367,6 +371,7 @@ def _check_feeds(feeds: list[dict], func) -> None:
                 raise ConfigError(
                     f"{where}: {name!r} is a {what} array; inputs must be real numbers"
                 )
+            check_input_value(name, value, func.inputs[name], where)
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -386,18 +391,24 @@ def compare_outputs(references: list[dict], outputs: list[dict], tol: Tolerances
     return [
         output_metrics(
             name,
-            np.concatenate([np.asarray(r[name], np.float64).ravel() for r in references]),
-            np.concatenate([np.asarray(o[name], np.float64).ravel() for o in outputs]),
+            np.concatenate([np.asarray(r[name]).ravel() for r in references]),
+            np.concatenate([np.asarray(o[name]).ravel() for o in outputs]),
             tol,
         )
         for name in names
     ]
 
 
+def _is_exact(values: np.ndarray) -> bool:
+    """Integer and bool outputs are labels, indices or masks: compared exactly."""
+    return values.dtype.kind in "biu"
+
+
 def output_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances) -> OutputMetrics:
-    r = np.asarray(ref, dtype=np.float64).ravel()
-    c = np.asarray(cand, dtype=np.float64).ravel()
-    if r.shape != c.shape:
+    """The metrics of one output (all samples) and the tolerances it misses. Integer and bool
+    outputs get `exact_metrics`; float ones the signal metrics."""
+    ref, cand = np.asarray(ref), np.asarray(cand)
+    if ref.shape != cand.shape:
         return OutputMetrics(
             name,
             tuple(np.shape(ref)),
@@ -409,6 +420,43 @@ def output_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances
             0.0,
             [f"shape {np.shape(cand)} != {np.shape(ref)}"],
         )
+    if _is_exact(ref) or _is_exact(cand):
+        return exact_metrics(name, ref, cand, tol)
+    return _signal_metrics(name, ref, cand, tol)
+
+
+def exact_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances) -> OutputMetrics:
+    """Integer or bool output: how many values differ, and the largest difference. An argmax
+    that moves by one class is wrong, however high the SNR of the indices as floats."""
+    r, c = ref.ravel(), cand.ravel()
+    differ = r != c
+    mismatches = int(np.count_nonzero(differ))
+    # the differences of int64 values can exceed int64: measure them in float64
+    err = np.abs(c.astype(np.float64) - r.astype(np.float64))
+    m = OutputMetrics(
+        name=name,
+        shape=tuple(ref.shape),
+        max_abs=float(err.max()) if r.size else 0.0,
+        mean_abs=float(err.mean()) if r.size else 0.0,
+        rel_l2=None,
+        snr_db=None,
+        psnr_db=None,
+        cosine=None,
+        exact=True,
+        mismatches=mismatches,
+        match_rate=1.0 - mismatches / r.size if r.size else 1.0,
+    )
+    if tol.max_mismatch is not None and mismatches > tol.max_mismatch * r.size:
+        m.failures.append(
+            f"{mismatches} of {r.size} values differ (match rate {m.match_rate:.4g}; "
+            f"max_mismatch {tol.max_mismatch:g})"
+        )
+    return m
+
+
+def _signal_metrics(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerances):
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    c = np.asarray(cand, dtype=np.float64).ravel()
     err = c - r
     noise = float(err @ err)
     signal = float(r @ r)
@@ -587,7 +635,7 @@ def verify(
             raise ConfigError("give inputs when the reference is a Program (no input description)")
         feeds = generate_inputs(ref_model, ref_prog, samples=samples, seed=seed, function=function)
     else:
-        feeds = _read_inputs(inputs)
+        feeds = _read_inputs(inputs, ref_fn)
     _check_feeds(feeds, ref_fn)
     ref_out: dict[str, list] = {}
     cand_out: dict[str, list] = {}

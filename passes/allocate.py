@@ -59,7 +59,12 @@ def _mask(weight, spec, axis, stats, axes, criterion, sparsity):
 
 def sensitivity(name, weight, spec, axis, stats: LayerStats, axes, criterion) -> Curve:
     """The layer's relative output error at each sparsity of GRID (see the module docstring)."""
+    # The relative error does not depend on the weight's scale: measure it on the weight scaled
+    # by a power of two (exact) to at most 1, so that W H W^T stays inside float32 whatever the
+    # weights (values near float32's limit would make every error inf or nan).
+    scale = data_aware.unit_scale(weight)
     stack, _ = data_aware._matrices(weight, stats, axes)
+    stack *= scale
     h = stats.xtx
     energy = sum(float(((stack[g] @ h[g]) * stack[g]).sum()) for g in range(stack.shape[0]))
     errors = []
@@ -70,6 +75,7 @@ def sensitivity(name, weight, spec, axis, stats: LayerStats, axes, criterion) ->
         keep = _mask(weight, spec, axis, stats, axes, criterion, s)
         dropped = np.where(keep, 0, weight)
         d, _ = data_aware._matrices(dropped, stats, axes)
+        d *= scale
         err = sum(float(((d[g] @ h[g]) * d[g]).sum()) for g in range(d.shape[0]))
         errors.append(err / energy if energy > 0 else 0.0)
     return Curve(name, int(weight.size), errors)

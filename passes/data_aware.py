@@ -150,13 +150,32 @@ def singular(h: np.ndarray) -> bool:
     return bool((np.diag(work) ** 2).min() < SINGULAR_PIVOT * scale)
 
 
+def unit_scale(weight: np.ndarray) -> np.float32:
+    """A power of two that brings the weight's largest magnitude into [0.5, 1). Scaling by it is
+    exact, and SparseGPT's update and the allocation's errors are linear (or relative) in the
+    weight, so they run on the scaled weight: no overflow for weights near float32's limit."""
+    peak = float(np.max(np.abs(weight))) if weight.size else 0.0
+    if peak == 0 or not np.isfinite(peak):
+        return np.float32(1.0)
+    return np.float32(2.0 ** -int(np.frexp(peak)[1]))
+
+
+def _obs_scores(w: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """OBS saliency `w^2 / [H^-1]_jj^2` (larger = keep). A weight whose square overflows
+    float32 scores inf: it is kept, as the largest of all, so the overflow is ignored."""
+    with np.errstate(over="ignore"):
+        return w**2 / d**2
+
+
 def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.01):
     """(keep mask, new weight in its dtype, note or None): SparseGPT's pruning of `weight`
     (see the module docstring); the note says when `X^T X` is singular (the update then leans
     on the dampening, and more of it may serve better)."""
     if stats.xtx is None:
         raise ValueError("sparsegpt needs X^T X statistics")
-    stack, unstack = _matrices(weight, stats, axes)
+    stack, unstack = _matrices(weight, stats, axes)  # a copy: scaled and updated in place
+    scale = unit_scale(weight)
+    stack *= scale
     groups, rows, k = stack.shape
     few_rows = stats.rows < k
     is_singular, factors = False, []
@@ -170,7 +189,7 @@ def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.
     fixed_keep = None
     if not adaptive:  # one mask up front from the OBS scores of the original weight
         d = np.stack([np.diag(u) for u in factors])  # [G, K]
-        scores_stack = stack**2 / (d[:, None, :] ** 2)
+        scores_stack = _obs_scores(stack, d[:, None, :])
         scores = unstack(scores_stack).astype(np.float32)
         fixed_keep = _pattern_mask(weight, spec, axis, scores, axes[1])
         fixed_stack, _ = _matrices(fixed_keep.astype(np.float64), stats, axes)
@@ -189,7 +208,7 @@ def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.
             d1 = np.diag(u1)
             keep1 = np.ones(w1.shape, bool)
             if spec.pattern == "magnitude":
-                score = w1**2 / d1[None, :] ** 2
+                score = _obs_scores(w1, d1[None, :])
                 if per_row:
                     width = end - start
                     before = masks.round_half_up(spec.sparsity * row_done)
@@ -211,7 +230,7 @@ def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.
             for i in range(end - start):
                 if adaptive_nm and (start + i) % spec.m == 0:
                     width = min(spec.m, end - start - i)
-                    score = w1[:, i : i + width] ** 2 / d1[i : i + width][None, :] ** 2
+                    score = _obs_scores(w1[:, i : i + width], d1[i : i + width][None, :])
                     zeros = masks.round_half_up(spec.n * width / spec.m)
                     if zeros:
                         order = np.argsort(score, axis=1, kind="stable")[:, :zeros]
@@ -231,6 +250,7 @@ def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.
             row_done += end - start
         if per_row:
             row_done = 0
+    stack /= scale
     keep = unstack(keep_stack.astype(np.uint8)).astype(bool)
     new = unstack(np.where(keep_stack, stack, 0.0)).astype(weight.dtype)
     # a kept weight that rounds to zero in the weight's dtype is pruned by rounding: keep the

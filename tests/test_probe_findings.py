@@ -245,7 +245,7 @@ def test_10_a_disk_that_fills_while_values_spill_exits_2_and_leaves_nothing(
     "args, message",
     [
         (["--seed", "-1"], "--seed must be at least 0"),
-        (["--inputs", "x.npy"], "not a single array"),
+        (["--inputs", "x.npy"], "a single array (.npy), not a .npz archive"),
     ],
 )
 def test_10_bad_verify_inputs_exit_2(model, tmp_path, capsys, args, message):

@@ -249,3 +249,26 @@ def test_passes_prints_a_recipes_chain(capsys):
     listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
     assert ["sparse", "sparse+palettized", "iOS18"] in listed["milsparse::palettize"]["transforms"]
     assert main(["passes", "--dot"]) == 2
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "latin-1"])
+def test_a_recipe_that_is_not_utf8_is_a_user_error(block16, tmp_path, capsys, encoding):
+    """Finding 12: a UTF-16 recipe exited 3 (UnicodeDecodeError) in `compress --recipe` and
+    `passes --recipe`; it is exit 2, saying the recipe must be UTF-8 text."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes("# Prüfung\nsteps:\n  - prune: '2:4'\n".encode(encoding))
+    with pytest.raises(ConfigError, match="must be UTF-8 text"):
+        Recipe.from_yaml(recipe)
+    out = tmp_path / "o.mlpackage"
+    for args in (["compress", str(block16), "-o", str(out), "--recipe", str(recipe)],
+                 ["passes", "--recipe", str(recipe)]):  # fmt: skip
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{recipe}: the recipe must be UTF-8 text" in err and err.count("\n") == 1
+    assert not out.exists()
+    recipe.write_bytes("steps:\n  - prune: '2:4'\n".encode(encoding))  # ASCII in UTF-16: NULs
+    if encoding.startswith("utf-16"):
+        with pytest.raises(ConfigError, match="must be UTF-8 text"):
+            Recipe.from_yaml(recipe)
+    recipe.write_bytes("# Prüfung\nsteps:\n  - prune: '2:4'\n".encode("utf-8-sig"))
+    assert Recipe.from_yaml(recipe).steps[0].kind == "prune"  # a BOM is fine

@@ -202,7 +202,7 @@ def test_inputs_as_dict_list_and_npz(reference, tmp_path):
     with pytest.raises(ConfigError, match="shape"):
         ms.verify(reference, candidate, {"x": np.zeros((3, 64), np.float32)})
     (tmp_path / "bad.npz").write_text("not an npz")
-    with pytest.raises(ConfigError, match="cannot read inputs"):
+    with pytest.raises(ConfigError, match="not a .npz archive"):
         ms.verify(reference, candidate, tmp_path / "bad.npz")
 
 
@@ -419,7 +419,7 @@ def test_verify_refuses_zero_samples_and_negative_seeds(reference):
 def test_input_files_and_dicts_are_checked(reference, tmp_path):
     x = np.ones((2, 64), np.float32)
     np.save(tmp_path / "x.npy", x)
-    with pytest.raises(ConfigError, match="not a single array"):
+    with pytest.raises(ConfigError, match=r"a single array \(.npy\), not a .npz archive"):
         ms.verify(reference, reference, tmp_path / "x.npy")
     np.savez(tmp_path / "s.npz", x=np.array(["a", "b"]))
     with pytest.raises(ConfigError, match="'x' is a string array"):
@@ -430,3 +430,78 @@ def test_input_files_and_dicts_are_checked(reference, tmp_path):
         ms.verify(reference, reference, {"x": x, "y": x})
     with pytest.raises(ConfigError, match="input sample 1: missing input 'x'"):
         ms.verify(reference, reference, [{"x": x}, {}])
+
+
+def _argmax_head(save_program):
+    """x -> linear -> argmax (int32 "label") and the logits ("logits"). With positive inputs
+    row 8 (64 x 0.1) beats row 9 (one 5.0, the rest 0.001); channel-scope pruning at 50% halves
+    row 8 and keeps row 9's 5.0, so the label moves from 8 to 9 on every sample."""
+    w = np.zeros((10, 64), np.float32)
+    w[8] = 0.1
+    w[9] = 0.001
+    w[9, 0] = 5.0
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 64))], opset_version=ct.target.iOS18)
+    def prog(x):
+        logits = mb.linear(x=x, weight=mb.const(val=w, name="head_weight"), name="logits")
+        return logits, mb.reduce_argmax(x=logits, axis=-1, name="label")
+
+    return save_program(prog)
+
+
+def test_integer_outputs_are_compared_exactly(save_program):
+    """Finding 7: an argmax wrong on every sample passed (SNR 35.9 dB, cosine 0.99989): integer
+    outputs are compared value by value, with a match rate and `max_mismatch` (default 0)."""
+    path = _argmax_head(save_program)
+    candidate = ms.compress(path, {"spec": "unstructured@channel:0.5", "min_size": 1})
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.uniform(0.9, 1.1, (2, 64)).astype(np.float32)} for _ in range(4)]
+    flipped = ms.evaluate(candidate, feeds[0])["label"]
+    assert ms.evaluate(path, feeds[0])["label"].tolist() == [8, 8] and flipped.tolist() == [9, 9]
+    loose = Tolerances(min_snr_db=None, min_cosine=None)  # the logits may move: only labels count
+    report = ms.verify(path, candidate, feeds, tolerances=loose)
+    label = {o.name: o for o in report.outputs}["label"]
+    assert label.exact and label.mismatches == 8 and label.match_rate == 0.0
+    assert not report.passed
+    assert report.failures == ["output label: 8 of 8 values differ (match rate 0; max_mismatch 0)"]
+    assert label.snr_db is None and label.cosine is None  # float metrics do not apply
+    data = report.to_dict()["outputs"]
+    assert {o["name"]: o["match_rate"] for o in data} == {"logits": None, "label": 0.0}
+    assert "match" in str(report) and "0.0000 (8 differ)" in str(report)
+    anything = Tolerances(min_snr_db=None, min_cosine=None, max_mismatch=1)
+    assert ms.verify(path, candidate, feeds, tolerances=anything).passed
+    assert ms.verify(path, path, feeds).passed  # identical labels: match rate 1
+
+
+def test_bool_outputs_and_max_mismatch_by_hand():
+    """Finding 7: bool outputs too; `max_mismatch` is the fraction of values allowed to differ."""
+    ref = np.array([True, False, True, True])
+    cand = np.array([True, True, True, True])
+    m = output_metrics("mask", ref, cand, Tolerances())
+    assert m.exact and m.mismatches == 1 and m.match_rate == 0.75 and not m.passed
+    assert output_metrics("mask", ref, cand, Tolerances(max_mismatch=0.25)).passed
+    assert not output_metrics("mask", ref, cand, Tolerances(max_mismatch=0.2)).passed
+    ids = np.array([1000000, 7], np.int64)  # large ids would give a high SNR as floats
+    assert not output_metrics("ids", ids, ids + np.array([1, 0]), Tolerances()).passed
+    for bad in (-0.1, 1.5, float("nan"), "0"):
+        with pytest.raises(ConfigError, match="max_mismatch"):
+            Tolerances(max_mismatch=bad)
+
+
+def test_cli_max_mismatch(save_program, tmp_path, capsys):
+    """Finding 7: `--max-mismatch F` sets the tolerance; JSON reports the match rate."""
+    from milsparse.cli import main
+
+    path = _argmax_head(save_program)
+    candidate = tmp_path / "c.mlpackage"
+    ms.compress(path, {"spec": "unstructured@channel:0.5", "min_size": 1}, output=candidate)
+    np.savez(tmp_path / "in.npz", x=np.ones((2, 64), np.float32))
+    base = ["verify", str(path), str(candidate), "--inputs", str(tmp_path / "in.npz"),
+            "--min-snr", "-100", "--min-cosine", "-1", "--json"]  # fmt: skip
+    assert main(base) == 1
+    label = [o for o in json.loads(capsys.readouterr().out)["outputs"] if o["name"] == "label"]
+    assert label[0]["match_rate"] == 0.0 and label[0]["mismatches"] == 2
+    assert main([*base, "--max-mismatch", "1"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--max-mismatch", "2"]) == 2
+    assert "max_mismatch" in capsys.readouterr().err

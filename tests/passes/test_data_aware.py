@@ -3,7 +3,9 @@ brute-force im2col and matmul layouts), Wanda's scores, SparseGPT's update, exac
 the error reduction against magnitude pruning, and the errors for bad calibration input."""
 
 import json
+import warnings
 
+import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil.mil import Builder as mb
@@ -250,7 +252,7 @@ def test_calibration_errors_are_clear(tmp_path, save_program, capsys):
     with pytest.raises(ConfigError, match="needs calibration inputs"):
         ms.compress(path, {"spec": "2:4", "criterion": "wanda", "min_size": 512})
     cases = {
-        "other.npz": ({"other": np.ones((3, *shape), np.float32)}, "no array for input"),
+        "other.npz": ({"other": np.ones((3, *shape), np.float32)}, "missing input"),
         "shape.npz": ({name: np.ones((3, 7), np.float32)}, "has shape (7,)"),
         "empty.npz": ({name: np.ones((0, *shape), np.float32)}, "at least one sample"),
         "text.npz": ({name: np.array([["a"] * shape[-1]] * shape[0])[None]}, "expects fp32"),
@@ -472,3 +474,65 @@ def test_sequential_statistics_equal_a_full_run_on_the_same_program():
         assert (seq.rows, seq.samples) == (full.rows, full.samples) == (24, 3)
         np.testing.assert_array_equal(seq.sq, full.sq)
         np.testing.assert_array_equal(seq.xtx, full.xtx)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_calibration_that_overflows_inside_the_model_is_refused(
+    tmp_path, save_program, capsys, criterion
+):
+    """Finding 8: float32 inputs of 1e30 pass the finiteness check but overflow in an fp16
+    model; wanda pruned with NaN-ranked scores (exit 0), sparsegpt left every weight dense as
+    "sparse form would be larger". Non-finite statistics are a ConfigError naming the weight and
+    the sample, with no numpy RuntimeWarning before it (finding 14)."""
+    path = save_program(programs.mlp(sizes=(64, 256, 10), dtype=np.float16))
+    cal = [{"x": np.ones((2, 64), np.float32)}, {"x": np.full((2, 64), 1e30, np.float32)}]
+    config = {"spec": "2:4", "criterion": criterion, "min_size": 512}
+    with pytest.raises(ConfigError, match=r"weight 'fc0_weight'.*calibration sample 1.*not finite"):
+        ms.compress(path, config, calibration=cal)
+    npz = tmp_path / "cal.npz"
+    np.savez(npz, x=np.stack([s["x"] for s in cal]))
+    out = tmp_path / "o.mlpackage"
+    args = ["compress", str(path), "-o", str(out), "--prune", "2:4", "--criterion", criterion,
+            "--min-size", "512", "--calibration", str(npz)]  # fmt: skip
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning would end it with exit 3
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("milsparse: error: ") and err.count("\n") == 1, err  # no warnings
+    assert "fc0_weight" in err and "calibration sample 1" in err
+    assert not out.exists()
+
+
+def test_finite_activations_whose_x_t_x_overflows_are_refused(save_program):
+    """Finding 8: activations of 1e20 are finite, but X^T X (float32) overflows: sparsegpt
+    must not run on inf statistics."""
+    path = save_program(programs.mlp(sizes=(64, 256, 10)))
+    cal = [{"x": np.ones((2, 64), np.float32)}, {"x": np.full((2, 64), 1e20, np.float32)}]
+    config = {"spec": "2:4", "criterion": "sparsegpt", "min_size": 512}
+    with pytest.raises(ConfigError, match=r"weight 'fc0_weight'.*calibration sample 1.*X\^T X"):
+        ms.compress(path, config, calibration=cal)
+
+
+@pytest.mark.parametrize(
+    "extra", [{"criterion": "sparsegpt"}, {"allocate": "global", "spec": "unstructured:0.5"}]
+)
+def test_huge_weights_raise_no_numpy_warnings(extra):
+    """Finding 14: weights near float32's limit made sparsegpt's scores (w^2) and the
+    allocation's error energies (W H W^T) overflow, with RuntimeWarnings on stderr (and NaN
+    errors for the allocation to rank)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 128)) * 1e37).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 128))], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.linear(x=x, weight=mb.const(val=w, name="w"), name="y")
+
+    cal = [{"x": rng.standard_normal((2, 128)).astype(np.float32)} for _ in range(4)]
+    config = parse_prune_config({"spec": "unstructured:0.5", "min_size": 1, **extra})
+    graph_pass = PruneWeights(config, calibration=calibration.check_samples(prog, cal))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph_pass(prog)
+    if "allocate" in extra:
+        assert all(np.isfinite(c.errors).all() for c in graph_pass.allocation)
