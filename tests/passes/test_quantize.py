@@ -133,3 +133,101 @@ def test_configs_read_yaml_and_json_text_as_set_options_hands_them():
     assert parse_quantize_config({"dtype": "int8", "granularity": "per_tensor"}).spec == (
         parse_quantize_spec("int8@t")
     )
+
+
+def _decoded_and_steps(prog):
+    """(coremltools' decode of the weight, the step of every element from its stored scale,
+    the kept positions): iOS18 blockwise, iOS16 affine, and the sparse joint form."""
+    root = _weight_op(prog)
+    decoded = np.asarray(root.materialized_val_inference())
+    shape = decoded.shape
+    kept = np.ones(shape, bool)
+    quant = root
+    if root.op_type == "constexpr_sparse_to_dense":
+        quant = root.nonzero_data.op
+        kept = np.asarray(quant.data_mask.val) != 0
+    scale = np.asarray(quant.scale.val).astype(np.float64)
+    if quant.op_type == "constexpr_affine_dequantize" and scale.size > 1:
+        axis = int(quant.axis.val)
+        scale = scale.reshape([-1 if d == axis else 1 for d in range(len(shape))])
+    elif scale.ndim == len(shape):
+        for axis, (size, blocks) in enumerate(zip(shape, scale.shape, strict=True)):
+            scale = np.repeat(scale, size // blocks, axis=axis)
+    return decoded, np.broadcast_to(scale, shape), kept
+
+
+def _assert_finite_within_half_a_step(prog, w):
+    decoded, step, kept = _decoded_and_steps(prog)
+    assert decoded.dtype == w.dtype
+    assert np.all(np.isfinite(decoded)), f"{np.count_nonzero(~np.isfinite(decoded))} not finite"
+    # half a step, plus the decoder's rounding of the product to the weight's dtype
+    bound = step / 2 + np.spacing(np.abs(decoded)).astype(np.float64) / 2
+    err = np.abs(decoded.astype(np.float64) - w.astype(np.float64))
+    assert np.all(err[kept] <= bound[kept]), np.max((err - bound)[kept])
+
+
+QUANT_FORMS = [
+    (ct.target.iOS18, "int8"),
+    (ct.target.iOS18, "int8@t"),
+    (ct.target.iOS18, "int4"),
+    (ct.target.iOS18, "int4@b32"),
+    (ct.target.iOS18, "uint8:affine"),
+    (ct.target.iOS18, "uint8@t:affine"),
+    (ct.target.iOS18, "uint4@b16:affine"),
+    (ct.target.iOS18, "int8@b16:affine"),
+    (ct.target.iOS16, "int8"),
+    (ct.target.iOS16, "int8@t"),
+    (ct.target.iOS16, "uint8:affine"),
+    (ct.target.iOS16, "uint8@t:affine"),
+]
+
+
+def _near_fp16_max(seed=0):
+    """fp16 weights whose every row reaches +-65504 (the largest finite fp16)."""
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(-1, 1, SHAPE) * 65504
+    w[:, 0], w[:, 1] = 65504, -65504
+    w[::2, 0] = 65500 - rng.integers(0, 8, SHAPE[0] // 2) * 32.0  # just below, too
+    return w.astype(np.float16)
+
+
+@pytest.mark.parametrize("opset, spec", QUANT_FORMS)
+def test_fp16_weights_near_65504_decode_finite_within_half_a_step(opset, spec):
+    """Issue finding 5: the fp16 scale rounds up (65504/127 -> 516.0) and 127 x 516 overflows:
+    weights near the largest fp16 decoded to inf."""
+    w = _near_fp16_max()
+    prog = programs.single_op("linear", dtype=np.float16, shape=SHAPE, weight=w, opset=opset)
+    d = _quantize(prog, spec)
+    assert d.compressed, d.reason
+    _assert_finite_within_half_a_step(prog, w)
+
+
+@pytest.mark.parametrize("spec", [s for o, s in QUANT_FORMS if o == ct.target.iOS18])
+def test_sparse_fp16_weights_near_65504_decode_finite_within_half_a_step(spec):
+    """Issue finding 5, the sparse joint form (constexpr_sparse_blockwise_shift_scale)."""
+    w = _near_fp16_max(seed=1)
+    prog = programs.single_op("linear", dtype=np.float16, shape=SHAPE, weight=w)
+    PruneWeights(PruneConfig(parse_prune_spec("unstructured:0.5"), min_size=16))(prog)
+    pruned = weight_chain(_weight_op(prog)).decode().astype(np.float16)
+    d = _quantize(prog, spec)
+    assert d.compressed and d.spec == f"sparse+{spec}", d.reason
+    _assert_finite_within_half_a_step(prog, pruned)
+
+
+@pytest.mark.parametrize("opset, spec", QUANT_FORMS)
+@pytest.mark.parametrize("magnitude", [2e-6, 3e-5, 1e-3])
+def test_tiny_fp16_weights_keep_their_values(opset, spec, magnitude):
+    """Issue finding 6: a scale that underflows to 0 in fp16 (the `scale > 0` check ran in
+    float64) decoded a layer's nonzero weights all to 0; subnormal scales lost precision."""
+    rng = np.random.default_rng(7)
+    w = (rng.uniform(-1, 1, SHAPE) * magnitude).astype(np.float16)
+    w[:, 0] = magnitude
+    assert np.count_nonzero(w)
+    prog = programs.single_op("linear", dtype=np.float16, shape=SHAPE, weight=w, opset=opset)
+    d = _quantize(prog, spec)
+    if not d.compressed:  # left dense: it must say why
+        assert d.reason and _weight_op(prog).op_type == "const"
+        return
+    decoded, _, _ = _decoded_and_steps(prog)
+    assert np.count_nonzero(decoded) > 0
+    _assert_finite_within_half_a_step(prog, w)
