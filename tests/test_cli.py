@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from milsparse.fixtures import programs
 from milsparse.fixtures.files import tree_digest
@@ -250,3 +251,23 @@ def test_scope_channel_prunes_each_output_channel_and_verify_checks_it(model, tm
     assert main(["compress", str(model), "-o", str(out), "--prune", "2:4", "--scope",
                  "channel", "--force"]) == 2  # fmt: skip
     assert "--scope applies to unstructured" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "step", [["--palettize", "4"], ["--prune", "block2:0.5"], ["--prune", "2:4"],
+             ["--quantize", "int8"], ["--quantize", "int4@b2"]],
+)  # fmt: skip
+def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(save_program, tmp_path, capsys,
+                                                                   step):
+    """Issue finding 10: `compress MODEL -o OUT --min-size 0 --palettize 4` (and block prune,
+    quantize) crashed on a 1x1 or 0x64 weight ('NoneType' object has no attribute 'form')."""
+    model = save_program(programs.tiny_weights(dtype=np.float16))
+    out = tmp_path / "out.mlpackage"
+    code = main(["compress", str(model), "-o", str(out), "--min-size", "0", "--json", *step])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = {w["name"]: w for w in json.loads(captured.out)["weights"]}
+    for name in ("tiny", "w5", "empty"):
+        assert not rows[name]["compressed"]
+        assert rows[name]["reason"].startswith("too small to compress")
+    assert rows["big"]["compressed"] and out.exists()

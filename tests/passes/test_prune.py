@@ -346,3 +346,18 @@ def test_channel_scope_prunes_every_output_channel_to_the_same_sparsity():
             assert d.axis == 0 and d.spec == "unstructured@channel:0.3"
     assert list(results["channel"]) == [22] * 16  # round(0.3 * 72) in every channel
     assert results["tensor"][0] == 72  # the smallest channel is wiped out
+
+
+@pytest.mark.parametrize("spec", ["block2:0.5", "block4@in:0.5", "2:4", "unstructured:0.5"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(spec, dtype):
+    """Issue finding 10: 1x1 and 0x64 weights crashed block prune with `--min-size 0`
+    ('NoneType' object has no attribute 'form')."""
+    prog = programs.tiny_weights(dtype=dtype)
+    pass_ = _run(prog, {"spec": spec, "min_size": 0})
+    for name, size in (("tiny", 1), ("w5", 5), ("empty", 0)):
+        assert _decision(pass_, name).reason == (
+            f"too small to compress: {size} elements (consts of at most 9 are stored inline)"
+        )
+        assert _op(prog, name).op_type == "const"
+    assert _decision(pass_, "big").compressed

@@ -231,3 +231,22 @@ def test_tiny_fp16_weights_keep_their_values(opset, spec, magnitude):
     decoded, _, _ = _decoded_and_steps(prog)
     assert np.count_nonzero(decoded) > 0
     _assert_finite_within_half_a_step(prog, w)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4@b2", "uint8:affine"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(spec, dtype):
+    """Issue finding 10: 1x1 and 0x64 weights crashed quantize with `--min-size 0`
+    ('NoneType' object has no attribute 'form')."""
+    prog = programs.tiny_weights(dtype=dtype)
+    pass_ = QuantizeWeights({"spec": spec, "min_size": 0})
+    pass_(prog)
+    prog.validate()
+    rows = {d.name: d for d in pass_.report}
+    ops = {o.name: o for o in prog.functions["main"].operations}
+    for name, size in (("tiny", 1), ("w5", 5), ("empty", 0)):
+        assert rows[name].reason == (
+            f"too small to compress: {size} elements (consts of at most 9 are stored inline)"
+        )
+        assert ops[name].op_type == "const"
+    assert rows["big"].compressed
