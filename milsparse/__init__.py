@@ -52,6 +52,7 @@ from milsparse.api import (  # noqa: E402
 )
 from milsparse.errors import (
     ConfigError,
+    InternalError,
     MilsparseError,
     PassError,
     PipelineError,
@@ -103,5 +104,6 @@ __all__ = [
     "UnsupportedOpError",
     "PipelineError",
     "PassError",
+    "InternalError",
     "VerificationError",
 ]

@@ -271,3 +271,32 @@ def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(save_program,
         assert not rows[name]["compressed"]
         assert rows[name]["reason"].startswith("too small to compress")
     assert rows["big"]["compressed"] and out.exists()
+
+
+def test_a_bug_inside_a_pass_exits_3_and_a_user_error_exits_2(model, tmp_path, capsys,
+                                                              monkeypatch):
+    """Issue finding 9: run_passes wrapped every exception of a pass as PassError, a user
+    error to the CLI, so a bug inside a pass exited 2 instead of 3."""
+    from milsparse.passes.prune import PruneWeights
+
+    from milsparse.errors import ConfigError
+
+    out = tmp_path / "out.mlpackage"
+    args = ["compress", str(model), "-o", str(out), "--prune", "2:4"]
+
+    def bug(self, cand, context):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(PruneWeights, "compress", bug)
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("milsparse: internal error: KeyError: 'boom' in milsparse::prune")
+    assert err.count("\n") == 1 and "(rerun with --debug)" in err and not out.exists()
+
+    def user_error(self, cand, context):
+        raise ConfigError(f"bad option for {cand.op.name}")
+
+    monkeypatch.setattr(PruneWeights, "compress", user_error)
+    assert main(args) == 2
+    assert capsys.readouterr().err == "milsparse: error: bad option for fc0_weight\n"
+
