@@ -300,3 +300,44 @@ def test_a_bug_inside_a_pass_exits_3_and_a_user_error_exits_2(model, tmp_path, c
     assert main(args) == 2
     assert capsys.readouterr().err == "milsparse: error: bad option for fc0_weight\n"
 
+
+@pytest.mark.parametrize(
+    "step, reason",
+    [(["--prune", "block100000000000:0.5"], "block100000000000:0.5: its output axis (0) "
+      "has 128 < 100000000000 elements"),
+     (["--prune", "block100000000000@in:0.5"], "block100000000000@in:0.5: its input axis (1) "
+      "has 64 < 100000000000 elements"),
+     (["--quantize", "int8@b100000000000"], "int8@b100000000000: 64 input channels are not a "
+      "multiple of block_size 100000000000")],
+)  # fmt: skip
+def test_a_block_larger_than_the_weight_is_refused_before_any_work(model, tmp_path, capsys,
+                                                                   step, reason):
+    """Issue finding 9: `block_size: 100000000000` tried to allocate terabytes and reported the
+    MemoryError as a user error (exit 2). A block larger than the weight's axis leaves the
+    weight dense with the reason (as coremltools skips a block size that does not divide it)."""
+    out = tmp_path / "out.mlpackage"
+    code = main(["compress", str(model), "-o", str(out), "--json", *step])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = {w["name"]: w for w in json.loads(captured.out)["weights"]}
+    assert not rows["fc0_weight"]["compressed"]
+    assert rows["fc0_weight"]["reason"].startswith(reason)
+
+
+def test_a_recipe_block_larger_than_the_weight_is_refused_before_any_work(model, tmp_path,
+                                                                          capsys):
+    """Issue finding 9, the recipe form: `block_size: 100000000000` in prune and quantize."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "target: ios18\nsteps:\n"
+        "  - prune: {pattern: block, block_size: 100000000000, sparsity: 0.5}\n"
+        "  - quantize: {dtype: int4, granularity: per_block, block_size: 100000000000}\n"
+    )
+    out = tmp_path / "out.mlpackage"
+    code = main(["compress", str(model), "-o", str(out), "--recipe", str(recipe), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert not any(w["compressed"] for w in report["weights"])
+    reasons = " | ".join(str(w.get("reason")) for w in report["weights"])
+    assert "< 100000000000 elements" in reasons

@@ -250,3 +250,15 @@ def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(spec, dtype):
         )
         assert ops[name].op_type == "const"
     assert rows["big"].compressed
+
+
+def test_a_quantize_block_larger_than_the_axis_is_refused_before_any_work():
+    """Issue finding 9: `block_size: 100000000000` leaves the weight dense with the reason
+    (coremltools' compute_qparams skips a block size that does not divide the axis)."""
+    _, prog = _program(np.float16, ct.target.iOS18)
+    d = _quantize(prog, {"dtype": "int4", "granularity": "per_block",
+                         "block_size": 100_000_000_000})  # fmt: skip
+    assert d.reason == (
+        "int4@b100000000000: 96 input channels are not a multiple of block_size 100000000000"
+    )
+    assert _weight_op(prog).op_type == "const"
