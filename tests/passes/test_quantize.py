@@ -182,21 +182,24 @@ QUANT_FORMS = [
 ]
 
 
-def _near_fp16_max(seed=0):
-    """fp16 weights whose every row reaches +-65504 (the largest finite fp16)."""
+def _near_largest(dtype=np.float16, seed=0):
+    """Weights whose every row reaches +-(the largest finite value of `dtype`), 65504 in fp16;
+    every other row's largest is a few steps below it."""
     rng = np.random.default_rng(seed)
-    w = rng.uniform(-1, 1, SHAPE) * 65504
-    w[:, 0], w[:, 1] = 65504, -65504
-    w[::2, 0] = 65500 - rng.integers(0, 8, SHAPE[0] // 2) * 32.0  # just below, too
-    return w.astype(np.float16)
+    top = float(np.finfo(dtype).max)
+    w = rng.uniform(-1, 1, SHAPE) * top
+    w[:, 0], w[:, 1] = top, -top
+    w[::2, 0] = top * (1 - rng.integers(0, 8, SHAPE[0] // 2) * 2.0**-11)  # 65504 - 32k
+    return w.astype(dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("opset, spec", QUANT_FORMS)
-def test_fp16_weights_near_65504_decode_finite_within_half_a_step(opset, spec):
+def test_fp16_weights_near_65504_decode_finite_within_half_a_step(opset, spec, dtype):
     """Issue finding 5: the fp16 scale rounds up (65504/127 -> 516.0) and 127 x 516 overflows:
-    weights near the largest fp16 decoded to inf."""
-    w = _near_fp16_max()
-    prog = programs.single_op("linear", dtype=np.float16, shape=SHAPE, weight=w, opset=opset)
+    weights near the largest fp16 decoded to inf (fp32 weights near their largest, too)."""
+    w = _near_largest(dtype)
+    prog = programs.single_op("linear", dtype=dtype, shape=SHAPE, weight=w, opset=opset)
     d = _quantize(prog, spec)
     assert d.compressed, d.reason
     _assert_finite_within_half_a_step(prog, w)
@@ -205,7 +208,7 @@ def test_fp16_weights_near_65504_decode_finite_within_half_a_step(opset, spec):
 @pytest.mark.parametrize("spec", [s for o, s in QUANT_FORMS if o == ct.target.iOS18])
 def test_sparse_fp16_weights_near_65504_decode_finite_within_half_a_step(spec):
     """Issue finding 5, the sparse joint form (constexpr_sparse_blockwise_shift_scale)."""
-    w = _near_fp16_max(seed=1)
+    w = _near_largest(seed=1)
     prog = programs.single_op("linear", dtype=np.float16, shape=SHAPE, weight=w)
     PruneWeights(PruneConfig(parse_prune_spec("unstructured:0.5"), min_size=16))(prog)
     pruned = weight_chain(_weight_op(prog)).decode().astype(np.float16)
@@ -261,4 +264,19 @@ def test_a_quantize_block_larger_than_the_axis_is_refused_before_any_work():
     assert d.reason == (
         "int4@b100000000000: 96 input channels are not a multiple of block_size 100000000000"
     )
+    assert _weight_op(prog).op_type == "const"
+
+
+def test_a_weight_no_stored_scale_fits_is_left_dense_with_the_reason(monkeypatch):
+    """Issue findings 5 and 6: a weight is never stored with values that decode to inf or all
+    to 0; if no scale fits a group, the weight stays dense and the report says why."""
+    from milsparse.passes import quantize
+
+    def no_fit(lo, hi, spec, dtype):
+        raise quantize.UnrepresentableScaleError("1 of 64 groups have no float16 scale ...")
+
+    monkeypatch.setattr(quantize, "fit_scales", no_fit)
+    _, prog = _program(np.float16, ct.target.iOS18)
+    d = _quantize(prog, "int8")
+    assert not d.compressed and d.reason == "int8: 1 of 64 groups have no float16 scale ..."
     assert _weight_op(prog).op_type == "const"
