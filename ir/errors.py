@@ -14,6 +14,7 @@ __all__ = [
     "UnsupportedOpError",
     "PipelineError",
     "PassError",
+    "InternalError",
     "VerificationError",
 ]
 
@@ -40,6 +41,13 @@ class PipelineError(MilsparseError):
 
 class PassError(MilsparseError):
     """A pass failed while running; the message names it and the passes that ran before it."""
+
+
+class InternalError(PassError):
+    """A pass failed with an exception milsparse did not raise on purpose: a bug, not
+    something the user can fix. The message names the pass and the passes that ran before it;
+    the original exception is its `__cause__`. The CLI exits 3 for it (2 for the other
+    MilsparseErrors)."""
 
 
 class VerificationError(MilsparseError):

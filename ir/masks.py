@@ -317,6 +317,7 @@ def block_mask(
     are scored by the L2 norm of their scores; a short last block (when the axis length is not a
     multiple of the block size) is scaled up to a full block's norm, sqrt(B / r) * ||b||, so its
     size neither protects nor condemns it. Exactly round_half_up(sparsity * blocks) are pruned.
+    A block longer than the axis is the whole axis (its size is never allocated).
     """
     _check_fraction("sparsity", sparsity)
     if block_size < 1:
@@ -324,6 +325,7 @@ def block_mask(
     axis = _channel_axis(weight, axis)
     s = np.moveaxis(_scores_for(weight, scores), axis, 0)
     channels = s.shape[0]
+    block_size = max(1, min(block_size, channels))
     nblocks = -(-channels // block_size)
     tail = channels - (nblocks - 1) * block_size
     energy = _block_energy(s, block_size, nblocks)

@@ -28,6 +28,7 @@ from milsparse.api import (  # noqa: E402
 )
 from milsparse.errors import (  # noqa: E402
     ConfigError,
+    InternalError,
     MilsparseError,
     PassError,
     PipelineError,
@@ -84,5 +85,6 @@ __all__ = [
     "UnsupportedOpError",
     "PipelineError",
     "PassError",
+    "InternalError",
     "VerificationError",
 ]

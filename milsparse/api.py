@@ -11,7 +11,7 @@ from pathlib import Path
 import coremltools as ct
 
 from milsparse import package, staging, targets
-from milsparse.errors import ConfigError, MilsparseError, PassError
+from milsparse.errors import ConfigError, InternalError, MilsparseError
 from milsparse.ir.blobs import Spill
 from milsparse.ir.chain import Form, weight_chain
 from milsparse.ir.graph import walk_ops
@@ -44,8 +44,9 @@ __all__ = [
 def run_passes(prog, passes) -> None:
     """Run (name, pass instance) pairs in order, validating the program after each.
 
-    A failure that is not already a MilsparseError is wrapped as PassError naming the pass and
-    the passes that ran before it.
+    A MilsparseError raised inside a pass (a user error it found) passes through as it is; any
+    other exception is a bug, wrapped as InternalError (a PassError) naming the pass and the
+    passes that ran before it, the original as its cause.
     """
     done: list[str] = []
     for name, graph_pass in passes:
@@ -55,7 +56,9 @@ def run_passes(prog, passes) -> None:
         except (MilsparseError, OSError):  # OSError: the disk, not the pass (a full spill)
             raise
         except Exception as e:
-            raise PassError(f"{type(e).__name__}: {e} in {name}, after [{', '.join(done)}]") from e
+            raise InternalError(
+                f"{type(e).__name__}: {e} in {name}, after [{', '.join(done)}]"
+            ) from e
         done.append(name)
 
 

@@ -620,9 +620,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _replay_import_notes()
     with _terminate_cleanly(), _quiet_coremltools(args.debug):
         try:
-            from milsparse.errors import MilsparseError
+            from milsparse.errors import InternalError, MilsparseError
 
             return _COMMANDS[args.command](args)
+        except InternalError as e:  # a bug inside a pass, named by run_passes
+            return _report(
+                f"milsparse: internal error: {e} (rerun with --debug)", args.debug, EXIT_INTERNAL
+            )
         except MilsparseError as e:
             return _report(f"milsparse: error: {e}", args.debug, EXIT_USAGE)
         except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from milsparse.ir.errors import (
     ConfigError,
+    InternalError,
     MilsparseError,
     PassError,
     PipelineError,
@@ -17,5 +18,6 @@ __all__ = [
     "UnsupportedOpError",
     "PipelineError",
     "PassError",
+    "InternalError",
     "VerificationError",
 ]

@@ -403,6 +403,13 @@ class WeightPass(AbstractGraphPass):
             return MatchResult.fail(f"{val.ndim}-D")
         if val.size < cfg.min_size:
             return MatchResult.fail(f"small: {val.size} elements < min_size {cfg.min_size}")
+        if chain is None:
+            # (min_size 0) coremltools stores such a const inline in the program, where no
+            # compressed form is smaller, and no weight chain describes it
+            return MatchResult.fail(
+                f"too small to compress: {val.size} elements (consts of at most "
+                f"{formats.INLINE_MAX_ELEMENTS} are stored inline)"
+            )
         return self._resolve_spec(op, tuple(uses), tuple(weight_uses or uses), val.ndim)
 
     def _resolve_spec(self, op, all_uses, uses, rank) -> MatchResult[Candidate]:

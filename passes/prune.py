@@ -85,7 +85,8 @@ class PruneWeights(WeightPass):
         return spec.nominal_sparsity
 
     def prepare(self, op, spec: PruneSpec, use: Use, rank: int) -> MatchResult:
-        """The axis the pattern runs along; n:m on an axis shorter than m is refused."""
+        """The axis the pattern runs along; n:m on an axis shorter than m, and a block longer
+        than its axis, are refused (before any work: a block is never allocated)."""
         input_axis, output_axis = channel_axes(use, rank)
         axis = None
         if spec.pattern in ("block", "n:m"):
@@ -101,6 +102,14 @@ class PruneWeights(WeightPass):
                 f"{spec.to_string()}: its {spec.resolved_axis} axis ({axis}) has {shape[axis]} "
                 f"< {spec.m} elements, no whole group (ask for the {other} axis with "
                 f"@{'out' if other == 'output' else 'in'})"
+            )
+        if spec.pattern == "block" and shape[axis] < spec.block_size:
+            # coremltools skips a block longer than half the axis; one longer than the axis is
+            # no block pattern at all (and block100000000000 is a typo, not a request)
+            return MatchResult.fail(
+                f"{spec.to_string()}: its {spec.resolved_axis} axis ({axis}) has {shape[axis]} "
+                f"< {spec.block_size} elements, a block larger than the axis (use a block size "
+                f"of at most {shape[axis]})"
             )
         return MatchResult.ok(axis)
 

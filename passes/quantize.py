@@ -18,10 +18,12 @@ its ranges taken from its nonzeros only::
                                                       scale=..., offset=...)
     %w = constexpr_sparse_to_dense(nonzero_data=%nz, mask=%m)
 
-Scales are stored in the weight's dtype and the values rounded against the stored scale (in
-float64), so every value is within half a step of its quantized level (with calibration, a
-group's range may be shrunk by `CLIP_RATIOS`: values beyond it take the extreme level). A form
-that would not be smaller than what the weight already is is not emitted.
+Scales are stored in the weight's dtype and chosen there (`fit_scales`): the stored scale
+decodes every value, as the constexpr ops decode it in the weight's dtype, finite and within
+half a step of its value (fp16 weights near 65504, tiny weights with subnormal scales); the
+values are rounded against the stored scale. With calibration, a group's range may be shrunk
+by `CLIP_RATIOS`: values beyond it take the extreme level. A form that would not be smaller
+than what the weight already is is not emitted.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from milsparse.passes.quant_config import (
     parse_quantize_config,
 )
 
-__all__ = ["QuantizeWeights", "quantize_blockwise"]
+__all__ = ["QuantizeWeights", "UnrepresentableScaleError", "fit_scales", "quantize_blockwise"]
 
 _STORAGE = {
     "int8": np.int8,
@@ -94,24 +96,17 @@ def quantize_blockwise(
         hi = np.max(x, axis=inner, keepdims=True, where=where, initial=-np.inf).astype(np.float64)
     empty = ~np.isfinite(lo)
     lo, hi = np.where(empty, 0.0, lo), np.where(empty, 0.0, hi)
-    half = 1 << (spec.nbits - 1)
-    qmin, qmax = (-half, half - 1) if spec.signed else (0, 2 * half - 1)
-    if spec.mode == "linear_symmetric":
-        scale = np.maximum(np.abs(lo), np.abs(hi)) / (half - 1)
-        offset = None if spec.signed else np.full(scale.shape, half, np.int64)
-    else:
-        if valid is None:  # a dense weight's zeros must stay exact
-            lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
-        scale = (hi - lo) / (qmax - qmin)
-    scale = np.where(scale > 0, scale, 1.0).astype(weight.dtype)  # what the model stores
-    stored = scale.astype(np.float64)
     if spec.mode == "linear":
-        offset = np.clip(np.rint(qmin - lo / stored), qmin, qmax).astype(np.int64)
+        # The offset is stored in the quantized dtype, so 0 is always a level: a range that
+        # does not reach it would clip (and a dense weight's zeros stay exact).
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    scale, offset = fit_scales(lo, hi, spec, np.dtype(weight.dtype))
+    stored = scale.astype(np.float64)
     np.divide(x, stored.astype(work), out=x)
     np.rint(x, out=x)
     if offset is not None:
         x += offset.astype(work)
-    np.clip(x, qmin, qmax, out=x)
+    np.clip(x, *_levels(spec), out=x)
     q = x.astype(np.int16)
     shape = tuple(scale_shape)
     return (
@@ -119,6 +114,116 @@ def quantize_blockwise(
         scale.reshape(shape),
         None if offset is None else offset.reshape(shape),
     )
+
+
+# Steps of the stored dtype a scale may move either side of the nearest one to fit its group.
+_NUDGES = 4
+
+
+class UnrepresentableScaleError(ValueError):
+    """No stored scale near the ideal one decodes a group's values finite and within half a
+    step (not expected for finite weights; the pass leaves such a weight dense)."""
+
+
+def _levels(spec: QuantizeSpec) -> tuple[int, int]:
+    half = 1 << (spec.nbits - 1)
+    return (-half, half - 1) if spec.signed else (0, 2 * half - 1)
+
+
+def _ideal_scales(lo, hi, spec: QuantizeSpec):
+    """Each group's scale in float64 (0 for a group of zeros) and the offset of a symmetric
+    spec (None for signed; the middle of the range for unsigned; None to compute for affine)."""
+    qmin, qmax = _levels(spec)
+    half = 1 << (spec.nbits - 1)
+    largest = np.maximum(np.abs(lo), np.abs(hi))
+    if spec.mode == "linear_symmetric":
+        offset = None if spec.signed else np.full(lo.shape, half, np.int64)
+        return largest / (half - 1), offset
+    return (hi - lo) / (qmax - qmin), None
+
+
+def _affine_offsets(lo, scale, spec: QuantizeSpec):
+    qmin, qmax = _levels(spec)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(np.int64)
+
+
+def _decode_fits(lo, hi, scale, offset, spec: QuantizeSpec, dtype) -> np.ndarray:
+    """Per group, whether `scale` (stored, in `dtype`) decodes the group's extremes `lo` and
+    `hi` finite and within half a step (plus the decoder's rounding of the product to
+    `dtype`). Levels grow with the values and only the extremes can be clipped, so these two
+    speak for every value between them. The decode is coremltools' (and the iOS16/iOS18
+    constexpr ops'): (q - offset) in float32, times the scale in float32, cast to `dtype`."""
+    qmin, qmax = _levels(spec)
+    step = scale.astype(np.float64)
+    shift = 0 if offset is None else offset
+    fits = step > 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for x in (lo, hi):
+            level = np.clip(np.rint(x / step) + shift, qmin, qmax)
+            product = (level - shift).astype(np.float32) * scale.astype(np.float32)
+            decoded = product.astype(dtype)
+            half_ulp = np.spacing(np.abs(decoded)).astype(np.float64) / 2
+            error = np.abs(decoded.astype(np.float64) - x)
+            fits &= np.isfinite(decoded) & (error <= step / 2 + half_ulp)
+    return fits
+
+
+def fit_scales(lo, hi, spec: QuantizeSpec, dtype):
+    """(scale in `dtype`, offset int64 or None) of each group with range [lo, hi] (float64).
+
+    The scale is the one the model stores, so it is chosen in `dtype`: the nearest to the
+    ideal one when it decodes the group finite and within half a step (`_decode_fits`), else
+    the fitting candidate nearest to the ideal one (`_scale_candidates`). The nearest fails
+    when it rounds up and the top level overflows (65504 / 127 is 516.0 in fp16, and 127 x 516
+    is inf), and when it rounds down to a subnormal, or to 0, below what the range needs (tiny
+    weights). Raises UnrepresentableScaleError if no candidate fits."""
+    ideal, fixed_offset = _ideal_scales(lo, hi, spec)
+    nearest = np.where(ideal > 0, ideal, 1.0).astype(dtype)
+
+    def offsets(scale):
+        if spec.mode != "linear":
+            return fixed_offset
+        return _affine_offsets(lo, scale.astype(np.float64), spec)
+
+    fits = _decode_fits(lo, hi, nearest, offsets(nearest), spec, dtype)
+    if fits.all():  # the common case: one check of two values per group
+        return nearest, offsets(nearest)
+    best, gap = nearest, np.where(fits, 0.0, np.inf)
+    for candidate in _scale_candidates(lo, hi, ideal, nearest, dtype):
+        fitting = ~fits & _decode_fits(lo, hi, candidate, offsets(candidate), spec, dtype)
+        distance = np.abs(candidate.astype(np.float64) - ideal)
+        better = fitting & (distance < gap)
+        best, gap = np.where(better, candidate, best), np.where(better, distance, gap)
+    if np.isinf(gap).any():
+        raise UnrepresentableScaleError(
+            f"{int(np.isinf(gap).sum())} of {gap.size} groups have no {np.dtype(dtype)} scale "
+            "that decodes their values finite and within half a step"
+        )
+    return best, offsets(best)
+
+
+def _scale_candidates(lo, hi, ideal, nearest, dtype):
+    """Scales in `dtype` to try for groups the nearest one does not fit: up to `_NUDGES`
+    steps of `dtype` either side of it (a rounding or a subnormal's coarse steps), and, for
+    each extreme x, the smallest scale that takes x one or two levels lower (|x| / (k + 1/2)
+    rounded up): the top level of a range that reaches the dtype's largest values must stay
+    finite, at the cost of a coarser step."""
+    up, down = nearest, nearest
+    for _ in range(_NUDGES):
+        up, down = np.nextafter(up, dtype.type(np.inf)), np.nextafter(down, dtype.type(0))
+        yield up
+        yield down
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for x in (lo, hi):
+            magnitude = np.abs(x)
+            level = np.rint(magnitude / np.where(ideal > 0, ideal, 1.0))
+            for fewer in (1, 2):
+                k = level - fewer
+                target = np.where(k >= 1, magnitude / (k + 0.5), nearest.astype(np.float64))
+                scale = target.astype(dtype)
+                yield np.where(scale.astype(np.float64) <= target, np.nextafter(
+                    scale, dtype.type(np.inf)), scale)  # fmt: skip
 
 
 def _weighted_blockwise(weight, scale_shape, spec, valid, importance):
@@ -214,9 +319,12 @@ class QuantizeWeights(WeightPass):
         mask = np.asarray(op.mask.val).view(np.uint8) if sparse else None
         shape = _scale_shape(weight.shape, spec, cand.axis)
         importance = self.importance(cand, weight.shape)
-        q, scale, offset = quantize_blockwise(
-            weight, shape, spec, None if mask is None else mask, importance
-        )
+        try:
+            q, scale, offset = quantize_blockwise(
+                weight, shape, spec, None if mask is None else mask, importance
+            )
+        except UnrepresentableScaleError as e:
+            return dense_decision(op, f"{spec.to_string()}: {e}", cand)
         # iOS16's constexpr_affine_dequantize always stores a zero point
         zero_points = offset is not None or not ios18
         tables = [(scale.size, dtype.itemsize * 8)] + (

@@ -196,3 +196,31 @@ def test_recipe_from_yaml(tmp_path, save_program):
     assert by_name["fc0_weight"].spec == "1:4" and by_name["fc0_weight"].sparsity == 0.25
     assert by_name["fc1_weight"].reason == "left dense by override 'fc1*'"
     assert by_name["fc2_weight"].spec == "unstructured:0.6"
+
+
+def test_run_passes_tells_a_bug_inside_a_pass_from_a_user_error():
+    """Issue finding 9: run_passes wrapped every exception as PassError (a user error); a bug
+    is now an InternalError (still a PassError) naming the pass, the original as its cause,
+    and a MilsparseError the pass raised on purpose passes through unchanged."""
+    from milsparse.passes.prune import PruneWeights
+
+    from milsparse.errors import InternalError, PassError
+
+    class Buggy(PruneWeights):
+        def compress(self, cand, context):
+            raise ZeroDivisionError("boom")
+
+    class Refusing(PruneWeights):
+        def compress(self, cand, context):
+            raise ConfigError(f"bad option for {cand.op.name}")
+
+    config = {"spec": "2:4", "min_size": 16}
+    with pytest.raises(InternalError, match=r"ZeroDivisionError: boom in milsparse::prune, "
+                       r"after \[first\]") as caught:  # fmt: skip
+        ms.run_passes(programs.mlp(), [("first", lambda prog: None),
+                                       ("milsparse::prune", Buggy(config))])  # fmt: skip
+    assert isinstance(caught.value, PassError)
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)
+    with pytest.raises(ConfigError, match="bad option for fc0_weight") as caught:
+        ms.run_passes(programs.mlp(), [("milsparse::prune", Refusing(config))])
+    assert not isinstance(caught.value, PassError)

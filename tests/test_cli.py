@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from milsparse.fixtures import programs
 from milsparse.fixtures.files import tree_digest
@@ -250,3 +251,93 @@ def test_scope_channel_prunes_each_output_channel_and_verify_checks_it(model, tm
     assert main(["compress", str(model), "-o", str(out), "--prune", "2:4", "--scope",
                  "channel", "--force"]) == 2  # fmt: skip
     assert "--scope applies to unstructured" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "step", [["--palettize", "4"], ["--prune", "block2:0.5"], ["--prune", "2:4"],
+             ["--quantize", "int8"], ["--quantize", "int4@b2"]],
+)  # fmt: skip
+def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(save_program, tmp_path, capsys,
+                                                                   step):
+    """Issue finding 10: `compress MODEL -o OUT --min-size 0 --palettize 4` (and block prune,
+    quantize) crashed on a 1x1 or 0x64 weight ('NoneType' object has no attribute 'form')."""
+    model = save_program(programs.tiny_weights(dtype=np.float16))
+    out = tmp_path / "out.mlpackage"
+    code = main(["compress", str(model), "-o", str(out), "--min-size", "0", "--json", *step])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = {w["name"]: w for w in json.loads(captured.out)["weights"]}
+    for name in ("tiny", "w5", "empty"):
+        assert not rows[name]["compressed"]
+        assert rows[name]["reason"].startswith("too small to compress")
+    assert rows["big"]["compressed"] and out.exists()
+
+
+def test_a_bug_inside_a_pass_exits_3_and_a_user_error_exits_2(model, tmp_path, capsys,
+                                                              monkeypatch):
+    """Issue finding 9: run_passes wrapped every exception of a pass as PassError, a user
+    error to the CLI, so a bug inside a pass exited 2 instead of 3."""
+    from milsparse.passes.prune import PruneWeights
+
+    from milsparse.errors import ConfigError
+
+    out = tmp_path / "out.mlpackage"
+    args = ["compress", str(model), "-o", str(out), "--prune", "2:4"]
+
+    def bug(self, cand, context):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(PruneWeights, "compress", bug)
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("milsparse: internal error: KeyError: 'boom' in milsparse::prune")
+    assert err.count("\n") == 1 and "(rerun with --debug)" in err and not out.exists()
+
+    def user_error(self, cand, context):
+        raise ConfigError(f"bad option for {cand.op.name}")
+
+    monkeypatch.setattr(PruneWeights, "compress", user_error)
+    assert main(args) == 2
+    assert capsys.readouterr().err == "milsparse: error: bad option for fc0_weight\n"
+
+
+@pytest.mark.parametrize(
+    "step, reason",
+    [(["--prune", "block100000000000:0.5"], "block100000000000:0.5: its output axis (0) "
+      "has 128 < 100000000000 elements"),
+     (["--prune", "block100000000000@in:0.5"], "block100000000000@in:0.5: its input axis (1) "
+      "has 64 < 100000000000 elements"),
+     (["--quantize", "int8@b100000000000"], "int8@b100000000000: 64 input channels are not a "
+      "multiple of block_size 100000000000")],
+)  # fmt: skip
+def test_a_block_larger_than_the_weight_is_refused_before_any_work(model, tmp_path, capsys,
+                                                                   step, reason):
+    """Issue finding 9: `block_size: 100000000000` tried to allocate terabytes and reported the
+    MemoryError as a user error (exit 2). A block larger than the weight's axis leaves the
+    weight dense with the reason (as coremltools skips a block size that does not divide it)."""
+    out = tmp_path / "out.mlpackage"
+    code = main(["compress", str(model), "-o", str(out), "--json", *step])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = {w["name"]: w for w in json.loads(captured.out)["weights"]}
+    assert not rows["fc0_weight"]["compressed"]
+    assert rows["fc0_weight"]["reason"].startswith(reason)
+
+
+def test_a_recipe_block_larger_than_the_weight_is_refused_before_any_work(model, tmp_path,
+                                                                          capsys):
+    """Issue finding 9, the recipe form: `block_size: 100000000000` in prune and quantize."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "target: ios18\nsteps:\n"
+        "  - prune: {pattern: block, block_size: 100000000000, sparsity: 0.5}\n"
+        "  - quantize: {dtype: int4, granularity: per_block, block_size: 100000000000}\n"
+    )
+    out = tmp_path / "out.mlpackage"
+    code = main(["compress", str(model), "-o", str(out), "--recipe", str(recipe), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert not any(w["compressed"] for w in report["weights"])
+    reasons = " | ".join(str(w.get("reason")) for w in report["weights"])
+    assert "< 100000000000 elements" in reasons

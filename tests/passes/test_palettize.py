@@ -294,3 +294,19 @@ def test_vector_palettization_refuses_masks_that_split_vectors_and_old_targets()
         parse_palettize_spec("lut4x2:uniform")
     with pytest.raises(ConfigError, match="multiple of cluster_dim"):
         parse_palettize_spec("lut4x4@g6")
+
+
+@pytest.mark.parametrize("spec", ["lut4", "lut2@g2", "lut4x2"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(spec, dtype):
+    """Issue finding 10: 1x1 and 0x64 weights crashed palettize with `--min-size 0`
+    ('NoneType' object has no attribute 'form')."""
+    prog = programs.tiny_weights(dtype=dtype)
+    pass_ = _run(prog, {"spec": spec, "min_size": 0})
+    rows = {d.name: d for d in pass_.report}
+    for name, size in (("tiny", 1), ("w5", 5), ("empty", 0)):
+        assert rows[name].reason == (
+            f"too small to compress: {size} elements (consts of at most 9 are stored inline)"
+        )
+        assert _op(prog, name).op_type == "const"
+    assert rows["big"].compressed

@@ -346,3 +346,45 @@ def test_channel_scope_prunes_every_output_channel_to_the_same_sparsity():
             assert d.axis == 0 and d.spec == "unstructured@channel:0.3"
     assert list(results["channel"]) == [22] * 16  # round(0.3 * 72) in every channel
     assert results["tensor"][0] == 72  # the smallest channel is wiped out
+
+
+@pytest.mark.parametrize("spec", ["block2:0.5", "block4@in:0.5", "2:4", "unstructured:0.5"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(spec, dtype):
+    """Issue finding 10: 1x1 and 0x64 weights crashed block prune with `--min-size 0`
+    ('NoneType' object has no attribute 'form')."""
+    prog = programs.tiny_weights(dtype=dtype)
+    pass_ = _run(prog, {"spec": spec, "min_size": 0})
+    for name, size in (("tiny", 1), ("w5", 5), ("empty", 0)):
+        assert _decision(pass_, name).reason == (
+            f"too small to compress: {size} elements (consts of at most 9 are stored inline)"
+        )
+        assert _op(prog, name).op_type == "const"
+    assert _decision(pass_, "big").compressed
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("block100000000000:0.5", "block100000000000:0.5: its output axis (0) has 48 < "
+     "100000000000 elements, a block larger than the axis (use a block size of at most 48)"),
+    ("block65@in:0.5", "block65@in:0.5: its input axis (1) has 64 < 65 elements"),
+])  # fmt: skip
+def test_a_block_larger_than_its_axis_is_refused_before_any_work(spec, reason, monkeypatch):
+    """Issue finding 9: block_size 100000000000 allocated a mask of terabytes (MemoryError);
+    a block larger than the weight's axis now leaves it dense with the reason."""
+    prog = programs.single_op("linear")  # [48, 64]
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("no mask is built for a refused block")
+
+    monkeypatch.setattr(masks, "block_mask", no_mask)
+    pass_ = _run(prog, {"spec": spec, "min_size": 16})
+    assert _decision(pass_, "weight").reason.startswith(reason)
+    assert _op(prog, "weight").op_type == "const"
+
+
+def test_a_block_mask_longer_than_its_axis_is_the_whole_axis():
+    """Issue finding 9: masks.block_mask never allocates a block longer than the axis."""
+    w = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
+    huge = masks.block_mask(w, 0.4, 100_000_000_000, axis=1)
+    np.testing.assert_array_equal(huge, masks.block_mask(w, 0.4, 5, axis=1))
+    assert huge.all(axis=1).sum() == 4 and (~huge).all(axis=1).sum() == 2

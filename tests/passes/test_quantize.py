@@ -133,3 +133,150 @@ def test_configs_read_yaml_and_json_text_as_set_options_hands_them():
     assert parse_quantize_config({"dtype": "int8", "granularity": "per_tensor"}).spec == (
         parse_quantize_spec("int8@t")
     )
+
+
+def _decoded_and_steps(prog):
+    """(coremltools' decode of the weight, the step of every element from its stored scale,
+    the kept positions): iOS18 blockwise, iOS16 affine, and the sparse joint form."""
+    root = _weight_op(prog)
+    decoded = np.asarray(root.materialized_val_inference())
+    shape = decoded.shape
+    kept = np.ones(shape, bool)
+    quant = root
+    if root.op_type == "constexpr_sparse_to_dense":
+        quant = root.nonzero_data.op
+        kept = np.asarray(quant.data_mask.val) != 0
+    scale = np.asarray(quant.scale.val).astype(np.float64)
+    if quant.op_type == "constexpr_affine_dequantize" and scale.size > 1:
+        axis = int(quant.axis.val)
+        scale = scale.reshape([-1 if d == axis else 1 for d in range(len(shape))])
+    elif scale.ndim == len(shape):
+        for axis, (size, blocks) in enumerate(zip(shape, scale.shape, strict=True)):
+            scale = np.repeat(scale, size // blocks, axis=axis)
+    return decoded, np.broadcast_to(scale, shape), kept
+
+
+def _assert_finite_within_half_a_step(prog, w):
+    decoded, step, kept = _decoded_and_steps(prog)
+    assert decoded.dtype == w.dtype
+    assert np.all(np.isfinite(decoded)), f"{np.count_nonzero(~np.isfinite(decoded))} not finite"
+    # half a step, plus the decoder's rounding of the product to the weight's dtype
+    bound = step / 2 + np.spacing(np.abs(decoded)).astype(np.float64) / 2
+    err = np.abs(decoded.astype(np.float64) - w.astype(np.float64))
+    assert np.all(err[kept] <= bound[kept]), np.max((err - bound)[kept])
+
+
+QUANT_FORMS = [
+    (ct.target.iOS18, "int8"),
+    (ct.target.iOS18, "int8@t"),
+    (ct.target.iOS18, "int4"),
+    (ct.target.iOS18, "int4@b32"),
+    (ct.target.iOS18, "uint8:affine"),
+    (ct.target.iOS18, "uint8@t:affine"),
+    (ct.target.iOS18, "uint4@b16:affine"),
+    (ct.target.iOS18, "int8@b16:affine"),
+    (ct.target.iOS16, "int8"),
+    (ct.target.iOS16, "int8@t"),
+    (ct.target.iOS16, "uint8:affine"),
+    (ct.target.iOS16, "uint8@t:affine"),
+]
+
+
+def _near_largest(dtype=np.float16, seed=0):
+    """Weights whose every row reaches +-(the largest finite value of `dtype`), 65504 in fp16;
+    every other row's largest is a few steps below it."""
+    rng = np.random.default_rng(seed)
+    top = float(np.finfo(dtype).max)
+    w = rng.uniform(-1, 1, SHAPE) * top
+    w[:, 0], w[:, 1] = top, -top
+    w[::2, 0] = top * (1 - rng.integers(0, 8, SHAPE[0] // 2) * 2.0**-11)  # 65504 - 32k
+    return w.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("opset, spec", QUANT_FORMS)
+def test_fp16_weights_near_65504_decode_finite_within_half_a_step(opset, spec, dtype):
+    """Issue finding 5: the fp16 scale rounds up (65504/127 -> 516.0) and 127 x 516 overflows:
+    weights near the largest fp16 decoded to inf (fp32 weights near their largest, too)."""
+    w = _near_largest(dtype)
+    prog = programs.single_op("linear", dtype=dtype, shape=SHAPE, weight=w, opset=opset)
+    d = _quantize(prog, spec)
+    assert d.compressed, d.reason
+    _assert_finite_within_half_a_step(prog, w)
+
+
+@pytest.mark.parametrize("spec", [s for o, s in QUANT_FORMS if o == ct.target.iOS18])
+def test_sparse_fp16_weights_near_65504_decode_finite_within_half_a_step(spec):
+    """Issue finding 5, the sparse joint form (constexpr_sparse_blockwise_shift_scale)."""
+    w = _near_largest(seed=1)
+    prog = programs.single_op("linear", dtype=np.float16, shape=SHAPE, weight=w)
+    PruneWeights(PruneConfig(parse_prune_spec("unstructured:0.5"), min_size=16))(prog)
+    pruned = weight_chain(_weight_op(prog)).decode().astype(np.float16)
+    d = _quantize(prog, spec)
+    assert d.compressed and d.spec == f"sparse+{spec}", d.reason
+    _assert_finite_within_half_a_step(prog, pruned)
+
+
+@pytest.mark.parametrize("opset, spec", QUANT_FORMS)
+@pytest.mark.parametrize("magnitude", [2e-6, 3e-5, 1e-3])
+def test_tiny_fp16_weights_keep_their_values(opset, spec, magnitude):
+    """Issue finding 6: a scale that underflows to 0 in fp16 (the `scale > 0` check ran in
+    float64) decoded a layer's nonzero weights all to 0; subnormal scales lost precision."""
+    rng = np.random.default_rng(7)
+    w = (rng.uniform(-1, 1, SHAPE) * magnitude).astype(np.float16)
+    w[:, 0] = magnitude
+    assert np.count_nonzero(w)
+    prog = programs.single_op("linear", dtype=np.float16, shape=SHAPE, weight=w, opset=opset)
+    d = _quantize(prog, spec)
+    if not d.compressed:  # left dense: it must say why
+        assert d.reason and _weight_op(prog).op_type == "const"
+        return
+    decoded, _, _ = _decoded_and_steps(prog)
+    assert np.count_nonzero(decoded) > 0
+    _assert_finite_within_half_a_step(prog, w)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4@b2", "uint8:affine"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(spec, dtype):
+    """Issue finding 10: 1x1 and 0x64 weights crashed quantize with `--min-size 0`
+    ('NoneType' object has no attribute 'form')."""
+    prog = programs.tiny_weights(dtype=dtype)
+    pass_ = QuantizeWeights({"spec": spec, "min_size": 0})
+    pass_(prog)
+    prog.validate()
+    rows = {d.name: d for d in pass_.report}
+    ops = {o.name: o for o in prog.functions["main"].operations}
+    for name, size in (("tiny", 1), ("w5", 5), ("empty", 0)):
+        assert rows[name].reason == (
+            f"too small to compress: {size} elements (consts of at most 9 are stored inline)"
+        )
+        assert ops[name].op_type == "const"
+    assert rows["big"].compressed
+
+
+def test_a_quantize_block_larger_than_the_axis_is_refused_before_any_work():
+    """Issue finding 9: `block_size: 100000000000` leaves the weight dense with the reason
+    (coremltools' compute_qparams skips a block size that does not divide the axis)."""
+    _, prog = _program(np.float16, ct.target.iOS18)
+    d = _quantize(prog, {"dtype": "int4", "granularity": "per_block",
+                         "block_size": 100_000_000_000})  # fmt: skip
+    assert d.reason == (
+        "int4@b100000000000: 96 input channels are not a multiple of block_size 100000000000"
+    )
+    assert _weight_op(prog).op_type == "const"
+
+
+def test_a_weight_no_stored_scale_fits_is_left_dense_with_the_reason(monkeypatch):
+    """Issue findings 5 and 6: a weight is never stored with values that decode to inf or all
+    to 0; if no scale fits a group, the weight stays dense and the report says why."""
+    from milsparse.passes import quantize
+
+    def no_fit(lo, hi, spec, dtype):
+        raise quantize.UnrepresentableScaleError("1 of 64 groups have no float16 scale ...")
+
+    monkeypatch.setattr(quantize, "fit_scales", no_fit)
+    _, prog = _program(np.float16, ct.target.iOS18)
+    d = _quantize(prog, "int8")
+    assert not d.compressed and d.reason == "int8: 1 of 64 groups have no float16 scale ..."
+    assert _weight_op(prog).op_type == "const"
