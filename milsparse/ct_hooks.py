@@ -37,10 +37,11 @@ def _byte_dtype(valuetype):
     return blobs.BYTE_DTYPES.get(types.builtin_to_string(primitive))
 
 
-def _inside(path: str, root: str | None) -> bool:
-    if root is None:
+def _inside(path: str, top: str | None) -> bool:
+    """Whether `path` resolves inside the folder `top` (already resolved; None: anywhere)."""
+    if top is None:
         return True
-    real, top = os.path.realpath(path), os.path.realpath(root)
+    real = os.path.realpath(path)
     return real == top or real.startswith(top + os.sep)
 
 
@@ -63,6 +64,9 @@ def mapped_weight_reads(package_root: str | None = None):
         # share a weight then hold the very same array, which is how passes and reports
         # recognise sharing.
         loaded: dict[tuple[str, int, bytes], np.ndarray] = {}
+        # Every weight of a package reads the same file or two: each path is resolved once.
+        top = None if package_root is None else os.path.realpath(package_root)
+        inside: set[str] = set()
 
         def load_value(context, value_spec):
             if value_spec.WhichOneof("value") != "blobFileValue" or value_spec.docString:
@@ -74,11 +78,12 @@ def mapped_weight_reads(package_root: str | None = None):
                 )
             blob = value_spec.blobFileValue
             path = os.path.join(context.weights_dir, blob.fileName.split("/")[-1])
-            if not _inside(path, package_root):
+            if path not in inside and not _inside(path, top):
                 raise UnsupportedModelError(
                     f"{package_root}: its weight file {path} lies outside the package; milsparse "
                     "reads weights only from inside the package"
                 )
+            inside.add(path)
             key = (path, int(blob.offset), value_spec.type.SerializeToString(deterministic=True))
             if key not in loaded:
                 valuetype = milproto.proto_to_types(value_spec.type)
@@ -151,4 +156,3 @@ def coremltools_progress(show: bool | None = None):
             yield
         finally:
             pass_pipeline.tqdm = original
-

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import shutil
 import sys
@@ -138,6 +139,7 @@ _LINUX_FLAGS = {_NOREPLACE: 1, _EXCHANGE: 2}
 _DARWIN_FLAGS = {_NOREPLACE: 0x4, _EXCHANGE: 0x2}
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
