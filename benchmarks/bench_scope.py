@@ -11,7 +11,7 @@ low-scale channels away whole; ranking each output channel on its own
 The model is `fixtures.torch_models.MobileNetV2Like` (MobileNetV2's layout, 3.5M parameters,
 224x224; heavy-tailed conv weights and batchnorm statistics spread like a trained network's),
 converted at fp32 for iOS18. For each sparsity and scope: `milsparse.compress`, then
-`milsparse.verify` against the dense model on `--samples` generated images, reporting the
+`milsparse.verify()` against the dense model on `--samples` generated images, reporting the
 logits' cosine and SNR, and the fraction of output channels left entirely zero. Measured in
 one run; nothing is hard-coded.
 """
@@ -28,7 +28,7 @@ import torch
 from milsparse.fixtures import torch_models
 
 import milsparse as ms
-from milsparse.verify import Tolerances
+from milsparse.metrics import Tolerances
 
 SPARSITIES = (0.3, 0.5)
 SCOPES = {"tensor": "unstructured:{s}", "channel": "unstructured@channel:{s}"}

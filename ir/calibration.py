@@ -20,15 +20,14 @@ interpreter's `observers` hook (`run_block`), one mechanism for every op.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from milsparse.ir import kernels_nn
 from milsparse.ir.errors import ConfigError
-from milsparse.ir.interpreter import Cursor, StopRun, fits_input, top_level_op
-from milsparse.ir.samples import check_input_value, read_npz
+from milsparse.ir.interpreter import Cursor, StopRun, top_level_op
+from milsparse.ir.samples import check_sample
 
 __all__ = [
     "Columns",
@@ -37,7 +36,7 @@ __all__ = [
     "targets_of",
     "collect",
     "collect_at",
-    "read_samples",
+    "check_samples",
 ]
 
 
@@ -187,66 +186,16 @@ def _activation_rows(op, columns: Columns, values: Mapping) -> np.ndarray:
     return np.moveaxis(cols, 1, 0).transpose(0, 1, 3, 2).reshape(groups, -1, cols.shape[2])
 
 
-def read_samples(value, input_names: Iterable[str]) -> list[dict[str, np.ndarray]]:
-    """Calibration samples from a list of input dicts, one dict, or an .npz path whose arrays
-    are named after the model's inputs with a leading sample axis (read by `samples.read_npz`,
-    as verify's inputs are)."""
-    names = list(input_names)
-    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
-        path = os.fsdecode(value)
-        arrays = read_npz(path, names, what="calibration data")
-        counts = {arrays[n].shape[0] if arrays[n].ndim else 0 for n in names}
-        if len(counts) != 1:
-            raise ConfigError(f"{path}: the inputs' arrays hold different numbers of samples")
-        return [{n: arrays[n][i] for n in names} for i in range(counts.pop())]
-    if isinstance(value, Mapping):
-        value = [value]
-    try:
-        samples = [dict(s) for s in value]
-    except (TypeError, ValueError) as e:
-        raise ConfigError(
-            "calibration must be a list of {input name: array} dicts or an .npz path"
-        ) from e
-    for i, sample in enumerate(samples):
-        missing = [n for n in names if n not in sample]
-        if missing:
-            raise ConfigError(f"calibration sample {i}: no value for input(s) {missing}")
-    return samples
-
-
 def check_samples(prog, samples: list[dict], function: str = "main") -> list[dict]:
-    """Each sample's arrays conform to the function's inputs (shape and dtype kind); returns
-    them as arrays. Raises ConfigError naming the sample and input."""
-    from coremltools.converters.mil.mil import types
-
+    """Calibration samples as arrays, once each meets `samples.check_sample` with finite
+    floats (statistics of inf or nan rank nothing). ConfigError naming the sample and input."""
     if not samples:
         raise ConfigError("calibration needs at least one sample")
     func = prog.functions[function]
-    out = []
-    for i, sample in enumerate(samples):
-        arrays = {}
-        for name, var in func.inputs.items():
-            value = np.asarray(sample[name])
-            if not fits_input(value, var):
-                raise ConfigError(
-                    f"calibration sample {i}: input {name!r} has shape {value.shape}; the "
-                    f"model expects {tuple(var.shape)} (an .npz holds one more, leading, "
-                    "sample axis)"
-                )
-            want_float = types.is_float(var.dtype)
-            if want_float != np.issubdtype(value.dtype, np.floating) and not (
-                not want_float and np.issubdtype(value.dtype, np.integer)
-            ):
-                raise ConfigError(
-                    f"calibration sample {i}: input {name!r} is {value.dtype}; the model "
-                    f"expects {types.builtin_to_string(var.dtype)}"
-                )
-            if want_float and not np.all(np.isfinite(value)):
-                raise ConfigError(f"calibration sample {i}: input {name!r} is not finite")
-            check_input_value(name, value, var, f"calibration sample {i}")
-            arrays[name] = value
-        out.append(arrays)
-    return out
+    return [
+        check_sample(func, sample, f"calibration sample {i}", finite=True)
+        for i, sample in enumerate(samples)
+    ]
 
 
 def _observers(

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from coremltools.converters.mil.mil import types
 from milsparse.ir.blobs import release_pages
-from milsparse.ir.errors import ConfigError, UnsupportedOpError
-from milsparse.ir.samples import check_input_value
+from milsparse.ir.errors import UnsupportedOpError
+from milsparse.ir.samples import check_sample, is_state
 
 __all__ = [
     "KERNELS",
@@ -33,7 +33,6 @@ __all__ = [
     "run_block",
     "static_values",
     "StopRun",
-    "fits_input",
     "Cursor",
     "top_level_op",
     "StateCell",
@@ -381,14 +380,6 @@ def _load_kernels() -> None:
         _KERNEL_MODULES_LOADED = True
 
 
-def fits_input(value: np.ndarray, var) -> bool:
-    """Whether `value`'s shape fits the function input `var`: its shape, when every dim is
-    fixed; its rank, when some are symbolic."""
-    expected = tuple(var.shape)
-    fixed = all(isinstance(d, int) for d in expected)
-    return value.ndim == len(expected) and (not fixed or value.shape == expected)
-
-
 def _check_supported(prog, function: str) -> None:
     missing = unsupported_ops(prog, function)
     if missing:
@@ -407,31 +398,21 @@ class StateCell:
         self.value = value
 
 
-def is_state(var) -> bool:
-    return types.is_state(var.sym_type)
-
-
-def _input_env(func, inputs: Mapping[str, Any]) -> _ChainedEnv:
-    """A top-level env holding the function's inputs (checked, in the interpreter's form).
-    A state input starts from its entry in `inputs` when there is one, else from zeros."""
+def _input_env(func, inputs: Mapping[str, Any], where: str = "inputs") -> _ChainedEnv:
+    """A top-level env holding the function's inputs (checked by `samples.check_sample`, in the
+    interpreter's form). A state input starts from its entry in `inputs` when there is one,
+    else from zeros."""
     env = _ChainedEnv(None)
+    given = check_sample(func, inputs, where)
     for name, var in func.inputs.items():
         state = is_state(var)
-        if name in inputs:
-            value = np.asarray(inputs[name])
-            if not fits_input(value, var):
-                raise ConfigError(
-                    f"input {name!r} has shape {value.shape}; the program expects "
-                    f"{tuple(var.shape)}"
-                )
-            check_input_value(name, value, var)
-        elif state:
+        if name in given:
+            value = given[name]
+        else:  # a state left out (check_sample requires every other input)
             wrapped = var.sym_type.wrapped_type()
             value = np.zeros(
                 wrapped.get_shape(), types.nptype_from_builtin(wrapped.get_primitive())
             )
-        else:
-            raise ConfigError(f"missing input {name!r}; the program takes {list(func.inputs)}")
         env[id(var)] = _state_cell(value, var) if state else _conform(value, var)
     return env
 
@@ -554,7 +535,10 @@ class Cursor:
         func = prog.functions[function]
         _load_kernels()
         _check_supported(prog, function)
-        self._envs = [_input_env(func, sample) for sample in samples]
+        self._envs = [
+            _input_env(func, sample, f"input sample {i}" if len(samples) > 1 else "inputs")
+            for i, sample in enumerate(samples)
+        ]
         # id -> op already run for every sample; holding the ops keeps their ids unique
         self._done: dict[int, Any] = {}
         # the index of the sample running now (None between runs), for observers' messages

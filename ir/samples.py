@@ -1,11 +1,17 @@
-"""Input samples: the one reader of `.npz` sample files and the checks of sample values against
-a function's inputs.
+"""Input samples: the one reader of `.npz` sample files and the one check of sample values
+against a function's inputs.
 
-`verify --inputs` and `compress --calibration` read their files here. A file is an `.npz`
-archive (`np.savez(path, x=...)`) whose entries are named after the model's inputs; only those
+`verify --inputs`, `compress --calibration` and the interpreter take their samples here. A file
+is an `.npz` archive (`np.savez(path, x=...)`) whose entries are named after the model's inputs,
+each with a leading sample axis (`x` of shape (N, *input shape) holds N samples); an entry of
+exactly the input's rank is one sample. The same file serves both commands. Only the inputs'
 entries are read, without pickle, and any other entry is an error that names it. A bare `.npy`,
 a file that is not a zip, an entry holding Python objects and a file cut short while it is read
 are `ConfigError`s naming the file (and entry), never numpy's own messages.
+
+`check_sample` is the rule every sample meets, wherever it came from: exactly the function's
+inputs (state inputs may be left out), real numbers of a fitting shape, whole numbers for an
+integer input, values the input's dtype can hold, and (for calibration) finite floats.
 
 `value_problem` is the rule for values that cannot be represented in the input's dtype (int64
 ids of 2**40 for an int32 input, float64 1e300 for an fp32 one): the interpreter would cast
@@ -14,14 +20,27 @@ them silently to wrapped integers or inf.
 
 from __future__ import annotations
 
+import os
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from milsparse.ir.errors import ConfigError
 
-__all__ = ["read_npz", "name_problem", "value_problem", "input_dtype", "check_input_value"]
+__all__ = [
+    "as_samples",
+    "check_input_value",
+    "check_sample",
+    "fits_input",
+    "input_dtype",
+    "input_names",
+    "is_state",
+    "name_problem",
+    "read_npz",
+    "read_samples",
+    "value_problem",
+]
 
 _NPY_MAGIC = b"\x93NUMPY"
 _HOW = "write one with np.savez(path, x=...), an array per input name"
@@ -150,3 +169,116 @@ def check_input_value(name: str, value, var, where: str = "") -> None:
     problem = value_problem(value, dtype) if dtype is not None else None
     if problem:
         raise ConfigError(f"{where + ': ' if where else ''}input {name!r} {problem}")
+
+
+def is_state(var) -> bool:
+    """Whether function input `var` is a state (an iOS18 stateful model's KV cache, say)."""
+    from coremltools.converters.mil.mil import types
+
+    return types.is_state(var.sym_type)
+
+
+def fits_input(value: np.ndarray, var) -> bool:
+    """Whether `value`'s shape fits the function input `var`: its shape, when every dim is
+    fixed; its rank, when some are symbolic."""
+    expected = tuple(var.shape)
+    fixed = all(isinstance(d, int) for d in expected)
+    return value.ndim == len(expected) and (not fixed or value.shape == expected)
+
+
+def input_names(func) -> tuple[list[str], list[str]]:
+    """(inputs a sample must give, state inputs it may give: they start at zeros otherwise)."""
+    states = [name for name, var in func.inputs.items() if is_state(var)]
+    return [name for name in func.inputs if name not in states], states
+
+
+def read_samples(path, func, *, what: str) -> list[dict[str, np.ndarray]]:
+    """The samples of the `.npz` at `path` for `func`: each entry holds N samples on a leading
+    axis, or one sample when it has exactly the input's rank. Every entry must agree."""
+    required, states = input_names(func)
+    arrays = read_npz(path, required, states, what=what)
+    counts = {}
+    for name, value in arrays.items():
+        var = func.inputs[name]
+        if value.ndim == len(var.shape) + 1 and (value.shape[0] == 0 or fits_input(value[0], var)):
+            counts[name] = value.shape[0]
+        elif fits_input(value, var):
+            counts[name] = None  # one sample
+        else:
+            expected = tuple(var.shape)
+            raise ConfigError(
+                f"{path}: entry {name!r} has shape {value.shape}; the input is {expected}, so "
+                f"an entry holds N samples as (N, {', '.join(map(str, expected))}), or one "
+                f"sample as {expected}"
+            )
+    if len(set(counts.values())) > 1:
+        told = ", ".join(
+            f"{n}: {'1 (no sample axis)' if c is None else c}" for n, c in counts.items()
+        )
+        raise ConfigError(f"{path}: the entries hold different numbers of samples ({told})")
+    count = next(iter(counts.values()), None)
+    if count is None:
+        return [arrays]
+    if count == 0:
+        raise ConfigError(f"{path}: the entries hold no samples (a leading axis of size 0)")
+    return [{name: value[i] for name, value in arrays.items()} for i in range(count)]
+
+
+def as_samples(value, func, *, what: str) -> list[dict]:
+    """Samples from an `.npz` path (`read_samples`), one {input name: array} dict, or a
+    non-empty list of such dicts; unchecked (see `check_sample`)."""
+    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+        return read_samples(os.fsdecode(value), func, what=what)
+    if isinstance(value, Mapping):
+        return [dict(value)]
+    if isinstance(value, Sequence) and all(isinstance(s, Mapping) for s in value):
+        if not value:
+            raise ConfigError(f"{what} is an empty list; give at least one sample")
+        return [dict(s) for s in value]
+    raise ConfigError(
+        f"{what} must be a dict of arrays (input name -> array), a list of such dicts, or an "
+        ".npz path"
+    )
+
+
+def check_sample(func, sample: Mapping, where: str, *, finite: bool = False) -> dict:
+    """`sample` as {input name: array}, once it names exactly `func`'s inputs (state inputs may
+    be left out) and each value is real numbers that fit its input: shape, whole numbers for an
+    integer input, within the dtype's range, and finite if `finite`. ConfigError otherwise,
+    starting with `where` ("calibration sample 2")."""
+    required, states = input_names(func)
+    problem = name_problem(sample, required, states)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    arrays = {}
+    for name, value in sample.items():
+        var = func.inputs[name]
+        value = np.asarray(value)
+        kind = value.dtype.kind
+        if kind not in "biuf":
+            what = {"c": "complex", "U": "string", "S": "bytes", "O": "object"}.get(kind, kind)
+            raise ConfigError(f"{where}: {name!r} is a {what} array; inputs must be real numbers")
+        if is_state(var):
+            expected = tuple(var.sym_type.wrapped_type().get_shape())
+            fits = value.shape == expected
+        else:
+            expected, fits = tuple(var.shape), fits_input(value, var)
+        if not fits:
+            raise ConfigError(
+                f"{where}: input {name!r} has shape {value.shape}; the model expects {expected}"
+            )
+        dtype = input_dtype(var)
+        if kind == "f" and dtype is not None and dtype.kind in "iub":
+            with np.errstate(invalid="ignore"):
+                fractional = np.isfinite(value) & (value != np.round(value))
+            if fractional.any():
+                example = float(value.ravel()[int(np.flatnonzero(fractional.ravel())[0])])
+                raise ConfigError(
+                    f"{where}: input {name!r} holds {example:g}; the input is {dtype.name} and "
+                    "takes whole numbers"
+                )
+        if finite and kind == "f" and not np.all(np.isfinite(value)):
+            raise ConfigError(f"{where}: input {name!r} is not finite (inf or nan)")
+        check_input_value(name, value, var, where)
+        arrays[name] = value
+    return arrays

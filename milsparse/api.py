@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import uuid
 from pathlib import Path
@@ -22,9 +21,9 @@ from milsparse.passes._weight_pass import PIPELINE_RUNS
 from milsparse.passes.decisions import combine
 from milsparse.passes.registry import ChainStep, check_chain, place_in_pipeline
 from milsparse.passes.upgrade import upgrade_constexpr_ops
+from milsparse.pruning_metadata import pruned_metadata
 from milsparse.recipe import Recipe
 from milsparse.report import CompressReport, InspectReport
-from milsparse.verify import PRUNE_METADATA_KEY, declared_pruning
 
 __all__ = [
     "compress",
@@ -123,7 +122,7 @@ def compress_with_report(
             )
             budget_notes = []
         prune = next((p for step, p in steps if step.kind == "prune"), None)
-        metadata = _pruned_metadata(source, prune.report if prune is not None else [])
+        metadata = pruned_metadata(source, prune.report if prune is not None else [])
         if output is None:
             compressed = package.program_to_model(prog, spec_version, source, metadata)
         else:
@@ -192,7 +191,7 @@ def _budget_search(source, recipe: Recipe, target, samples, spill_folder, jobs=1
     import attrs
 
     from milsparse.ir.interpreter import run_samples
-    from milsparse.verify import Tolerances, compare_outputs
+    from milsparse.metrics import Tolerances, compare_outputs
 
     prune_step = recipe.step("prune")
     cfg = prune_step.config
@@ -256,16 +255,17 @@ def _budget_search(source, recipe: Recipe, target, samples, spill_folder, jobs=1
 
 def _calibration_samples(prog, calibration) -> list[dict]:
     """Checked calibration samples for the program's function (one function only)."""
-    from milsparse.ir.calibration import check_samples, read_samples
+    from milsparse.ir.calibration import check_samples
+    from milsparse.ir.samples import as_samples
 
     if len(prog.functions) > 1:
         raise ConfigError(
             "calibration (data-aware pruning) supports single-function programs; this one has "
             f"functions {sorted(prog.functions)}"
         )
-    func = next(iter(prog.functions.values()))
-    samples = read_samples(calibration, func.inputs)
-    return check_samples(prog, samples, next(iter(prog.functions)))
+    function = next(iter(prog.functions))
+    samples = as_samples(calibration, prog.functions[function], what="calibration")
+    return check_samples(prog, samples, function)
 
 
 def weight_states(prog) -> set[str]:
@@ -291,16 +291,6 @@ def check_recipe(recipe: Recipe, target=None, start=("dense",)):
         target,
         start,
     )
-
-
-def _pruned_metadata(source, decisions) -> dict[str, str]:
-    """The model metadata entry recording each pruned weight's spec and axis, so `verify` can
-    check the pattern later; merged with an earlier run's entry."""
-    pruned = declared_pruning(source)
-    for d in decisions:
-        if d.compressed:
-            pruned[d.name] = {"spec": d.spec, "axis": d.axis}
-    return {PRUNE_METADATA_KEY: json.dumps(pruned, sort_keys=True)} if pruned else {}
 
 
 def compress(
@@ -401,7 +391,7 @@ def conversion_report(model: ct.models.MLModel, pipeline: ct.PassPipeline) -> Co
         for d in combine([(name.partition("::")[2], found[name][0]) for name in ran])
     ]
     prune = [_renamed(d, final) for d in found.get("milsparse::prune", ([], []))[0]]
-    for key, value in _pruned_metadata(model, prune).items():
+    for key, value in pruned_metadata(model, prune).items():
         model.user_defined_metadata[key] = value
     many = len(ran) > 1
     notes = [

@@ -232,7 +232,7 @@ def _verify_options(parser) -> None:
 
 
 def _tolerances(args):
-    from milsparse.verify import Tolerances
+    from milsparse.metrics import Tolerances
 
     defaults = Tolerances()
     return Tolerances(

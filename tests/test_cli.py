@@ -257,8 +257,9 @@ def test_scope_channel_prunes_each_output_channel_and_verify_checks_it(model, tm
     "step", [["--palettize", "4"], ["--prune", "block2:0.5"], ["--prune", "2:4"],
              ["--quantize", "int8"], ["--quantize", "int4@b2"]],
 )  # fmt: skip
-def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(save_program, tmp_path, capsys,
-                                                                   step):
+def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(
+    save_program, tmp_path, capsys, step
+):
     """Issue finding 10: `compress MODEL -o OUT --min-size 0 --palettize 4` (and block prune,
     quantize) crashed on a 1x1 or 0x64 weight ('NoneType' object has no attribute 'form')."""
     model = save_program(programs.tiny_weights(dtype=np.float16))
@@ -273,8 +274,7 @@ def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(save_program,
     assert rows["big"]["compressed"] and out.exists()
 
 
-def test_a_bug_inside_a_pass_exits_3_and_a_user_error_exits_2(model, tmp_path, capsys,
-                                                              monkeypatch):
+def test_a_bug_inside_a_pass_exits_3_and_a_user_error_exits_2(model, tmp_path, capsys, monkeypatch):
     """Issue finding 9: run_passes wrapped every exception of a pass as PassError, a user
     error to the CLI, so a bug inside a pass exited 2 instead of 3."""
     from milsparse.passes.prune import PruneWeights
@@ -310,8 +310,9 @@ def test_a_bug_inside_a_pass_exits_3_and_a_user_error_exits_2(model, tmp_path, c
      (["--quantize", "int8@b100000000000"], "int8@b100000000000: 64 input channels are not a "
       "multiple of block_size 100000000000")],
 )  # fmt: skip
-def test_a_block_larger_than_the_weight_is_refused_before_any_work(model, tmp_path, capsys,
-                                                                   step, reason):
+def test_a_block_larger_than_the_weight_is_refused_before_any_work(
+    model, tmp_path, capsys, step, reason
+):
     """Issue finding 9: `block_size: 100000000000` tried to allocate terabytes and reported the
     MemoryError as a user error (exit 2). A block larger than the weight's axis leaves the
     weight dense with the reason (as coremltools skips a block size that does not divide it)."""
@@ -324,8 +325,7 @@ def test_a_block_larger_than_the_weight_is_refused_before_any_work(model, tmp_pa
     assert rows["fc0_weight"]["reason"].startswith(reason)
 
 
-def test_a_recipe_block_larger_than_the_weight_is_refused_before_any_work(model, tmp_path,
-                                                                          capsys):
+def test_a_recipe_block_larger_than_the_weight_is_refused_before_any_work(model, tmp_path, capsys):
     """Issue finding 9, the recipe form: `block_size: 100000000000` in prune and quantize."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(

@@ -95,7 +95,7 @@ def test_convert_prune_then_palettize_recipe_keeps_fusion_and_carries_the_report
     conversion_report brings back the per-weight report and the pruning metadata that verify
     checks patterns with (coremltools runs fresh pass instances, so the passes' own state is
     gone)."""
-    from milsparse.verify import PRUNE_METADATA_KEY, declared_pruning
+    from milsparse.pruning_metadata import PRUNE_METADATA_KEY, declared_pruning
 
     recipe = ms.Recipe(["2:4", "lut4"], target="ios18")
     pipeline = ms.coreml_pipeline(recipe)

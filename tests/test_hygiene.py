@@ -66,3 +66,44 @@ def test_coremltools_imported_after_milsparse_has_its_passes_and_is_quiet():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.stdout.split() == ["True", "True"], run.stderr
     assert "Failed to load" not in run.stderr and "has not been tested" not in run.stderr
+
+
+_STARTUP = """
+import sys
+from milsparse.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("coremltools", "torch", "numpy", "networkx") if m in sys.modules)
+print("IMPORTED", ",".join(heavy) or "-", "EXIT", code)
+"""
+
+
+def _startup(*args: str) -> tuple[str, str]:
+    run = subprocess.run(
+        [sys.executable, "-c", _STARTUP, *args], capture_output=True, text=True, timeout=120
+    )
+    imported, code = run.stdout.split("IMPORTED ")[-1].split(" EXIT ")
+    return imported, code.strip()
+
+
+def test_help_and_argument_errors_import_neither_coremltools_nor_torch():
+    """`milsparse --help` took 5.5-7 s: coremltools imports torch. Neither is needed to print
+    help or refuse a flag."""
+    assert _startup("--help") == ("-", "0")
+    assert _startup("compress", "--help") == ("-", "0")
+    assert _startup("compress", "in.mlpackage") == ("-", "2")  # -o missing
+    assert _startup("verify") == ("-", "2")
+    assert _startup("frobnicate") == ("-", "2")
+
+
+def test_import_milsparse_is_light_and_names_load_on_use():
+    code = (
+        "import sys, milsparse as ms\n"
+        "light = 'coremltools' not in sys.modules and 'torch' not in sys.modules\n"
+        "names = [n for n in ms.__all__ if getattr(ms, n, None) is None]\n"
+        "print(light, names, callable(ms.verify), ms.Tolerances.__module__)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["True", "[]", "True", "milsparse.metrics"], run.stderr

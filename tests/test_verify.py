@@ -12,7 +12,8 @@ from milsparse.fixtures import programs
 import milsparse as ms
 from milsparse import package
 from milsparse.errors import ConfigError, UnsupportedModelError
-from milsparse.verify import Tolerances, generate_inputs, output_metrics
+from milsparse.inputs import generate_inputs
+from milsparse.metrics import Tolerances, output_metrics
 
 
 def two_heads(seed=0, outlier=20.0):
@@ -421,7 +422,7 @@ def test_input_files_and_dicts_are_checked(reference, tmp_path):
     np.save(tmp_path / "x.npy", x)
     with pytest.raises(ConfigError, match=r"a single array \(.npy\), not a .npz archive"):
         ms.verify(reference, reference, tmp_path / "x.npy")
-    np.savez(tmp_path / "s.npz", x=np.array(["a", "b"]))
+    np.savez(tmp_path / "s.npz", x=np.full((2, 64), "a"))
     with pytest.raises(ConfigError, match="'x' is a string array"):
         ms.verify(reference, reference, tmp_path / "s.npz")
     with pytest.raises(ConfigError, match="'x' is a complex array"):
@@ -430,6 +431,52 @@ def test_input_files_and_dicts_are_checked(reference, tmp_path):
         ms.verify(reference, reference, {"x": x, "y": x})
     with pytest.raises(ConfigError, match="input sample 1: missing input 'x'"):
         ms.verify(reference, reference, [{"x": x}, {}])
+    np.savez(tmp_path / "wrong.npz", x=np.ones((3, 7), np.float32))
+    with pytest.raises(
+        ConfigError, match=r"has shape \(3, 7\); the input is \(2, 64\), so an entry"
+    ):
+        ms.verify(reference, reference, tmp_path / "wrong.npz")
+
+
+def test_one_npz_serves_calibration_and_verify(save_program, tmp_path, capsys):
+    """Issue 15: `--calibration` and `verify --inputs` read the same file (a leading sample
+    axis); an entry of the input's own rank is one sample; verify says how many it compared."""
+    from milsparse.cli import main
+
+    path = save_program(programs.mlp(sizes=(64, 256, 10)))
+    shape = tuple(ms.load_program(path).functions["main"].inputs["x"].shape)
+    x = np.random.default_rng(0).standard_normal((5, *shape)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x)
+    np.savez(tmp_path / "one.npz", x=x[0])
+    out = tmp_path / "wanda.mlpackage"
+    args = ["compress", str(path), "-o", str(out), "--prune", "2:4", "--criterion", "wanda"]
+    assert main([*args, "--calibration", str(tmp_path / "cal.npz"), "--min-size", "512"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(path), str(out), "--inputs", str(tmp_path / "cal.npz"),
+                 "--json"]) in (0, 1)  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["samples"] == 5
+    assert ms.verify(path, out, tmp_path / "one.npz").samples == 1
+    many = ms.verify(path, out, tmp_path / "cal.npz")
+    each = [ms.verify(path, out, {"x": sample}) for sample in x]
+    assert many.samples == 5 and all(r.samples == 1 for r in each)
+    worst = max(r.outputs[0].max_abs for r in each)
+    assert many.outputs[0].max_abs == pytest.approx(worst)
+
+
+def test_integer_inputs_take_whole_numbers(save_program):
+    """A float 1.5 for an int32 input was truncated to 1 without a word."""
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+
+    @mb.program(
+        input_specs=[mb.TensorSpec(shape=(3,), dtype=types.int32)], opset_version=ct.target.iOS18
+    )
+    def prog(ids):
+        return mb.gather(x=mb.const(val=table), indices=ids, axis=0, name="rows")
+
+    path = save_program(prog)
+    assert ms.evaluate(path, {"ids": np.array([1.0, 2.0, 3.0])})["rows"][0, 0] == 4
+    with pytest.raises(ConfigError, match="holds 1.5; the input is int32 and takes whole"):
+        ms.evaluate(path, {"ids": np.array([1.5, 2.0, 3.0])})
 
 
 def _argmax_head(save_program):

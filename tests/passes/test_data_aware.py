@@ -253,9 +253,9 @@ def test_calibration_errors_are_clear(tmp_path, save_program, capsys):
         ms.compress(path, {"spec": "2:4", "criterion": "wanda", "min_size": 512})
     cases = {
         "other.npz": ({"other": np.ones((3, *shape), np.float32)}, "missing input"),
-        "shape.npz": ({name: np.ones((3, 7), np.float32)}, "has shape (7,)"),
-        "empty.npz": ({name: np.ones((0, *shape), np.float32)}, "at least one sample"),
-        "text.npz": ({name: np.array([["a"] * shape[-1]] * shape[0])[None]}, "expects fp32"),
+        "shape.npz": ({name: np.ones((3, 7), np.float32)}, "has shape (3, 7); the input is"),
+        "empty.npz": ({name: np.ones((0, *shape), np.float32)}, "hold no samples"),
+        "text.npz": ({name: np.array([["a"] * shape[-1]] * shape[0])[None]}, "is a string array"),
     }
     for file, (arrays, message) in cases.items():
         np.savez(tmp_path / file, **arrays)
