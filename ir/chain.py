@@ -16,7 +16,6 @@ display strings. Nothing here mutates a program.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,27 +23,12 @@ from coremltools.converters.mil.mil import types
 from milsparse.ir import formats
 from milsparse.ir.blobs import release_pages
 from milsparse.ir.graph import uses_of
+from milsparse.ir.states import Form
 
 __all__ = ["Form", "StoredTensor", "WeightChain", "weight_chain", "is_compressed", "bits_of"]
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _SUB_BYTE_BITS = {"uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "int4": 4, "uint6": 6}
-
-
-class Form(str, enum.Enum):
-    """The weight states of DESIGN.md; the values are how reports name them."""
-
-    DENSE = "dense"
-    SPARSE = "sparse"
-    PALETTIZED = "palettized"
-    QUANTIZED = "quantized"
-    SPARSE_PALETTIZED = "sparse+palettized"
-    SPARSE_QUANTIZED = "sparse+quantized"
-    CAST = "cast"
-
-    @property
-    def sparse(self) -> bool:
-        return self in (Form.SPARSE, Form.SPARSE_PALETTIZED, Form.SPARSE_QUANTIZED)
 
 
 @dataclass(frozen=True)

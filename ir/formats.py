@@ -30,7 +30,6 @@ __all__ = [
     "decode_sparse_ios16",
     "encode_sparse_ios18",
     "decode_sparse_ios18",
-    "pruned_weight",
     "pack_mask",
     "unpack_mask",
     "BLOB_ALIGNMENT",
@@ -138,14 +137,6 @@ def _check_dtype(weight: np.ndarray) -> None:
         raise ValueError(
             f"constexpr_sparse_to_dense stores fp32, fp16, int8 or uint8 values, got {weight.dtype}"
         )
-
-
-def pruned_weight(weight: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-    """The weight with every element outside `keep` (and every zero) set to +0."""
-    mask = _stored_mask(weight, keep)
-    out = np.zeros_like(weight)
-    out[mask] = weight[mask]
-    return out
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["Use", "uses_of", "walk_ops", "function_opset"]
+__all__ = ["Use", "uses_of", "walk_ops"]
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,3 @@ def walk_ops(block) -> Iterator[object]:
         yield op
         for inner in op.blocks:
             yield from walk_ops(inner)
-
-
-def function_opset(block):
-    """The opset (coremltools AvailableTarget) of the function enclosing `block`."""
-    while getattr(block, "outer_op", None) is not None:
-        block = block.outer_op.enclosing_block
-    return block.opset_version

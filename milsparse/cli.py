@@ -484,17 +484,17 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_passes(args) -> int:
-    import milsparse  # noqa: F401  (registers the passes)
-    from milsparse.passes.registry import MILSPARSE_PASSES, chain_dot
-    from milsparse.report import format_table
+    if args.recipe is None:  # the declarations alone: no coremltools import
+        from milsparse.passes.catalog import OWN_PASSES
 
-    if args.recipe is None:
         if args.dot or args.target:
             raise _config_error("--dot and --target apply with --recipe")
-        return _list_passes(MILSPARSE_PASSES, args.json)
+        return _list_passes(OWN_PASSES, args.json)
     from milsparse import targets
     from milsparse.api import check_recipe
+    from milsparse.passes.registry import chain_dot
     from milsparse.recipe import Recipe
+    from milsparse.report import format_table
 
     recipe = Recipe.from_yaml(args.recipe)
     target = targets.parse_target(args.target if args.target is not None else recipe.target)
@@ -517,6 +517,7 @@ def _cmd_passes(args) -> int:
 
 
 def _list_passes(passes, as_json: bool) -> int:
+    from milsparse.passes.catalog import target_name
     from milsparse.report import format_table
 
     specs = sorted(passes.values(), key=lambda s: s.name)
@@ -529,8 +530,8 @@ def _list_passes(passes, as_json: bool) -> int:
                 "after": list(s.after),
                 "before": list(s.before),
                 "conflicts": list(s.conflicts),
-                "min_target": s.min_target.name,
-                "transforms": [[c, p, t.name] for c, p, t in s.transforms],
+                "min_target": target_name(s.min_target),
+                "transforms": [[c, p, target_name(t)] for c, p, t in s.transforms],
             }
             for s in specs
         ]
@@ -542,7 +543,7 @@ def _list_passes(passes, as_json: bool) -> int:
                 [
                     [
                         s.name,
-                        s.min_target.name,
+                        target_name(s.min_target),
                         ", ".join(f"{c}->{p}" for c, p, _ in s.transforms) or "-",
                         s.summary,
                     ]

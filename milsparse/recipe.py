@@ -80,13 +80,10 @@ class Step:
         return f"milsparse::{self.kind}"
 
     def make_pass(self):
-        """A fresh instance of this step's pass, configured."""
-        from milsparse.passes.palettize import PalettizeWeights
-        from milsparse.passes.prune import PruneWeights
-        from milsparse.passes.quantize import QuantizeWeights
+        """A fresh instance of this step's pass (found in the pass registry), configured."""
+        from milsparse.passes.registry import pass_class
 
-        classes = {"prune": PruneWeights, "palettize": PalettizeWeights}
-        return classes.get(self.kind, QuantizeWeights)(self.config)
+        return pass_class(self.pass_name)(self.config)
 
     def describe(self) -> str:
         return f"{self.kind} {self.config.spec.to_string()}"

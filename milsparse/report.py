@@ -6,10 +6,11 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from milsparse.ir.weights import WeightRow
-from milsparse.passes.decisions import WeightDecision
+if TYPE_CHECKING:  # the table formatter is used where coremltools is not imported
+    from milsparse.ir.weights import WeightRow
+    from milsparse.passes.decisions import WeightDecision
 
 __all__ = ["CompressReport", "InspectReport", "format_table", "human_bytes"]
 
@@ -73,10 +74,6 @@ class CompressReport:
     @property
     def compressed(self) -> list[WeightDecision]:
         return [d for d in self.decisions if d.compressed]
-
-    @property
-    def left_dense(self) -> list[WeightDecision]:
-        return [d for d in self.decisions if not d.compressed]
 
     def totals(self) -> dict[str, Any]:
         # a weight the functions of a multifunction package share is stored, and counted, once

@@ -18,7 +18,7 @@ from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import Operation, Var
 from milsparse.ir.blobs import release_pages
 
-__all__ = ["replace_const", "replace_op", "named_const", "spilling", "deferring"]
+__all__ = ["replace_op", "named_const", "spilling", "deferring"]
 
 # Where new values go while passes run on a saved model (None: they stay in memory).
 _SPILL: contextvars.ContextVar = contextvars.ContextVar("milsparse_spill", default=None)
@@ -30,7 +30,7 @@ _DEFERRED: contextvars.ContextVar = contextvars.ContextVar("milsparse_deferred",
 
 @contextlib.contextmanager
 def deferring():
-    """Within the block, `replace_op` / `replace_const` record `(op, build)` in the yielded
+    """Within the block, `replace_op` records `(op, build)` in the yielded
     list instead of rewriting: a pass computes a weight's replacement in a worker thread, and
     the main thread applies the recorded rewrites in program order (so the program, and the
     bytes written, do not depend on which thread finished first)."""
@@ -61,11 +61,6 @@ def named_const(val: np.ndarray, name: str, before_op: Operation) -> Var:
     if spill is not None:
         val = spill.put(val)
     return mb.const(val=val, name=name, before_op=before_op)
-
-
-def replace_const(op: Operation, build: Callable[[Operation, str], Var]) -> Var:
-    """Replace `const` op `op` by whatever `build(op, tmp_name)` constructs before it."""
-    return replace_op(op, build)
 
 
 def replace_op(op: Operation, build: Callable[[Operation, str], Var]) -> Var:

@@ -37,12 +37,12 @@ from __future__ import annotations
 import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 from milsparse.ir import formats, lut, masks
 from milsparse.ir.chain import Form
 from milsparse.ir.graph import Use
+from milsparse.passes import catalog
 from milsparse.passes._match import MatchResult
-from milsparse.passes._rewrite import named_const, replace_const, replace_op
+from milsparse.passes._rewrite import named_const, replace_op
 from milsparse.passes._weight_pass import (
     Candidate,
     WeightPass,
@@ -57,6 +57,7 @@ from milsparse.passes.lut_config import (
     PalettizeSpec,
     parse_palettize_config,
 )
+from milsparse.passes.registry import graph_pass
 
 __all__ = ["PalettizeWeights", "palettize_tensors"]
 
@@ -72,7 +73,7 @@ def palettize_tensors(num_elements: int, nbits: int, tables: int, value_bits: in
     return [(-(-num_elements * nbits // 8), 8), entries, (rank, 32)]
 
 
-@register_pass(namespace="milsparse", name="palettize")
+@graph_pass(catalog.PALETTIZE)
 class PalettizeWeights(WeightPass):
     """Palettize weight consts into constexpr_lut_to_dense (see the module docstring)."""
 
@@ -142,7 +143,7 @@ class PalettizeWeights(WeightPass):
                 op, f"palettized form would be larger: {stored} >= {dense} bytes", cand
             )
         decoded_zeros = layout.decoded_zeros(tables, indices)
-        replace_const(op, _builder(op.name, tables, indices, spec, layout, ios18))
+        replace_op(op, _builder(op.name, tables, indices, spec, layout, ios18))
         return WeightDecision(
             name=op.name,
             consumers=consumers(cand.uses),

@@ -36,15 +36,14 @@ import attrs
 import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 from milsparse.ir import calibration, formats, masks
 from milsparse.ir.chain import Form, bits_of
 from milsparse.ir.errors import ConfigError
 from milsparse.ir.graph import Use
 from milsparse.ir.interpreter import Cursor
-from milsparse.passes import data_aware
+from milsparse.passes import catalog, data_aware
 from milsparse.passes._match import MatchResult
-from milsparse.passes._rewrite import named_const, replace_const, replace_op
+from milsparse.passes._rewrite import named_const, replace_op
 from milsparse.passes._weight_pass import (
     WEIGHT_OPERANDS,
     Candidate,
@@ -55,12 +54,13 @@ from milsparse.passes._weight_pass import (
 )
 from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config
 from milsparse.passes.decisions import WeightDecision
+from milsparse.passes.registry import graph_pass
 from tqdm.auto import tqdm
 
 __all__ = ["PruneWeights", "WEIGHT_OPERANDS", "channel_axes"]
 
 
-@register_pass(namespace="milsparse", name="prune")
+@graph_pass(catalog.PRUNE)
 class PruneWeights(WeightPass):
     """Prune weight consts into sparse constexpr ops (see the module docstring)."""
 
@@ -335,7 +335,7 @@ class PruneWeights(WeightPass):
                     nonzero_data=nonzero, mask=mask, shape=shape, name=tmp_name, before_op=anchor
                 )
 
-        replace_const(op, build)
+        replace_op(op, build)
         return WeightDecision(
             name=name,
             consumers=consumers(cand.uses),

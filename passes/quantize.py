@@ -31,10 +31,10 @@ from __future__ import annotations
 import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 from milsparse.ir import formats, masks
 from milsparse.ir.chain import Form
 from milsparse.ir.graph import Use
+from milsparse.passes import catalog
 from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import named_const, replace_op
 from milsparse.passes._weight_pass import (
@@ -50,6 +50,7 @@ from milsparse.passes.quant_config import (
     QuantizeSpec,
     parse_quantize_config,
 )
+from milsparse.passes.registry import graph_pass
 
 __all__ = ["QuantizeWeights", "UnrepresentableScaleError", "fit_scales", "quantize_blockwise"]
 
@@ -276,7 +277,7 @@ def _quantize_with_ratio(weight, scale_shape, spec, valid, ratio):
     return quantize_blockwise(clipped, scale_shape, spec, valid)
 
 
-@register_pass(namespace="milsparse", name="quantize")
+@graph_pass(catalog.QUANTIZE)
 class QuantizeWeights(WeightPass):
     """Linearly quantize weight consts (see the module docstring)."""
 

@@ -22,21 +22,24 @@ that consumes none of the states the steps before it leave, or that would produc
 target cannot hold, is a `PipelineError` naming the steps.
 
 Passes of any namespace take part: `@graph_pass("mytools::fold", "summary", before=(...))`
-registers a class with coremltools and its declarations here in one step, refusing a name
-already taken.
+(or `@graph_pass(spec)` with a `PassSpec`, as milsparse's own passes do with theirs from
+`passes/catalog.py`) registers a class with coremltools and its declarations here in one step,
+refusing a name already taken; `pass_class(name)` finds the class again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import coremltools as ct
 import networkx as nx
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 from milsparse.ir.errors import PipelineError
+from milsparse.passes.catalog import WEIGHT_STATES, PassSpec
 
 __all__ = [
     "PassSpec",
@@ -44,6 +47,8 @@ __all__ = [
     "MILSPARSE_PASSES",
     "register",
     "graph_pass",
+    "pass_class",
+    "pass_spec",
     "order_passes",
     "place_in_pipeline",
     "WEIGHT_STATES",
@@ -52,94 +57,98 @@ __all__ = [
     "chain_dot",
 ]
 
-WEIGHT_STATES = (
-    "dense",
-    "sparse",
-    "palettized",
-    "quantized",
-    "sparse+palettized",
-    "sparse+quantized",
-)
-
 
 class PipelineWarning(UserWarning):
     """A pipeline was built, but not as its declarations intend (a missing anchor)."""
 
 
-@dataclass(frozen=True)
-class PassSpec:
-    name: str
-    summary: str
-    requires: tuple[str, ...] = ()
-    after: tuple[str, ...] = ()
-    before: tuple[str, ...] = ()
-    conflicts: tuple[str, ...] = ()
-    min_target: AvailableTarget = AvailableTarget.iOS16
-    options: tuple[str, ...] = field(default=("config",))
-    transforms: tuple[tuple[str, str, AvailableTarget], ...] = ()
-
-    def __post_init__(self):
-        for consumed, produced, _ in self.transforms:
-            for state in (consumed, produced):
-                if state not in WEIGHT_STATES:
-                    raise PipelineError(
-                        f"{self.name}: unknown weight state {state!r}; known: "
-                        f"{', '.join(WEIGHT_STATES)}"
-                    )
-
-    @property
-    def consumes(self) -> tuple[str, ...]:
-        return tuple(c for c, _, _ in self.transforms)
-
-
 MILSPARSE_PASSES: dict[str, PassSpec] = {}
+
+
+# name -> the class registered with coremltools under it (`pass_class`)
+_CLASSES: dict[str, type] = {}
+
+
+def _target(value, where: str):
+    if isinstance(value, AvailableTarget):
+        return value
+    try:
+        return AvailableTarget[value]
+    except (KeyError, TypeError):
+        known = ", ".join(AvailableTarget.__members__)
+        raise PipelineError(f"{where}: unknown target {value!r}; known: {known}") from None
+
+
+def _with_targets(spec: PassSpec) -> PassSpec:
+    """`spec` with its targets as coremltools' AvailableTarget (a declaration may name them)."""
+    return dataclasses.replace(
+        spec,
+        min_target=_target(spec.min_target, spec.name),
+        transforms=tuple((c, p, _target(t, spec.name)) for c, p, t in spec.transforms),
+    )
 
 
 def register(spec: PassSpec) -> PassSpec:
     """Add a pass's ordering declaration; its class must already be in coremltools' registry.
     Any namespace (`mytools::fold`); a name declared twice is refused."""
-    namespace, _, name = spec.name.partition("::")
-    if not namespace or not name:
-        raise PipelineError(f"a pass is named namespace::name, got {spec.name!r}")
     if spec.name in MILSPARSE_PASSES:
         raise PipelineError(f"{spec.name} is already registered")
     if spec.name not in PASS_REGISTRY:
         raise PipelineError(f"{spec.name} is not registered with coremltools' PASS_REGISTRY")
+    spec = _with_targets(spec)
     MILSPARSE_PASSES[spec.name] = spec
     return spec
 
 
-def graph_pass(name: str, summary: str, **declarations):
+def graph_pass(spec: PassSpec | str, summary: str | None = None, **declarations):
     """Class decorator: register a graph pass with coremltools (so `ct.PassPipeline` and
-    `ct.convert` find it) and its ordering declarations with milsparse, in one step.
+    `ct.convert` find it) and its declarations with milsparse, in one step.
 
         @graph_pass("mytools::fold_scales", "fold scales into weights",
                     before=("milsparse::prune",))
         class FoldScales(AbstractGraphPass):
             def apply(self, prog): ...
 
-    `declarations` are the fields of `PassSpec` (requires, after, before, conflicts,
-    min_target, options). A name already registered, with either registry, is refused.
+    Give a `PassSpec`, or its name, summary and other fields (requires, after, before,
+    conflicts, min_target, options, transforms). A name already registered, with either
+    registry, is refused.
     """
-    namespace, _, short = name.partition("::")
-    if not namespace or not short:
-        raise PipelineError(f"a pass is named namespace::name, got {name!r}")
+    if not isinstance(spec, PassSpec):
+        spec = PassSpec(name=spec, summary=summary or "", **declarations)
+    elif summary is not None or declarations:
+        raise PipelineError("graph_pass: give a PassSpec alone, or a name and its fields")
+    namespace, _, short = spec.name.partition("::")
 
     def decorate(cls):
-        if name in PASS_REGISTRY or name in MILSPARSE_PASSES:
-            raise PipelineError(f"{name} is already registered")
+        if spec.name in PASS_REGISTRY or spec.name in MILSPARSE_PASSES:
+            raise PipelineError(f"{spec.name} is already registered")
         PASS_REGISTRY.add(namespace, cls, override=False, name=short)
         try:
-            register(PassSpec(name=name, summary=summary, **declarations))
+            register(spec)
         except BaseException:
-            PASS_REGISTRY.passes.pop(name, None)
+            PASS_REGISTRY.passes.pop(spec.name, None)
             raise
+        _CLASSES[spec.name] = cls
         return cls
 
     return decorate
 
 
-def _spec(name: str) -> PassSpec:
+def pass_class(name: str) -> type:
+    """The class of registered pass `name` (registered with `graph_pass`)."""
+    pass_spec(name)
+    try:
+        return _CLASSES[name]
+    except KeyError:
+        raise PipelineError(f"{name} was registered without graph_pass: no class known") from None
+
+
+def pass_spec(name: str) -> PassSpec:
+    """The registered declaration of pass `name` (milsparse's own passes load on first use)."""
+    if name not in MILSPARSE_PASSES:
+        import milsparse.passes
+
+        milsparse.passes.load()
     try:
         return MILSPARSE_PASSES[name]
     except KeyError:
@@ -152,7 +161,7 @@ def order_passes(names: Iterable[str], target: AvailableTarget | None = None) ->
     the order they were asked in. Raises PipelineError when no order exists."""
     names = list(dict.fromkeys(names))
     asked = {name: i for i, name in enumerate(names)}
-    specs = {n: _spec(n) for n in names}
+    specs = {n: pass_spec(n) for n in names}
     graph = nx.DiGraph()
     graph.add_nodes_from(names)
     for name, spec in specs.items():
@@ -201,7 +210,7 @@ def place_in_pipeline(
     pipeline = _copy_pipeline(base)
     passes = list(pipeline.passes)
     for name in order_passes(names):
-        spec = _spec(name)
+        spec = pass_spec(name)
         anchors = [p for p in (*spec.after, *spec.requires) if p not in MILSPARSE_PASSES]
         if anchors and not any(p in passes for p in anchors):
             warnings.warn(
@@ -257,7 +266,7 @@ def check_chain(
     states = {s: "the input" for s in start}  # state -> the step that made it
     taken = []
     for step in steps:
-        spec = _spec(step.pass_name)
+        spec = pass_spec(step.pass_name)
         if not spec.transforms:
             taken.append((step, []))
             continue

@@ -96,6 +96,24 @@ def test_help_and_argument_errors_import_neither_coremltools_nor_torch():
     assert _startup("compress", "in.mlpackage") == ("-", "2")  # -o missing
     assert _startup("verify") == ("-", "2")
     assert _startup("frobnicate") == ("-", "2")
+    assert _startup("passes") == ("-", "0")
+    assert _startup("passes", "--json") == ("-", "0")
+
+
+def test_the_pass_list_without_coremltools_is_the_registry_s():
+    """`milsparse passes` reads the declarations (catalog) without importing coremltools; the
+    registry holds the same passes once they register."""
+    from milsparse.passes.catalog import OWN_PASSES, target_name
+    from milsparse.passes.registry import pass_class, pass_spec
+
+    for name, declared in OWN_PASSES.items():
+        registered = pass_spec(name)
+        assert registered.after == declared.after and registered.summary == declared.summary
+        assert target_name(registered.min_target) == declared.min_target
+        assert [(c, p, target_name(t)) for c, p, t in registered.transforms] == [
+            tuple(t) for t in declared.transforms
+        ]
+        assert pass_class(name).__module__ == f"milsparse.passes.{name.split('::')[1]}"
 
 
 def test_import_milsparse_is_light_and_names_load_on_use():
@@ -107,3 +125,23 @@ def test_import_milsparse_is_light_and_names_load_on_use():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.stdout.split() == ["True", "[]", "True", "milsparse.metrics"], run.stderr
+
+
+def test_any_module_imported_first_registers_the_passes():
+    """A milsparse module whose own `import coremltools` is the first one is part-way through
+    its import: registering then failed on its undefined names (`import milsparse.ir.chain`
+    raised ImportError). The passes register once the last milsparse module has imported."""
+    code = (
+        "import importlib, sys\n"
+        "importlib.import_module(sys.argv[1])\n"
+        "from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY\n"
+        "print(all(f'milsparse::{p}' in PASS_REGISTRY for p in ('prune', 'palettize', "
+        "'quantize')))\n"
+    )
+    for module in ("milsparse.ir.chain", "milsparse.ir.interpreter", "milsparse.api",
+                   "milsparse.passes.registry", "milsparse.cli"):  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", code, module], capture_output=True, text=True, timeout=120
+        )
+        assert run.stdout.split() == ["True"], (module, run.stderr)
+        assert run.returncode == 0, (module, run.stderr)

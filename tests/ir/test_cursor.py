@@ -7,7 +7,7 @@ import pytest
 from coremltools.converters.mil import Builder as mb
 from milsparse.fixtures import programs
 from milsparse.ir.interpreter import Cursor, StopRun, evaluate_program
-from milsparse.passes._rewrite import replace_const
+from milsparse.passes._rewrite import replace_op
 
 
 def _samples(prog, n, seed=0):
@@ -113,7 +113,7 @@ def test_a_weight_replaced_ahead_of_the_cursor_is_what_the_run_uses():
     old = const.outputs[0]
     assert all(id(old) in env for env in cursor._envs)
     with prog.functions["main"]:
-        replace_const(const, build)
+        replace_op(const, build)
     cursor.advance(until=ff2)  # runs the new constexpr ops, forgets the old value
     assert not any(id(old) in env for env in cursor._envs)
     cursor.advance()
