@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import uuid
 from pathlib import Path
 
 import coremltools as ct
@@ -16,10 +15,9 @@ from milsparse.ir.chain import Form, weight_chain
 from milsparse.ir.graph import walk_ops
 from milsparse.ir.weights import weight_table
 from milsparse.passes import program_edits
-from milsparse.passes._rewrite import spilling
-from milsparse.passes._weight_pass import PIPELINE_RUNS
 from milsparse.passes.decisions import combine
 from milsparse.passes.registry import ChainStep, check_chain, place_in_pipeline
+from milsparse.passes.run_context import ReportSink, RunContext, sink_for
 from milsparse.passes.upgrade import upgrade_constexpr_ops
 from milsparse.pruning_metadata import pruned_metadata
 from milsparse.recipe import Recipe
@@ -40,14 +38,17 @@ __all__ = [
 ]
 
 
-def run_passes(prog, passes) -> None:
-    """Run (name, pass instance) pairs in order, validating the program after each.
+def run_passes(prog, passes) -> CompressReport:
+    """Run (name, pass instance) pairs in order, validating the program after each; return the
+    per-weight report of the passes that keep one (milsparse's own, or any with a `report`
+    list of decisions), combined as `compress` reports them.
 
     A MilsparseError raised inside a pass (a user error it found) passes through as it is; any
     other exception is a bug, wrapped as InternalError (a PassError) naming the pass and the
     passes that ran before it, the original as its cause.
     """
     done: list[str] = []
+    passes = list(passes)
     for name, graph_pass in passes:
         try:
             graph_pass(prog)
@@ -59,6 +60,17 @@ def run_passes(prog, passes) -> None:
                 f"{type(e).__name__}: {e} in {name}, after [{', '.join(done)}]"
             ) from e
         done.append(name)
+    reported = [(n, p) for n, p in passes if isinstance(getattr(p, "report", None), list)]
+    many = len(reported) > 1
+    notes = [
+        f"{name.partition('::')[2] or name}: " * many
+        + f"override {pattern!r} matched no weight or op of this model"
+        for name, p in reported
+        for pattern in (p.unused_overrides() if hasattr(p, "unused_overrides") else ())
+    ]
+    decisions = combine([(name.partition("::")[2] or name, p.report) for name, p in reported])
+    opset = max((f.opset_version for f in prog.functions.values() if f.opset_version), default=None)
+    return CompressReport(decisions, target=getattr(opset, "name", None), notes=notes)
 
 
 def load_program(model):
@@ -113,11 +125,11 @@ def compress_with_report(
     with staging.spill_folder(output) as folder:
         if prune_step is not None and prune_step.config.allocate == "budget":
             del prog  # every attempt loads its own; only one program at a time is kept
-            prog, spec_version, opset, steps, budget_notes = _budget_search(
+            prog, spec_version, opset, steps, report, budget_notes = _budget_search(
                 source, recipe, target, samples, folder, jobs
             )
         else:
-            prog, spec_version, opset, steps = _run_recipe(
+            prog, spec_version, opset, steps, report = _run_recipe(
                 source, recipe, target, samples, prog, spill=Spill(folder), jobs=jobs
             )
             budget_notes = []
@@ -130,16 +142,9 @@ def compress_with_report(
                 prog, spec_version, source, output, overwrite=overwrite, metadata=metadata
             )
         del prog  # its maps of the scratch file
-    many = len(steps) > 1
-    notes = [
-        f"{step.kind + ': ' if many else ''}override {pattern!r} matched no weight or op of "
-        "this model"
-        for step, p in steps
-        for pattern in p.unused_overrides()
-    ] + budget_notes
-    decisions = combine([(step.kind, p.report) for step, p in steps])
-    allocation = {c.name: c.to_dict() for c in getattr(prune, "allocation", [])}
-    report = CompressReport(decisions, target=opset.name, notes=notes, allocation=allocation)
+    report.target = opset.name
+    report.notes += budget_notes
+    report.allocation = {c.name: c.to_dict() for c in getattr(prune, "allocation", [])}
     if plot is not None:
         from milsparse.plot import plot_allocation
 
@@ -160,7 +165,7 @@ def _jobs(jobs) -> int:
 
 def _run_recipe(source, recipe: Recipe, target, samples, prog=None, spill=None, jobs=1):
     """Retarget, check and run `recipe` on `prog` (default: a fresh program of `source`):
-    (program, spec version, opset, [(step, pass)]). With `spill` (an `ir.blobs.Spill`), the
+    (program, spec version, opset, [(step, pass)], report). With `spill` (an `ir.blobs.Spill`), the
     values the passes produce go to disk as they are made; the program maps them."""
     if prog is None:
         prog = package.load_program(source)
@@ -170,14 +175,11 @@ def _run_recipe(source, recipe: Recipe, target, samples, prog=None, spill=None, 
     opset = max(f.opset_version for f in prog.functions.values())
     # below iOS16 the passes themselves refuse, saying how to re-convert
     check_recipe(recipe, opset if opset >= ct.target.iOS16 else None, weight_states(prog))
-    steps = [(step, step.make_pass()) for step in recipe.steps]
-    for _, graph_pass in steps:
-        graph_pass.calibration = samples  # prune: criteria and allocation; others: weighting
-        graph_pass.jobs = jobs
+    context = RunContext(calibration=samples, jobs=jobs, spill=spill)
+    steps = [(step, step.make_pass(context)) for step in recipe.steps]
     # The passes remove the consts they replace, so no cleanup pass is needed afterwards.
-    with spilling(spill):
-        run_passes(prog, [(step.pass_name, p) for step, p in steps])
-    return prog, spec_version, opset, steps
+    report = run_passes(prog, [(step.pass_name, p) for step, p in steps])
+    return prog, spec_version, opset, steps, report
 
 
 BUDGET_STEPS = 7
@@ -357,9 +359,11 @@ def coreml_pipeline(config, base: ct.PassPipeline | None = None, *, target=None)
     target = targets.parse_target(target if target is not None else recipe.target)
     check_recipe(recipe, target)
     base = ct.PassPipeline.DEFAULT if base is None else base
-    run = uuid.uuid4().hex
-    options = {s.pass_name: {"config": s.config, "run": run} for s in recipe.steps}
-    return place_in_pipeline(recipe.pass_names, base, options=options)
+    sink = ReportSink()
+    options = {s.pass_name: {"config": s.config, "run": sink.key} for s in recipe.steps}
+    pipeline = place_in_pipeline(recipe.pass_names, base, options=options)
+    pipeline.milsparse_reports = sink  # the sink lives as long as the pipeline
+    return pipeline
 
 
 def _run_key(pipeline: ct.PassPipeline) -> str | None:
@@ -376,8 +380,8 @@ def conversion_report(model: ct.models.MLModel, pipeline: ct.PassPipeline) -> Co
     `model`'s metadata the pruning patterns `verify` checks, as `compress` does (saved with
     the model). Call it right after the conversion: a later conversion with the same pipeline
     replaces the report."""
-    run = _run_key(pipeline)
-    found = PIPELINE_RUNS.get(run) if run is not None else None
+    sink = getattr(pipeline, "milsparse_reports", None) or sink_for(_run_key(pipeline))
+    found = sink.reports if sink is not None else None
     if not found:
         raise ConfigError(
             "no milsparse pass of this pipeline has run: build it with "

@@ -79,11 +79,12 @@ class Step:
     def pass_name(self) -> str:
         return f"milsparse::{self.kind}"
 
-    def make_pass(self):
-        """A fresh instance of this step's pass (found in the pass registry), configured."""
+    def make_pass(self, context=None):
+        """A fresh instance of this step's pass (found in the pass registry), configured, with
+        the run's `passes.run_context.RunContext`."""
         from milsparse.passes.registry import pass_class
 
-        return pass_class(self.pass_name)(self.config)
+        return pass_class(self.pass_name)(self.config, context)
 
     def describe(self) -> str:
         return f"{self.kind} {self.config.spec.to_string()}"

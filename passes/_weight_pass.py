@@ -38,7 +38,9 @@ from milsparse.ir.chain import Form, WeightChain, weight_chain
 from milsparse.ir.errors import ConfigError, UnsupportedModelError
 from milsparse.ir.graph import Use, uses_of, walk_ops
 from milsparse.passes._match import MatchResult
+from milsparse.passes._rewrite import spilling
 from milsparse.passes.decisions import WeightDecision
+from milsparse.passes.run_context import RunContext, sink_for
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -47,15 +49,7 @@ __all__ = [
     "WeightPass",
     "channel_axes",
     "dense_decision",
-    "PIPELINE_RUNS",
 ]
-
-# Inside ct.convert, coremltools builds a fresh instance of each pass from its registry, so what
-# a pass learns would be lost with the instance. A pass given a `run` key (milsparse's
-# `coreml_pipeline` sets one) leaves its report here, per pass name, for
-# `milsparse.pipeline_report` to collect; the oldest runs are dropped beyond _MAX_RUNS.
-PIPELINE_RUNS: dict[str, dict[str, tuple[list, list[str]]]] = {}
-_MAX_RUNS = 64
 
 # Operands that hold a layer's weight; matmul's weight may be either side.
 WEIGHT_OPERANDS = {
@@ -155,19 +149,23 @@ class WeightPass(AbstractGraphPass):
     pass_name = "milsparse::?"
     accepts: frozenset = frozenset({Form.DENSE})
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, context: RunContext | None = None):
         self._config = None if config is None else self.parse_config(config)
+        self.context = context or RunContext()
         self.report: list[WeightDecision] = []
-        self.run: str | None = None  # a PIPELINE_RUNS key (a pass option)
-        # calibration samples (checked input dicts); palettize and quantize weight their fits
-        # by each input column's activation energy when they are given
-        self.calibration: list[dict] | None = None
+        # pipeline options inside ct.convert (coremltools sets them as attributes): the
+        # ReportSink key of `coreml_pipeline`, and worker threads; None: the context's
+        self.run: str | None = None
+        self.jobs: int | None = None
         self._program = None
         self._energy: dict = {}
 
+    @property
+    def calibration(self) -> list[dict] | None:
+        """The run's calibration samples (checked input dicts), or None."""
+        return self.context.calibration
+
     # -- parallel compression ----------------------------------------------------------------
-    # Weights compressed at once in worker threads (the `jobs` option; 1: in the caller's).
-    jobs: int = 1
 
     def parallel_ok(self) -> bool:
         """Whether weights are independent for this run (sequential calibration makes each
@@ -255,6 +253,10 @@ class WeightPass(AbstractGraphPass):
 
     # -- the walk ----------------------------------------------------------------------------
     def apply(self, prog) -> None:
+        with spilling(self.context.spill):
+            self._apply(prog)
+
+    def _apply(self, prog) -> None:
         if self._config is None:
             raise ConfigError(
                 f"{self.pass_name} has no config: pipeline.set_options('{self.pass_name}', "
@@ -288,7 +290,8 @@ class WeightPass(AbstractGraphPass):
             # file) is released with the const it replaced, and its pages leave memory.
             pending = candidates[::-1]
             del candidates
-            jobs = self.jobs if not multifunction and self.parallel_ok() else 1
+            jobs = self.jobs or self.context.jobs
+            jobs = jobs if not multifunction and self.parallel_ok() else 1
             with tqdm(
                 total=len(pending), desc=self.pass_name, unit="weight", leave=False, disable=None
             ) as progress:
@@ -310,13 +313,9 @@ class WeightPass(AbstractGraphPass):
                 self.report.append(decision)
         self._after(prog)
         self._program, self._energy = None, {}  # the run's program and statistics
-        if self.run is not None:
-            PIPELINE_RUNS.setdefault(str(self.run), {})[self.pass_name] = (
-                list(self.report),
-                self.unused_overrides(),
-            )
-            while len(PIPELINE_RUNS) > _MAX_RUNS:
-                PIPELINE_RUNS.pop(next(iter(PIPELINE_RUNS)))
+        sink = self.context.sink or sink_for(self.run)
+        if sink is not None:
+            sink.put(self.pass_name, self.report, self.unused_overrides())
 
     def _before(self, prog) -> None:
         """Set up per-run state (subclasses); the pass instance may be reused."""

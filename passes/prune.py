@@ -68,11 +68,9 @@ class PruneWeights(WeightPass):
     emits = "constexpr_sparse_to_dense"
     accepts = frozenset({Form.DENSE, Form.PALETTIZED, Form.QUANTIZED})
 
-    def __init__(self, config: PruneConfig | str | dict | None = None, calibration=None):
-        super().__init__(config)
+    def __init__(self, config: PruneConfig | str | dict | None = None, context=None):
+        super().__init__(config, context)
         self._encoded: dict[tuple, tuple] | None = None  # during apply, for multifunction
-        # data-aware criteria: checked calibration samples (list of input dicts)
-        self.calibration: list[dict] | None = calibration
         self._stats: dict = {}
         self._targets: dict = {}
         self.allocation: list = []  # the measured curves of allocate global / budget

@@ -224,3 +224,41 @@ def test_run_passes_tells_a_bug_inside_a_pass_from_a_user_error():
     with pytest.raises(ConfigError, match="bad option for fc0_weight") as caught:
         ms.run_passes(programs.mlp(), [("milsparse::prune", Refusing(config))])
     assert not isinstance(caught.value, PassError)
+
+
+def test_run_passes_returns_the_report_and_passes_take_their_run_context():
+    """Issue 15: run_passes returned None; passes got calibration and jobs set on them from
+    outside. Now a pass is built with its RunContext and run_passes returns the report."""
+    from milsparse.passes.palettize import PalettizeWeights
+    from milsparse.passes.prune import PruneWeights
+    from milsparse.passes.run_context import ReportSink, RunContext
+
+    sink = ReportSink()
+    context = RunContext(jobs=2, sink=sink)
+    prog = programs.mlp(sizes=(64, 128, 10))
+    report = ms.run_passes(prog, [
+        ("milsparse::prune", PruneWeights({"spec": "2:4", "min_size": 16}, context)),
+        ("milsparse::palettize", PalettizeWeights({"spec": "lut4", "min_size": 16,
+                                                  "overrides": {"nothing*": None}}, context)),
+        ("my::noop", lambda prog: None),
+    ])  # fmt: skip
+    assert isinstance(report, ms.CompressReport)
+    assert [d.spec for d in report.decisions if d.compressed] == ["2:4 + lut4"] * 2
+    assert report.notes == ["palettize: override 'nothing*' matched no weight or op of this model"]
+    assert sorted(sink.reports) == ["milsparse::palettize", "milsparse::prune"]
+    assert PruneWeights("2:4").context == RunContext()  # nothing shared between passes
+
+
+def test_a_pipeline_s_reports_live_as_long_as_the_pipeline():
+    """The reports of ct.convert runs were kept in a module dict of the last 64 runs; each
+    pipeline now carries its own sink, found by key while the pipeline lives."""
+    import gc
+
+    from milsparse.passes.run_context import sink_for
+
+    pipeline = ms.coreml_pipeline("2:4")
+    key = pipeline.milsparse_reports.key
+    assert sink_for(key) is pipeline.milsparse_reports
+    del pipeline
+    gc.collect()
+    assert sink_for(key) is None

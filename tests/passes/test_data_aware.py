@@ -18,6 +18,7 @@ from milsparse.ir.interpreter import Cursor, StopRun, evaluate_program
 from milsparse.passes import data_aware
 from milsparse.passes.config import parse_prune_config
 from milsparse.passes.prune import PruneWeights
+from milsparse.passes.run_context import RunContext
 
 import milsparse as ms
 from milsparse.cli import main
@@ -42,7 +43,7 @@ def _mlp_and_data(seed=0, samples=16):
 def _pruned(spec, criterion, cal, seed=0, **extra):
     prog = programs.mlp(sizes=(64, 256, 256, 10), seed=seed)
     config = parse_prune_config({"spec": spec, "min_size": 512, "criterion": criterion, **extra})
-    graph_pass = PruneWeights(config, calibration=calibration.check_samples(prog, cal))
+    graph_pass = PruneWeights(config, RunContext(calibration=calibration.check_samples(prog, cal)))
     graph_pass(prog)
     prog.validate()
     return prog, graph_pass
@@ -530,7 +531,7 @@ def test_huge_weights_raise_no_numpy_warnings(extra):
 
     cal = [{"x": rng.standard_normal((2, 128)).astype(np.float32)} for _ in range(4)]
     config = parse_prune_config({"spec": "unstructured:0.5", "min_size": 1, **extra})
-    graph_pass = PruneWeights(config, calibration=calibration.check_samples(prog, cal))
+    graph_pass = PruneWeights(config, RunContext(calibration=calibration.check_samples(prog, cal)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         graph_pass(prog)
