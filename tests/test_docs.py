@@ -21,6 +21,7 @@ import io
 import re
 import shlex
 import shutil
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MAX_NOT_RUN = 4
 
-_FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+_FENCE = re.compile(r"^([ \t]*)```([a-z]*)\n(.*?)^\1```[ \t]*$", re.M | re.S)
 _MARKER = re.compile(r"<!--\s*(not run|file):\s*(.*?)\s*-->\s*\Z", re.S)
 _EXIT = re.compile(r"#.*\bexit\s+(\d+)")
 
@@ -50,8 +51,9 @@ def blocks(page: Path) -> list[Block]:
     for m in _FENCE.finditer(text):
         before = text[: m.start()]
         marker = _MARKER.search(before[-300:])
+        code = textwrap.dedent(m.group(3)) if m.group(1) else m.group(3)
         out.append(
-            Block(page, before.count("\n") + 1, m.group(1), m.group(2),
+            Block(page, before.count("\n") + 1, m.group(2), code,
                   (marker.group(1), marker.group(2)) if marker else None)
         )  # fmt: skip
     return out
@@ -175,7 +177,7 @@ def test_every_example_of_the_page_runs(page, tmp_path, monkeypatch):
 def test_every_fence_is_closed():
     """An unclosed fence would silently turn the rest of a page into prose or code."""
     for page in PAGES:
-        fences = [x for x in page.read_text().splitlines() if x.startswith("```")]
+        fences = [x.strip() for x in page.read_text().splitlines() if x.lstrip().startswith("```")]
         assert len(fences) % 2 == 0, f"{page.relative_to(ROOT)}: an unclosed code fence"
         assert all(x.strip("`") for x in fences[::2]), f"{page.name}: a fence without a language"
 
