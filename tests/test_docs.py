@@ -134,7 +134,6 @@ def _run_shell(block: Block, console: bool) -> int:
 
 def _registered_passes() -> tuple[set, set]:
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
-
     from milsparse.passes import registry
 
     return set(PASS_REGISTRY.passes), set(registry.MILSPARSE_PASSES)
@@ -143,7 +142,6 @@ def _registered_passes() -> tuple[set, set]:
 def _unregister_new(before: tuple[set, set]) -> None:
     """A page that registers a pass of its own must not leave it for other tests."""
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
-
     from milsparse.passes import registry
 
     for name in set(PASS_REGISTRY.passes) - before[0]:
@@ -215,12 +213,25 @@ def test_the_readme_is_a_front_page():
     assert len(lines) <= 300
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    headings = re.findall(r"^#+ (.*)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
 def test_every_relative_link_resolves():
-    link = re.compile(r"\]\(([^)#\s]+\.(?:md|py|yaml|json))(#[^)]*)?\)")
+    link = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)")
     for page in PAGES:
         for m in link.finditer(page.read_text()):
-            target = (page.parent / m.group(1)).resolve()
-            assert target.exists(), f"{page.relative_to(ROOT)} links to a missing {m.group(1)}"
+            path, anchor = m.group(1), m.group(2)
+            if path.startswith(("http://", "https://")):
+                continue
+            target = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(ROOT)} links to {m.group(0)}"
+            assert target.exists(), f"{where}: no such file"
+            if anchor and target.suffix == ".md":
+                assert anchor in _anchors(target), f"{where}: no such heading"
 
 
 def test_the_readme_links_every_docs_page():
