@@ -1,10 +1,10 @@
-"""Render the README's benchmark tables from `benchmarks/results/*.json`.
+"""Render the benchmark tables of docs/benchmarks.md from `benchmarks/results/*.json`.
 
     python benchmarks/readme_tables.py          # rewrite the tables between the markers
-    python benchmarks/readme_tables.py --check  # exit 1 if the README differs from the results
+    python benchmarks/readme_tables.py --check  # exit 1 if the page differs from the results
 
 The tables sit between `<!-- NAME -->` and `<!-- /NAME -->` markers; the numbers come only from
-the results files the benchmark scripts write, so the README shows what was measured.
+the results files the benchmark scripts write, so the page shows what was measured.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"
 
 
 def _table(headers, rows) -> str:
@@ -191,7 +192,7 @@ def render(text: str) -> str:
     for name, make in TABLES.items():
         pattern = re.compile(rf"(<!-- {name} -->\n).*?(<!-- /{name} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README has no <!-- {name} --> markers")
+            raise SystemExit(f"{PAGE.name} has no <!-- {name} --> markers")
         table = make()
         text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
     return text
@@ -201,15 +202,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    text = PAGE.read_text()
     new = render(text)
     if args.check:
         if new != text:
-            print("README.md tables differ from benchmarks/results; run readme_tables.py")
+            print("docs/benchmarks.md tables differ from benchmarks/results; run readme_tables.py")
             return 1
         return 0
-    readme.write_text(new)
+    PAGE.write_text(new)
     return 0
 
 
