@@ -245,12 +245,13 @@ def _mask_sparsity(ops: tuple, shape: tuple) -> float | None:
             if var is None or var.op is None or var.op.op_type != "const":
                 continue
             mask = np.asarray(var.val)
-            # iOS16 masks are packed bytes (padding bits are zero); iOS18 masks hold 0/1.
-            ones = (
-                int(np.unpackbits(mask).sum())
-                if "shape" in o.inputs
-                else int(np.count_nonzero(mask))
-            )
+            # iOS16 masks are packed bytes, a bit per element (padding bits are zero); iOS18
+            # masks hold 0/1, one per entry of what they mask: an element, or a palettized
+            # vector of several (lut4x2's mask has half the weight's size)
+            if "shape" in o.inputs:
+                ones, covered = int(np.unpackbits(mask).sum()), n
+            else:
+                ones, covered = int(np.count_nonzero(mask)), max(int(mask.size), 1)
             release_pages(var.val)  # a mapped mask's pages, read to count, leave memory
-            return 1.0 - ones / n
+            return 1.0 - ones / covered
     return None

@@ -284,7 +284,11 @@ def weight_states(prog) -> set[str]:
 
 def check_recipe(recipe: Recipe, target=None, start=("dense",)):
     """`check_chain` over a recipe's steps (labels `1 (prune 2:4)`); a step with `op_names`
-    leaves the other weights as they were. Returns what `check_chain` does."""
+    leaves the other weights as they were. `target`: a `ct.target` or a name ("ios18"), as
+    `compress` takes it. Returns what `check_chain` does."""
+    recipe = Recipe.coerce(recipe)
+    if isinstance(target, str):
+        target = targets.parse_target(target)
     return check_chain(
         [
             ChainStep(f"{i} ({step.describe()})", step.pass_name, not step.config.op_names)
@@ -419,13 +423,17 @@ def _final_names(model) -> set[str]:
 
 def _renamed(decision, final: set[str]):
     """`decision` under the name the backend gave its weight (`head.weight` -> `head_weight`,
-    as coremltools' sanitize_name pass does)."""
+    `0.weight` -> `op_0_weight`, as coremltools' sanitize_name pass renames ops, or with the
+    prefix it gives vars)."""
     if decision.name in final:
         return decision
     from coremltools.converters.mil.mil.passes.defs.preprocess import NameSanitizer
 
-    name = NameSanitizer().sanitize_name(decision.name)
-    return dataclasses.replace(decision, name=name) if name in final else decision
+    for prefix in ("op_", "var_"):
+        name = NameSanitizer(prefix=prefix).sanitize_name(decision.name)
+        if name in final:
+            return dataclasses.replace(decision, name=name)
+    return decision
 
 
 def convert_with_report(source, config, *, base=None, **convert_options):

@@ -262,3 +262,25 @@ def test_a_pipeline_s_reports_live_as_long_as_the_pipeline():
     del pipeline
     gc.collect()
     assert sink_for(key) is None
+
+
+def test_check_recipe_takes_a_target_name_as_compress_does():
+    """check_recipe(recipe, "ios16") raised TypeError ('<=' between AvailableTarget and str)."""
+    from milsparse.errors import PipelineError
+
+    taken = ms.check_recipe(["2:4", "lut4"], "ios18")
+    assert [edges for _, edges in taken][1] == [("sparse", "sparse+palettized")]
+    with pytest.raises(PipelineError, match="needs iOS18; the target is iOS16"):
+        ms.check_recipe(ms.Recipe(["2:4", "lut4"]), "ios16")
+
+
+def test_inspect_counts_the_sparsity_of_a_vector_palettized_joint_weight(save_program):
+    """inspect showed 0.75 for block2@out:0.5 + lut4x2 (the mask of 2-element vectors was
+    divided by the weight's element count); the compress report said 0.5."""
+    src = save_program(programs.mlp(sizes=(64, 128, 128, 10)))
+    small, report = ms.compress_with_report(src, ["block2@out:0.5", "lut4x2"], target="ios18")
+    rows = {r.name: r for r in ms.inspect_model(small).rows}
+    assert len(report.compressed) == 2  # the 10 x 128 head is below min_size
+    for d in report.compressed:
+        assert rows[d.name].sparsity == pytest.approx(d.sparsity)
+        assert d.sparsity == pytest.approx(0.5, abs=0.02)

@@ -161,3 +161,28 @@ def test_data_aware_pruning_of_a_converted_cnn(tmp_path, criterion):
         magnitude = ms.compress(path, {"spec": "2:4", "min_size": 1024})
         baseline = ms.verify(path, magnitude, held_out)
         assert check.outputs[0].snr_db > baseline.outputs[0].snr_db + 3
+
+
+def test_conversion_report_names_weights_as_the_converted_model_does():
+    """An nn.Sequential's weights start with a digit (`0.weight`): coremltools renames them
+    `op_0_weight...`; the report and the pruning metadata kept the torch names, so verify
+    never checked their pattern."""
+    from milsparse.pruning_metadata import declared_pruning
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16)
+    )
+    module.eval()
+    x = torch.randn(2, 64)
+    model, report = ms.convert_with_report(
+        torch.jit.trace(module, x),
+        "2:4",
+        inputs=[ct.TensorType(name="x", shape=tuple(x.shape))],
+        minimum_deployment_target=ct.target.iOS18,
+        skip_model_load=True,
+    )
+    rows = {r.name for r in ms.inspect_model(model).rows}
+    names = {d.name for d in report.compressed}
+    assert names and names <= rows and all(n.startswith("op_") for n in names)
+    assert set(declared_pruning(model)) == names

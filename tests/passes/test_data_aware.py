@@ -537,3 +537,31 @@ def test_huge_weights_raise_no_numpy_warnings(extra):
         graph_pass(prog)
     if "allocate" in extra:
         assert all(np.isfinite(c.errors).all() for c in graph_pass.allocation)
+
+
+def test_global_allocation_reaches_the_grid_s_last_point_despite_per_layer_rounding():
+    """`allocate global` at 0.9 (and budget's first try, 0.9) failed: two layers of 6 hold
+    5 + 5 zeros at 0.9 each, while 0.9 of the 12 together rounds to 11."""
+    from milsparse.passes.allocate import GRID, Curve, global_allocation
+
+    curves = [Curve(n, 6, [0.1 * i for i in range(len(GRID))]) for n in ("a", "b")]
+    chosen = global_allocation(curves, 0.9)
+    assert [masks.round_half_up(chosen[n] * 6) for n in "ab"] == [5, 5]  # the most there are
+    with pytest.raises(ValueError, match="needs more than 0.9"):
+        global_allocation(curves, 0.95)
+
+
+def test_allocate_budget_runs_on_the_bundled_example(tmp_path):
+    """The docs' budget example failed with the rounding error above on its first try."""
+    from pathlib import Path
+
+    import milsparse.fixtures
+
+    example = Path(milsparse.fixtures.__file__).with_name("example.mlpackage")
+    prog = ms.load_program(example)
+    shape = tuple(prog.functions["main"].inputs["x"].shape)
+    cal = [{"x": np.random.default_rng(i).standard_normal(shape).astype(np.float32)}
+           for i in range(4)]  # fmt: skip
+    config = {"spec": "unstructured:0.5", "allocate": "budget", "min_cosine": 0.9}
+    _, report = ms.compress_with_report(example, config, calibration=cal)
+    assert any(n.startswith("allocate budget: overall sparsity") for n in report.notes)
