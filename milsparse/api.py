@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import coremltools as ct
@@ -14,6 +13,7 @@ from milsparse.ir.blobs import Spill
 from milsparse.ir.chain import Form, weight_chain
 from milsparse.ir.graph import walk_ops
 from milsparse.ir.weights import weight_table
+from milsparse.options import CompressOptions
 from milsparse.passes import program_edits
 from milsparse.passes.decisions import combine
 from milsparse.passes.registry import ChainStep, check_chain, place_in_pipeline
@@ -33,6 +33,7 @@ __all__ = [
     "coreml_pipeline",
     "inspect_model",
     "load_program",
+    "run_compress",
     "run_passes",
     "save",
 ]
@@ -90,47 +91,39 @@ def compress_with_report(
     jobs: int | None = None,
 ) -> tuple[ct.models.MLModel, CompressReport]:
     """Like `compress`, and also return the per-weight report."""
-    recipe = Recipe.coerce(config)
-    jobs = _jobs(jobs)
-    prune_step = recipe.step("prune")
-    needs_data = prune_step is not None and (
-        prune_step.config.criterion != "magnitude" or prune_step.config.allocate != "uniform"
+    options = CompressOptions.build(
+        model,
+        config,
+        target=target,
+        output=output,
+        overwrite=overwrite,
+        calibration=calibration,
+        plot=plot,
+        jobs=jobs,
     )
-    if plot is not None and (prune_step is None or prune_step.config.allocate == "uniform"):
-        raise ConfigError("plot draws the curves of allocate global or budget")
-    if needs_data and calibration is None:
-        what = (
-            f"criterion {prune_step.config.criterion}"
-            if prune_step.config.criterion != "magnitude"
-            else f"allocate {prune_step.config.allocate}"
-        )
-        raise ConfigError(
-            f"{what} needs calibration inputs: calibration=[{{input: array}}, ...] or an .npz "
-            "path (CLI: --calibration FILE.npz)"
-        )
-    target = targets.parse_target(target if target is not None else recipe.target)
-    source = package.open_model(model)
-    if output is not None:
-        # before any work: an output that would touch the input, or cannot be written
-        staging.check_output_path(
-            output,
-            overwrite=overwrite,
-            inputs=[package.source_path(model)],
-            needed_bytes=package.compress_needs(model),
-        )
+    return run_compress(options)
+
+
+def run_compress(options: CompressOptions) -> tuple[ct.models.MLModel, CompressReport]:
+    """Run a checked compress request (`milsparse.options.CompressOptions`, whose `build`
+    checked every option and the output path): the compressed model and its report."""
+    recipe, target, source, output = options.recipe, options.target, options.model, options.output
+    prune_step = recipe.step("prune")
     prog = package.load_program(source)
-    samples = None if calibration is None else _calibration_samples(prog, calibration)
+    samples = None
+    if options.calibration is not None:
+        samples = _calibration_samples(prog, options.calibration)
     # The passes' new values go to a scratch file beside the output as they are made, and the
     # program maps them: the output's weights are on disk, not in memory, until written.
     with staging.spill_folder(output) as folder:
         if prune_step is not None and prune_step.config.allocate == "budget":
             del prog  # every attempt loads its own; only one program at a time is kept
             prog, spec_version, opset, steps, report, budget_notes = _budget_search(
-                source, recipe, target, samples, folder, jobs
+                source, recipe, target, samples, folder, options.jobs
             )
         else:
             prog, spec_version, opset, steps, report = _run_recipe(
-                source, recipe, target, samples, prog, spill=Spill(folder), jobs=jobs
+                source, recipe, target, samples, prog, spill=Spill(folder), jobs=options.jobs
             )
             budget_notes = []
         prune = next((p for step, p in steps if step.kind == "prune"), None)
@@ -139,28 +132,17 @@ def compress_with_report(
             compressed = package.program_to_model(prog, spec_version, source, metadata)
         else:
             compressed = package.write_program(
-                prog, spec_version, source, output, overwrite=overwrite, metadata=metadata
+                prog, spec_version, source, output, overwrite=options.overwrite, metadata=metadata
             )
         del prog  # its maps of the scratch file
     report.target = opset.name
     report.notes += budget_notes
     report.allocation = {c.name: c.to_dict() for c in getattr(prune, "allocation", [])}
-    if plot is not None:
+    if options.plot is not None:
         from milsparse.plot import plot_allocation
 
-        plot_allocation(report.allocation, plot)
+        plot_allocation(report.allocation, options.plot)
     return compressed, report
-
-
-def _jobs(jobs) -> int:
-    """The `jobs` option: None means every core."""
-    if jobs is None:
-        if hasattr(os, "sched_getaffinity"):  # the cores this process may use
-            return max(1, len(os.sched_getaffinity(0)))
-        return os.cpu_count() or 1
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ConfigError(f"jobs must be a whole number of at least 1, got {jobs!r}")
-    return jobs
 
 
 def _run_recipe(source, recipe: Recipe, target, samples, prog=None, spill=None, jobs=1):

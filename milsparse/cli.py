@@ -178,6 +178,11 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="verify the result against the input first; write nothing if it fails (exit 1)",
     )
+    comp.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="with --verify: write the output even if verification fails (still exit 1)",
+    )
     _verify_options(comp)
 
     ver = sub.add_parser("verify", help="compare a compressed model's outputs with the reference's")
@@ -231,33 +236,20 @@ def _verify_options(parser) -> None:
     )
 
 
-def _tolerances(args):
-    from milsparse.metrics import Tolerances
+def _verify_request(args):
+    """The verify flags as a checked `VerifyOptions`."""
+    from milsparse import options as opts
 
-    defaults = Tolerances()
-    return Tolerances(
-        min_snr_db=defaults.min_snr_db if args.min_snr is None else args.min_snr,
-        min_cosine=defaults.min_cosine if args.min_cosine is None else args.min_cosine,
-        max_mismatch=defaults.max_mismatch if args.max_mismatch is None else args.max_mismatch,
+    return opts.VerifyOptions.build(
+        args.inputs,
+        tolerances=opts.VerifyOptions.tolerances_from(
+            args.min_snr, args.min_cosine, args.max_mismatch
+        ),
+        samples=4 if args.samples is None else args.samples,
+        seed=0 if args.seed is None else args.seed,
+        function=getattr(args, "function", None),
+        spelling=opts.CLI,
     )
-
-
-def _run_verify(reference, candidate, args):
-    import milsparse as ms
-    from milsparse.errors import ConfigError
-
-    samples = 4 if args.samples is None else args.samples
-    seed = 0 if args.seed is None else args.seed
-    if samples < 1:
-        raise ConfigError("--samples must be at least 1")
-    if seed < 0:
-        raise ConfigError("--seed must be at least 0")
-    if args.inputs is not None and not Path(args.inputs).exists():
-        raise ConfigError(f"{args.inputs}: no such file")
-    return ms.verify(
-        reference, candidate, args.inputs, tolerances=_tolerances(args), samples=samples,
-        seed=seed, function=getattr(args, "function", None),
-    )  # fmt: skip
 
 
 _LUT_FLAGS = ("lut_mode", "lut_group_size", "cluster_dim")
@@ -388,37 +380,24 @@ def _recipe_from_args(args):
             if data:
                 config = attrs.evolve(config, **data)
         out.append(Step(step.kind, config))
-    aware = any(
-        s.kind == "prune" and (s.config.criterion != "magnitude" or s.config.allocate != "uniform")
-        for s in out
-    )
-    fitted = any(s.kind in ("palettize", "quantize") for s in out)
-    if args.calibration is not None and not (aware or fitted):
-        raise _config_error(
-            "--calibration applies with --criterion wanda or sparsegpt, --allocate, or a "
-            "--palettize / --quantize step (weighted by activation energy)"
-        )
-    if aware and args.calibration is None:
-        raise _config_error(
-            "--criterion wanda and sparsegpt, and --allocate, need --calibration FILE.npz"
-        )
-    allocating = any(s.kind == "prune" and s.config.allocate != "uniform" for s in out)
-    if args.plot is not None and not allocating:
-        raise _config_error("--plot draws the curves of --allocate global or budget")
-    if args.calibration is not None and not Path(args.calibration).exists():
-        raise _config_error(f"{args.calibration}: no such file")
     target = args.target or (recipe.target if recipe else None)
     return Recipe(out, target)
 
 
 def _cmd_compress(args) -> int:
+    """Flags -> `CompressOptions` (and `VerifyOptions` with --verify), checked before any
+    work; then the run."""
+    import dataclasses
+
     import milsparse as ms
-    from milsparse import package, staging
+    from milsparse import options as opts
+    from milsparse.api import run_compress
     from milsparse.errors import ConfigError
+    from milsparse.verification import run_verify
 
     src, dst = Path(args.input), Path(args.output)
-    if not src.exists():
-        raise ConfigError(f"{src}: no such file or directory")
+    if args.keep_failed and not args.verify:
+        raise ConfigError("--keep-failed applies with --verify")
     if not args.verify:
         floors = ("min_snr", "min_cosine") if args.allocate == "budget" else ()
         given = [
@@ -428,33 +407,29 @@ def _cmd_compress(args) -> int:
         ]
         if given:
             raise ConfigError(f"{', '.join(given)} only apply with --verify")
-    if args.jobs is not None and args.jobs < 1:
-        raise _config_error("--jobs must be at least 1")
-    # Every check on the output before any work (nothing is learned only after compressing).
-    staging.check_output_path(
-        dst, overwrite=args.force, inputs=[src], needed_bytes=package.compress_needs(src)
+    # Every check, the output's included, before any work (nothing learned only after).
+    options = opts.CompressOptions.build(
+        src,
+        _recipe_from_args(args),
+        output=dst,
+        overwrite=args.force,
+        calibration=args.calibration,
+        plot=args.plot,
+        jobs=args.jobs,
+        spelling=opts.CLI,
     )
-    recipe = _recipe_from_args(args)
     verdict = None
     if args.verify:
-        # verify the model in its temporary package; only a passing one is written
-        model, report = ms.compress_with_report(
-            src, recipe, calibration=args.calibration, plot=args.plot, jobs=args.jobs
-        )
-        verdict = _run_verify(src, model, args)
-        if verdict.passed:
+        checks = _verify_request(args)
+        # verify the model in its temporary package; a failing one is written with
+        # --keep-failed only
+        model, report = run_compress(dataclasses.replace(options, output=None))
+        verdict = run_verify(src, model, checks)
+        if verdict.passed or args.keep_failed:
             ms.save(model, dst, overwrite=args.force)
     else:
-        _, report = ms.compress_with_report(
-            src,
-            recipe,
-            output=dst,
-            overwrite=args.force,
-            calibration=args.calibration,
-            plot=args.plot,
-            jobs=args.jobs,
-        )
-    written = verdict is None or verdict.passed
+        _, report = run_compress(options)
+    written = verdict is None or verdict.passed or args.keep_failed
     if args.json:
         out = {"input": str(src), "output": str(dst) if written else None, **report.to_dict()}
         if verdict is not None:
@@ -465,12 +440,27 @@ def _cmd_compress(args) -> int:
         if verdict is not None:
             print()
             print(verdict)
-        print(f"wrote {dst}" if written else f"verification failed; {dst} not written")
-    return EXIT_OK if written else EXIT_FAILED
+        if verdict is not None and not verdict.passed:
+            print(_failed_hint(dst, args.keep_failed))
+        else:
+            print(f"wrote {dst}")
+    return EXIT_OK if verdict is None or verdict.passed else EXIT_FAILED
+
+
+def _failed_hint(dst, kept: bool) -> str:
+    done = f"{dst} written anyway (--keep-failed)" if kept else f"{dst} not written"
+    return (
+        f"verification failed; {done}\n"
+        "to try: less sparsity or more bits, data-aware pruning (--criterion sparsegpt "
+        "--calibration FILE.npz), real inputs (--inputs FILE.npz), looser bounds (--min-snr, "
+        "--min-cosine)" + ("" if kept else ", or --keep-failed to write it anyway")
+    )
 
 
 def _cmd_verify(args) -> int:
-    report = _run_verify(args.reference, args.candidate, args)
+    from milsparse.verification import run_verify
+
+    report = run_verify(args.reference, args.candidate, _verify_request(args))
     print(report.to_json() if args.json else report)
     return EXIT_OK if report.passed else EXIT_FAILED
 

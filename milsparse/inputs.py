@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from milsparse.errors import ConfigError, UnsupportedModelError
+from milsparse.errors import UnsupportedModelError
+from milsparse.options import check_count
 
-__all__ = ["generate_inputs", "default_function", "integer_input_range", "check_count"]
+__all__ = ["generate_inputs", "default_function", "integer_input_range"]
 
 _ARRAY_DTYPES = {  # coremltools.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
     65568: np.float32,  # FLOAT32
@@ -144,8 +145,3 @@ def generate_inputs(
                 feed[spec_input.name] = rng.standard_normal(shape).astype(dtype)
         feeds.append(feed)
     return feeds
-
-
-def check_count(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

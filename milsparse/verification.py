@@ -19,17 +19,18 @@ import numpy as np
 
 from milsparse import package
 from milsparse.errors import ConfigError, UnsupportedModelError
-from milsparse.inputs import check_count, default_function, generate_inputs
+from milsparse.inputs import default_function, generate_inputs
 from milsparse.ir import masks
 from milsparse.ir.graph import walk_ops
 from milsparse.ir.interpreter import evaluate_program, run_samples, static_values
 from milsparse.ir.samples import as_samples
 from milsparse.ir.weights import weight_table
 from milsparse.metrics import OutputMetrics, Tolerances, compare_outputs
+from milsparse.options import VerifyOptions
 from milsparse.pruning_metadata import declared_pruning
 from milsparse.report import format_table
 
-__all__ = ["WeightCheck", "VerifyReport", "verify", "evaluate"]
+__all__ = ["WeightCheck", "VerifyReport", "verify", "run_verify", "evaluate"]
 
 
 @dataclass
@@ -229,9 +230,16 @@ def verify(
     for all of them and dropped after its stretch of ops, so a large model needs no float32
     copy of itself.
     """
-    tolerances = tolerances or Tolerances()
-    check_count("samples", samples, low=1)
-    check_count("seed", seed, low=0)
+    options = VerifyOptions.build(
+        inputs, tolerances=tolerances, samples=samples, seed=seed, function=function
+    )
+    return run_verify(reference, candidate, options)
+
+
+def run_verify(reference, candidate, options: VerifyOptions) -> VerifyReport:
+    """Run a checked verify request (`milsparse.options.VerifyOptions`)."""
+    inputs, tolerances, function = options.inputs, options.tolerances, options.function
+    samples, seed = options.samples, options.seed
     ref_model, ref_prog = _program_of(reference)
     cand_model, cand_prog = _program_of(candidate)
     if function is None:

@@ -195,7 +195,7 @@ def test_verify_bad_inputs_exit_2(model, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert main(["verify", str(model), str(model), "--samples", "0"]) == 2
-    assert "--samples must be at least 1" in capsys.readouterr().err
+    assert "--samples must be an integer >= 1" in capsys.readouterr().err
     np.savez(tmp_path / "good.npz", x=np.ones((2, 64), np.float32))
     assert main(["verify", str(model), str(model), "--inputs", str(tmp_path / "good.npz")]) == 0
 
@@ -215,12 +215,12 @@ def test_compress_verify_refuses_to_write_a_failing_model(model, tmp_path, capsy
 
 
 def test_internal_errors_exit_3_with_one_line(model, capsys, monkeypatch):
-    import milsparse
+    from milsparse import verification
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(milsparse, "verify", broken)
+    monkeypatch.setattr(verification, "run_verify", broken)
     assert main(["verify", str(model), str(model)]) == 3
     err = capsys.readouterr().err
     assert err == "milsparse: internal error: RuntimeError: boom (rerun with --debug)\n"
@@ -341,3 +341,21 @@ def test_a_recipe_block_larger_than_the_weight_is_refused_before_any_work(model,
     assert not any(w["compressed"] for w in report["weights"])
     reasons = " | ".join(str(w.get("reason")) for w in report["weights"])
     assert "< 100000000000 elements" in reasons
+
+
+def test_keep_failed_writes_a_failing_output_and_exits_1(model, tmp_path, capsys):
+    """Issue 15: a failing --verify threw a long run away; --keep-failed writes it, says so,
+    and still exits 1. Without it nothing is written and the last line says what to try."""
+    out = tmp_path / "kept.mlpackage"
+    strict = ["compress", str(model), "-o", str(out), "--prune", "2:4", "--verify",
+              "--min-snr", "200"]  # fmt: skip
+    assert main(strict) == 1 and not out.exists()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2] == f"verification failed; {out} not written"
+    assert printed[-1].startswith("to try: ") and "--keep-failed" in printed[-1]
+    assert main([*strict, "--keep-failed", "--json"]) == 1 and out.exists()
+    report = json.loads(capsys.readouterr().out)
+    assert report["output"] == str(out) and report["verify"]["passed"] is False
+    assert main(["compress", str(model), "-o", str(tmp_path / "x.mlpackage"), "--prune", "2:4",
+                 "--keep-failed"]) == 2  # fmt: skip
+    assert "--keep-failed applies with --verify" in capsys.readouterr().err

@@ -244,7 +244,7 @@ def test_10_a_disk_that_fills_while_values_spill_exits_2_and_leaves_nothing(
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--seed", "-1"], "--seed must be at least 0"),
+        (["--seed", "-1"], "--seed must be an integer >= 0"),
         (["--inputs", "x.npy"], "a single array (.npy), not a .npz archive"),
     ],
 )

@@ -141,7 +141,7 @@ def test_cli_jobs(save_program, tmp_path, capsys):
     path = save_program(programs.mlp(sizes=(64, 128, 10)))
     out = tmp_path / "o.mlpackage"
     assert main(["compress", str(path), "-o", str(out), "--prune", "2:4", "--jobs", "0"]) == 2
-    assert "--jobs must be at least 1" in capsys.readouterr().err and not out.exists()
+    assert "--jobs must be an integer >= 1" in capsys.readouterr().err and not out.exists()
     assert main(["compress", str(path), "-o", str(out), "--prune", "2:4", "--jobs", "2"]) == 0
 
 
