@@ -69,7 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
         action=_Step,
         help="linear quantization: int8 | uint8 | int4 | uint4 (or a spec: int4@b32:affine)",
     )
-    steps.add_argument("--recipe", metavar="YAML", help="a recipe file (see README: Recipes)")
+    steps.add_argument("--recipe", metavar="YAML", help="a recipe file (see docs/recipes.md)")
     data = comp.add_argument_group("data-aware pruning")
     data.add_argument(
         "--criterion",

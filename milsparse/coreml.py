@@ -11,7 +11,7 @@
 coremltools' order: the const's name, then its consumer's name, then its consumer's type, then
 the global config) and `joint_compression=`, and return an `MLModel`. They run milsparse's
 passes (`milsparse.compress` with one step whose overrides name every weight), so the results
-follow milsparse's rules; README "The coremltools drop-in" lists where they differ from
+follow milsparse's rules; docs/coremltools-dropin.md lists where they differ from
 coremltools'. Options milsparse does not support raise `ConfigError` naming them.
 """
 
@@ -189,7 +189,7 @@ def recipe_of(prog, kind: str, config: OptimizationConfig, joint_compression: bo
                 continue
             uses = [c for c in op.outputs[0].child_ops if not c.op_type.startswith("constexpr_")]
             if not uses or any(u.op_type not in WEIGHT_OPERANDS for u in uses):
-                continue  # not a weight of a milsparse pass (coremltools: see the README)
+                continue  # not a weight of a milsparse pass (docs/coremltools-dropin.md)
             _, chosen = _config_for(op, uses, config)
             spec = None
             if chosen is not None and chain.num_elements > (chosen.weight_threshold or 0):
