@@ -35,6 +35,7 @@ __all__ = [
     "fits_input",
     "input_dtype",
     "input_names",
+    "is_path",
     "is_state",
     "name_problem",
     "read_npz",
@@ -171,6 +172,11 @@ def check_input_value(name: str, value, var, where: str = "") -> None:
         raise ConfigError(f"{where + ': ' if where else ''}input {name!r} {problem}")
 
 
+def is_path(value) -> bool:
+    """Whether `value` names a file (a str, bytes or path-like), rather than holding samples."""
+    return isinstance(value, (str, bytes)) or hasattr(value, "__fspath__")
+
+
 def is_state(var) -> bool:
     """Whether function input `var` is a state (an iOS18 stateful model's KV cache, say)."""
     from coremltools.converters.mil.mil import types
@@ -227,7 +233,7 @@ def read_samples(path, func, *, what: str) -> list[dict[str, np.ndarray]]:
 def as_samples(value, func, *, what: str) -> list[dict]:
     """Samples from an `.npz` path (`read_samples`), one {input name: array} dict, or a
     non-empty list of such dicts; unchecked (see `check_sample`)."""
-    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+    if is_path(value):
         return read_samples(os.fsdecode(value), func, what=what)
     if isinstance(value, Mapping):
         return [dict(value)]

@@ -61,17 +61,27 @@ def run_passes(prog, passes) -> CompressReport:
                 f"{type(e).__name__}: {e} in {name}, after [{', '.join(done)}]"
             ) from e
         done.append(name)
-    reported = [(n, p) for n, p in passes if isinstance(getattr(p, "report", None), list)]
-    many = len(reported) > 1
+    ran = [
+        (name, p.report, p.unused_overrides() if hasattr(p, "unused_overrides") else [])
+        for name, p in passes
+        if isinstance(getattr(p, "report", None), list)
+    ]
+    opset = max((f.opset_version for f in prog.functions.values() if f.opset_version), default=None)
+    return _combined_report(ran, getattr(opset, "name", None))
+
+
+def _combined_report(ran, target) -> CompressReport:
+    """One report of the passes that ran, `(pass name, decisions, unused override patterns)`
+    in their order: a row per weight (`combine`), a note per unused override."""
+    many = len(ran) > 1
     notes = [
         f"{name.partition('::')[2] or name}: " * many
         + f"override {pattern!r} matched no weight or op of this model"
-        for name, p in reported
-        for pattern in (p.unused_overrides() if hasattr(p, "unused_overrides") else ())
+        for name, _, unused in ran
+        for pattern in unused
     ]
-    decisions = combine([(name.partition("::")[2] or name, p.report) for name, p in reported])
-    opset = max((f.opset_version for f in prog.functions.values() if f.opset_version), default=None)
-    return CompressReport(decisions, target=getattr(opset, "name", None), notes=notes)
+    decisions = combine([(name.partition("::")[2] or name, rows) for name, rows, _ in ran])
+    return CompressReport(decisions, target=target, notes=notes)
 
 
 def load_program(model):
@@ -374,25 +384,17 @@ def conversion_report(model: ct.models.MLModel, pipeline: ct.PassPipeline) -> Co
             "milsparse.coreml_pipeline(recipe) and convert with ct.convert(..., "
             "pass_pipeline=pipeline) first"
         )
-    ran = [name for name in pipeline.passes if name in found]
     final = _final_names(model)
-    decisions = [
-        _renamed(d, final)
-        for d in combine([(name.partition("::")[2], found[name][0]) for name in ran])
+    ran = [
+        (name, [_renamed(d, final) for d in found[name][0]], found[name][1])
+        for name in pipeline.passes
+        if name in found
     ]
-    prune = [_renamed(d, final) for d in found.get("milsparse::prune", ([], []))[0]]
+    prune = next((rows for name, rows, _ in ran if name == "milsparse::prune"), [])
     for key, value in pruned_metadata(model, prune).items():
         model.user_defined_metadata[key] = value
-    many = len(ran) > 1
-    notes = [
-        f"{name.partition('::')[2] + ': ' if many else ''}override {pattern!r} matched no "
-        "weight or op of this model"
-        for name in ran
-        for pattern in found[name][1]
-    ]
-    spec = model.get_spec()
-    target = f"spec version {spec.specificationVersion}"
-    return CompressReport(decisions, target=target, notes=notes)
+    target = f"spec version {model.get_spec().specificationVersion}"
+    return _combined_report(ran, target)
 
 
 def _final_names(model) -> set[str]:

@@ -56,13 +56,11 @@ def check_count(name: str, value, low: int, spelling: Spelling = API) -> int:
     return int(value)
 
 
-def _is_path(value) -> bool:
-    return isinstance(value, (str, bytes)) or hasattr(value, "__fspath__")
-
-
 def _existing_file(value, what: str):
     """`value` unchanged; a path must name an existing file."""
-    if _is_path(value) and not Path(os.fsdecode(value)).is_file():
+    from milsparse.ir.samples import is_path
+
+    if is_path(value) and not Path(os.fsdecode(value)).is_file():
         raise ConfigError(f"{os.fsdecode(value)}: no such file ({what})")
     return value
 
@@ -153,10 +151,6 @@ class CompressOptions:
             plot=None if plot is None else Path(os.fsdecode(plot)),
             jobs=jobs,
         )
-
-    @property
-    def needs_calibration(self) -> bool:
-        return calibration_use(self.recipe)[0] is not None
 
 
 @dataclass(frozen=True)
