@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from milsparse.ir import kernels_nn
+from milsparse.ir.cursor import Cursor, top_level_op
 from milsparse.ir.errors import ConfigError
-from milsparse.ir.interpreter import Cursor, StopRun, top_level_op
+from milsparse.ir.interpreter import StopRun
 from milsparse.ir.samples import check_sample
 
 __all__ = [

@@ -56,7 +56,7 @@ _HOMES = {
     ),
     **dict.fromkeys(
         ("PruneConfig", "PruneSpec", "parse_prune_config", "parse_prune_spec"),
-        "milsparse.passes.config",
+        "milsparse.passes.prune_config",
     ),
     "PalettizeConfig": "milsparse.passes.lut_config",
     "PalettizeSpec": "milsparse.passes.lut_config",

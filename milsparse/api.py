@@ -184,7 +184,7 @@ def _budget_search(source, recipe: Recipe, target, samples, spill_folder, jobs=1
     the interpreter before it is accepted. Returns what `_run_recipe` does, and notes."""
     import attrs
 
-    from milsparse.ir.interpreter import run_samples
+    from milsparse.ir.cursor import run_samples
     from milsparse.metrics import Tolerances, compare_outputs
 
     prune_step = recipe.step("prune")

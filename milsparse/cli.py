@@ -19,7 +19,7 @@ from pathlib import Path
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
-class _Step(argparse.Action):
+class _StepFlag(argparse.Action):
     """A step flag: its value, and the order the step flags came in (`steps_order`)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -53,20 +53,20 @@ def _build_parser() -> argparse.ArgumentParser:
     steps.add_argument(
         "--prune",
         metavar="SPEC",
-        action=_Step,
+        action=_StepFlag,
         help="unstructured:S | threshold:T | blockB[@in|@out]:S | N:M[@in|@out] (e.g. 2:4, "
         "block4:0.5)",
     )
     steps.add_argument(
         "--palettize",
         metavar="NBITS",
-        action=_Step,
+        action=_StepFlag,
         help="k-means look-up tables of 2^NBITS entries: 1, 2, 3, 4, 6, 8 (or a spec: lut4x2@g16)",
     )
     steps.add_argument(
         "--quantize",
         metavar="DTYPE",
-        action=_Step,
+        action=_StepFlag,
         help="linear quantization: int8 | uint8 | int4 | uint4 (or a spec: int4@b32:affine)",
     )
     steps.add_argument("--recipe", metavar="YAML", help="a recipe file (see docs/recipes.md)")
@@ -320,7 +320,7 @@ def _recipe_from_args(args):
     selection and option flags applied."""
     import attrs
 
-    from milsparse.passes.config import parse_prune_spec
+    from milsparse.passes.prune_config import parse_prune_spec
     from milsparse.recipe import Recipe, Step
 
     order = getattr(args, "steps_order", None) or []

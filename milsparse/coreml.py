@@ -37,8 +37,8 @@ from milsparse.errors import ConfigError
 from milsparse.ir.chain import Form, weight_chain
 from milsparse.ir.graph import walk_ops
 from milsparse.passes._weight_pass import WEIGHT_OPERANDS
-from milsparse.passes.config import PruneConfig, parse_prune_spec
 from milsparse.passes.lut_config import PalettizeConfig, PalettizeSpec
+from milsparse.passes.prune_config import PruneConfig, parse_prune_spec
 from milsparse.passes.quant_config import QuantizeConfig, QuantizeSpec
 from milsparse.recipe import Recipe, Step
 

@@ -31,8 +31,8 @@ import attrs
 import yaml
 
 from milsparse.errors import ConfigError
-from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config
 from milsparse.passes.lut_config import PalettizeConfig, PalettizeSpec, parse_palettize_config
+from milsparse.passes.prune_config import PruneConfig, PruneSpec, parse_prune_config
 from milsparse.passes.quant_config import QuantizeConfig, QuantizeSpec, parse_quantize_config
 
 __all__ = ["Recipe", "Step", "STEP_KINDS"]

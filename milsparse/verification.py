@@ -21,8 +21,9 @@ from milsparse import package
 from milsparse.errors import ConfigError, UnsupportedModelError
 from milsparse.inputs import default_function, generate_inputs
 from milsparse.ir import masks
+from milsparse.ir.cursor import run_samples
 from milsparse.ir.graph import walk_ops
-from milsparse.ir.interpreter import evaluate_program, run_samples, static_values
+from milsparse.ir.interpreter import evaluate_program, static_values
 from milsparse.ir.samples import as_samples
 from milsparse.ir.weights import weight_table
 from milsparse.metrics import OutputMetrics, Tolerances, compare_outputs
@@ -128,7 +129,7 @@ class VerifyReport:
 
 
 def _pattern_holds(weight: np.ndarray, spec: str, axis: int) -> tuple[bool, str]:
-    from milsparse.passes.config import parse_prune_spec
+    from milsparse.passes.prune_config import parse_prune_spec
 
     parsed = parse_prune_spec(spec)
     zero = weight == 0

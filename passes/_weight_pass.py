@@ -20,7 +20,7 @@ order of its specs
 (`spec_key`), an optional last structural check with the axis it works along (`prepare`), and
 `compress`, which matches one weight's values and emits its replacement, returning the
 decision. Its config must offer `spec`, `op_types`, `op_names`, `overrides`, `min_size` and
-`override_for` / `names_selected` (as `passes.config.PruneConfig` does).
+`override_for` / `names_selected` (as `passes.prune_config.PruneConfig` does).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ __all__ = [
     "Candidate",
     "WeightPass",
     "channel_axes",
+    "compressed_decision",
     "dense_decision",
 ]
 
@@ -100,6 +101,36 @@ class Candidate:
 
 def consumers(uses) -> tuple[str, ...]:
     return tuple(f"{u.op.name}.{u.input_name}" for u in uses)
+
+
+def compressed_decision(
+    cand: Candidate,
+    *,
+    shape,
+    dtype,
+    sparsity: float,
+    dense_bytes: int,
+    stored_bytes: int,
+    name: str | None = None,
+    spec: str | None = None,
+    axis: int | None = None,
+    note: str | None = None,
+) -> WeightDecision:
+    """The report row of a weight the pass rewrote: named after its op (or `name`), with the
+    candidate's consumers, spec text (or `spec`), axis (or `axis`) and note (or `note`)."""
+    return WeightDecision(
+        name=cand.op.name if name is None else name,
+        consumers=consumers(cand.uses),
+        shape=tuple(shape),
+        dtype=str(dtype),
+        compressed=True,
+        spec=cand.spec.to_string() if spec is None else spec,
+        axis=cand.axis if axis is None else axis,
+        sparsity=float(sparsity or 0.0),
+        dense_bytes=int(dense_bytes),
+        stored_bytes=int(stored_bytes),
+        note=cand.note if note is None else note,
+    )
 
 
 def dense_decision(op, reason: str, cand: Candidate | None = None) -> WeightDecision:

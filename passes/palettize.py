@@ -47,7 +47,7 @@ from milsparse.passes._weight_pass import (
     Candidate,
     WeightPass,
     channel_axes,
-    consumers,
+    compressed_decision,
     dense_decision,
 )
 from milsparse.passes.decisions import WeightDecision
@@ -144,18 +144,14 @@ class PalettizeWeights(WeightPass):
             )
         decoded_zeros = layout.decoded_zeros(tables, indices)
         replace_op(op, _builder(op.name, tables, indices, spec, layout, ios18))
-        return WeightDecision(
-            name=op.name,
-            consumers=consumers(cand.uses),
-            shape=tuple(weight.shape),
-            dtype=str(weight.dtype),
-            compressed=True,
+        return compressed_decision(
+            cand,
+            shape=weight.shape,
+            dtype=weight.dtype,
             spec=spec.to_string(),
-            axis=cand.axis,
             sparsity=decoded_zeros / weight.size,
             dense_bytes=dense,
             stored_bytes=stored,
-            note=cand.note,
         )
 
     def _compress_sparse(self, cand: Candidate) -> WeightDecision:
@@ -224,18 +220,14 @@ class PalettizeWeights(WeightPass):
             )
 
         replace_op(root, build)
-        return WeightDecision(
-            name=name,
-            consumers=consumers(cand.uses),
+        return compressed_decision(
+            cand,
             shape=chain.shape,
-            dtype=str(nonzero.dtype),
-            compressed=True,
+            dtype=nonzero.dtype,
             spec=f"sparse+{spec.to_string()}",
-            axis=cand.axis,
-            sparsity=chain.sparsity or 0.0,
+            sparsity=chain.sparsity,
             dense_bytes=chain.dense_bytes,
             stored_bytes=stored,
-            note=cand.note,
         )
 
 

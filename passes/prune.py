@@ -38,9 +38,9 @@ from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from milsparse.ir import calibration, formats, masks
 from milsparse.ir.chain import Form, bits_of
+from milsparse.ir.cursor import Cursor
 from milsparse.ir.errors import ConfigError
 from milsparse.ir.graph import Use
-from milsparse.ir.interpreter import Cursor
 from milsparse.passes import catalog, data_aware
 from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import named_const, replace_op
@@ -49,11 +49,11 @@ from milsparse.passes._weight_pass import (
     Candidate,
     WeightPass,
     channel_axes,
-    consumers,
+    compressed_decision,
     dense_decision,
 )
-from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config
 from milsparse.passes.decisions import WeightDecision
+from milsparse.passes.prune_config import PruneConfig, PruneSpec, parse_prune_config
 from milsparse.passes.registry import graph_pass
 from tqdm.auto import tqdm
 
@@ -334,14 +334,10 @@ class PruneWeights(WeightPass):
                 )
 
         replace_op(op, build)
-        return WeightDecision(
-            name=name,
-            consumers=consumers(cand.uses),
-            shape=tuple(weight.shape),
-            dtype=str(weight.dtype),
-            compressed=True,
-            spec=cand.spec.to_string(),
-            axis=cand.axis,
+        return compressed_decision(
+            cand,
+            shape=weight.shape,
+            dtype=weight.dtype,
             sparsity=1.0 - nnz / weight.size,
             dense_bytes=formats.dense_bytes(weight.size, weight.dtype),
             stored_bytes=formats.sparse_bytes(
@@ -393,18 +389,13 @@ class PruneWeights(WeightPass):
             )  # fmt: skip
         kept_codes = codes[keep]  # row-major, as the mask reads them
         replace_op(root, _joint_builder(root, keep, kept_codes, tables))
-        return WeightDecision(
-            name=root.name,
-            consumers=consumers(cand.uses),
+        return compressed_decision(
+            cand,
             shape=chain.shape,
-            dtype=str(decoded.dtype if chain.dtype != "fp16" else np.dtype(np.float16)),
-            compressed=True,
-            spec=cand.spec.to_string(),
-            axis=cand.axis,
+            dtype=decoded.dtype if chain.dtype != "fp16" else np.dtype(np.float16),
             sparsity=1.0 - nnz / keep.size,
             dense_bytes=chain.dense_bytes,
             stored_bytes=stored,
-            note=cand.note,
         )
 
 

@@ -41,7 +41,7 @@ from milsparse.passes._weight_pass import (
     Candidate,
     WeightPass,
     channel_axes,
-    consumers,
+    compressed_decision,
     dense_decision,
 )
 from milsparse.passes.decisions import WeightDecision
@@ -342,18 +342,15 @@ class QuantizeWeights(WeightPass):
         sparsity = chain.sparsity if sparse else _zero_levels(q, offset, shape) / q.size
         build = _builder(op.name, q, scale, offset, spec, mask, ios18, cand.axis[1])
         replace_op(op, build)
-        return WeightDecision(
-            name=op.name,
-            consumers=consumers(cand.uses),
+        return compressed_decision(
+            cand,
             shape=chain.shape,
-            dtype=str(dtype),
-            compressed=True,
+            dtype=dtype,
             spec=("sparse+" if sparse else "") + spec.to_string(),
             axis=cand.axis[1],
-            sparsity=sparsity or 0.0,
+            sparsity=sparsity,
             dense_bytes=chain.dense_bytes,
             stored_bytes=stored,
-            note=cand.note,
         )
 
 

@@ -388,7 +388,7 @@ def test_unreadable_models_are_unsupported_model_errors(tmp_path):
     ],
 )
 def test_8_config_values_that_meant_something_else_are_refused(config, message):
-    from milsparse.passes.config import parse_prune_config
+    from milsparse.passes.prune_config import parse_prune_config
 
     with pytest.raises(ConfigError, match=message):
         parse_prune_config(config)
@@ -434,7 +434,7 @@ def test_9_a_spec_with_more_than_six_digits_verifies_on_a_large_weight(save_prog
 def test_9_spec_strings_read_back_as_the_same_spec():
     from hypothesis import given
     from hypothesis import strategies as st
-    from milsparse.passes.config import PruneSpec, parse_prune_spec
+    from milsparse.passes.prune_config import PruneSpec, parse_prune_spec
 
     fractions = st.floats(0, 1, allow_nan=False)
     specs = st.one_of(

@@ -5,14 +5,14 @@ benchmarks/results/*.json)."""
 import re
 from pathlib import Path
 
-from milsparse.ir.interpreter import KERNELS, _load_kernels
+from milsparse.ir.interpreter import KERNELS, load_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
 def test_the_verify_page_lists_exactly_the_interpreter_ops():
-    _load_kernels()
+    load_kernels()
     text = (DOCS / "verify.md").read_text()
     block = re.search(r"<!-- ops -->(.*?)<!-- /ops -->", text, re.S).group(1)
     listed = re.findall(r"`([a-z0-9_]+)`", block)
@@ -21,7 +21,7 @@ def test_the_verify_page_lists_exactly_the_interpreter_ops():
 
 
 def test_the_readme_counts_the_interpreter_ops():
-    _load_kernels()
+    load_kernels()
     assert f"kernels for {len(KERNELS)} ops" in (ROOT / "README.md").read_text()
 
 

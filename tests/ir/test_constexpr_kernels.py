@@ -7,9 +7,9 @@ from coremltools.optimize._utils import pack_elements_into_bits
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from milsparse.ir.interpreter import KERNELS, _load_kernels
+from milsparse.ir.interpreter import KERNELS, load_kernels
 
-_load_kernels()
+load_kernels()
 
 
 def _run(op_type, **inputs):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 from milsparse.fixtures import programs
-from milsparse.ir.interpreter import Cursor, StopRun, evaluate_program
+from milsparse.ir.cursor import Cursor
+from milsparse.ir.interpreter import StopRun, evaluate_program
 from milsparse.passes._rewrite import replace_op
 
 

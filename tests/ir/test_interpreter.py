@@ -282,7 +282,7 @@ def test_conv_transpose_groups_and_output_padding():
 
 @given(hnp.arrays(np.uint32, hnp.array_shapes(max_dims=2, max_side=64)))
 def test_round_to_fp16_equals_numpy_cast_on_any_bits(bits):
-    from milsparse.ir.interpreter import ROUND_BY_CAST_BELOW, round_to_fp16
+    from milsparse.ir.fp16 import ROUND_BY_CAST_BELOW, round_to_fp16
 
     # padded past the size where numpy's cast takes over, so the bit path is the one tested
     padded = np.concatenate([bits.ravel(), np.zeros(ROUND_BY_CAST_BELOW, np.uint32)])
@@ -295,7 +295,7 @@ def test_round_to_fp16_equals_numpy_cast_on_any_bits(bits):
 
 
 def test_round_to_fp16_edges():
-    from milsparse.ir.interpreter import ROUND_BY_CAST_BELOW, round_to_fp16
+    from milsparse.ir.fp16 import ROUND_BY_CAST_BELOW, round_to_fp16
 
     edges = np.array(
         [0.0, -0.0, 2**-24, 2**-25, 3 * 2**-26, 2**-14, 2**-14 - 2**-25, 65504, 65519.99,

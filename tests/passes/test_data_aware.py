@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from milsparse.fixtures import programs
 from milsparse.ir import calibration, masks
 from milsparse.ir.chain import weight_chain
-from milsparse.ir.interpreter import Cursor, StopRun, evaluate_program
+from milsparse.ir.cursor import Cursor
+from milsparse.ir.interpreter import StopRun, evaluate_program
 from milsparse.passes import data_aware
-from milsparse.passes.config import parse_prune_config
 from milsparse.passes.prune import PruneWeights
+from milsparse.passes.prune_config import parse_prune_config
 from milsparse.passes.run_context import RunContext
 
 import milsparse as ms

@@ -9,7 +9,6 @@ import pytest
 from milsparse.fixtures import programs
 from milsparse.ir import formats, lut
 from milsparse.ir.chain import Form, weight_chain
-from milsparse.passes.config import PruneConfig, parse_prune_spec
 from milsparse.passes.lut_config import (
     PalettizeConfig,
     PalettizeSpec,
@@ -18,6 +17,7 @@ from milsparse.passes.lut_config import (
 )
 from milsparse.passes.palettize import PalettizeWeights
 from milsparse.passes.prune import PruneWeights
+from milsparse.passes.prune_config import PruneConfig, parse_prune_spec
 
 import milsparse as ms
 from milsparse.errors import ConfigError

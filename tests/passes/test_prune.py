@@ -5,8 +5,13 @@ from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 from milsparse.fixtures import programs
 from milsparse.ir import masks
-from milsparse.passes.config import PruneConfig, PruneSpec, parse_prune_config, parse_prune_spec
 from milsparse.passes.prune import PruneWeights
+from milsparse.passes.prune_config import (
+    PruneConfig,
+    PruneSpec,
+    parse_prune_config,
+    parse_prune_spec,
+)
 
 from milsparse.errors import ConfigError, UnsupportedModelError
 

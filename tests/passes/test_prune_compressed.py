@@ -9,10 +9,10 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from milsparse.fixtures import programs
 from milsparse.ir.chain import Form, weight_chain
-from milsparse.passes.config import PruneConfig, parse_prune_spec
 from milsparse.passes.lut_config import PalettizeConfig, parse_palettize_spec
 from milsparse.passes.palettize import PalettizeWeights
 from milsparse.passes.prune import PruneWeights
+from milsparse.passes.prune_config import PruneConfig, parse_prune_spec
 
 SHAPE = (64, 96)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from milsparse.fixtures import programs
 from milsparse.ir.chain import Form, weight_chain
-from milsparse.passes.config import PruneConfig, parse_prune_spec
 from milsparse.passes.prune import PruneWeights
+from milsparse.passes.prune_config import PruneConfig, parse_prune_spec
 from milsparse.passes.quant_config import parse_quantize_config, parse_quantize_spec
 from milsparse.passes.quantize import QuantizeWeights, quantize_blockwise
 
