@@ -27,6 +27,7 @@ import weakref
 from pathlib import Path
 
 import numpy as np
+from milsparse.ir.bits import SUB_BYTE_BITS, pack_bits, packed_bytes
 from milsparse.ir.errors import UnsupportedModelError
 
 __all__ = [
@@ -37,8 +38,6 @@ __all__ = [
     "file_region",
     "release_pages",
     "TYPE_CODES",
-    "SUB_BYTE_BITS",
-    "pack_bits",
 ]
 
 HEADER_BYTES = 64
@@ -53,7 +52,6 @@ TYPE_CODES = {
     "int4": 8, "uint1": 9, "uint2": 10, "uint4": 11, "uint3": 12, "uint6": 13,
     "int32": 14, "uint32": 15,
 }  # fmt: skip
-SUB_BYTE_BITS = {"int4": 4, "uint1": 1, "uint2": 2, "uint4": 4, "uint3": 3, "uint6": 6}
 # The byte-sized MIL types by name, as numpy stores them (bf16 has no numpy type).
 BYTE_DTYPES = {
     "fp16": np.float16, "fp32": np.float32, "int8": np.int8, "uint8": np.uint8,
@@ -106,28 +104,6 @@ def read_blob(path: str, offset: int, dtype, shape) -> np.ndarray:
         return np.zeros(shape, dtype)
     mapped = np.memmap(path, dtype=dtype, mode="r", offset=int(data_offset), shape=(count,))
     return mapped.view(np.ndarray).reshape(shape)
-
-
-def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 bytes of `values` (unsigned, or int4 two's complement) `bits` wide each, least
-    significant bit first; the last byte's unused high bits are zero. `values` is flat and its
-    length a multiple of 8 unless it is the last piece."""
-    v = np.asarray(values).view(np.uint8) if values.dtype.itemsize == 1 else values
-    v = np.asarray(v, dtype=np.uint8)
-    if bits == 1:
-        return np.packbits(v, bitorder="little")
-    if bits in (2, 4):
-        per = 8 // bits
-        pad = -v.size % per
-        if pad:
-            v = np.concatenate([v, np.zeros(pad, np.uint8)])
-        v = v.reshape(-1, per) & np.uint8((1 << bits) - 1)
-        out = v[:, 0].copy()
-        for i in range(1, per):
-            out |= v[:, i] << np.uint8(i * bits)
-        return out
-    expanded = np.unpackbits(v[:, None], axis=1, count=bits, bitorder="little")
-    return np.packbits(expanded.reshape(-1), bitorder="little")
 
 
 def file_region(value: np.ndarray) -> tuple[str, int] | None:
@@ -213,7 +189,7 @@ class BlobWriter:
         bits = SUB_BYTE_BITS.get(type_name)
         value = np.asarray(value) if not isinstance(value, np.ndarray) else value
         count = int(value.size)
-        size = count * value.dtype.itemsize if bits is None else -(-count * bits // 8)
+        size = count * value.dtype.itemsize if bits is None else packed_bytes(count, bits)
         padding = 0 if bits is None else size * 8 - count * bits
         record = _align(self._end)
         data = record + RECORD_BYTES

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil.mil import types
 from milsparse.ir import formats
+from milsparse.ir.bits import SUB_BYTE_BITS
 from milsparse.ir.blobs import release_pages
 from milsparse.ir.graph import uses_of
 from milsparse.ir.states import Form
@@ -28,7 +29,6 @@ from milsparse.ir.states import Form
 __all__ = ["Form", "StoredTensor", "WeightChain", "weight_chain", "is_compressed", "bits_of"]
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_SUB_BYTE_BITS = {"uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "int4": 4, "uint6": 6}
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def _weight_var(op):
 def bits_of(var) -> int:
     """Bits per element of a const var's value (uint1 ... uint6 and int4 included)."""
     name = types.builtin_to_string(var.dtype)
-    return _SUB_BYTE_BITS.get(name, np.asarray(var.val).dtype.itemsize * 8)
+    return SUB_BYTE_BITS.get(name, np.asarray(var.val).dtype.itemsize * 8)
 
 
 def is_compressed(op) -> bool:

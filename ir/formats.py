@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from milsparse.ir.bits import pack_bits, unpack_bits
 from milsparse.ir.masks import magnitude_keys
 
 __all__ = [
@@ -141,7 +142,7 @@ def _check_dtype(weight: np.ndarray) -> None:
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:
     """Pack a boolean mask row-major, LSB first, into uint8[ceil(N/8)]."""
-    return np.packbits(np.asarray(mask, dtype=bool).ravel(), bitorder="little")
+    return pack_bits(np.asarray(mask, dtype=bool), 1)
 
 
 def unpack_mask(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -152,7 +153,7 @@ def unpack_mask(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         raise ValueError(
             f"mask holds {packed.size} bytes, shape {tuple(shape)} needs {(count + 7) // 8}"
         )
-    return np.unpackbits(packed, count=count, bitorder="little").astype(bool).reshape(shape)
+    return unpack_bits(packed, 1, count).astype(bool).reshape(shape)
 
 
 def encode_sparse_ios16(
@@ -251,21 +252,6 @@ def sparse_bytes(num_elements: int, num_nonzero: int, dtype, *, ios18: bool, ran
 
 
 # -- decoders of the other constexpr formats (one per format; the interpreter calls these) ----
-
-
-def pack_bits(values: np.ndarray, nbits: int) -> np.ndarray:
-    """n-bit unsigned values packed LSB first, one after another (iOS16 LUT indices); the
-    inverse of `unpack_bits`."""
-    values = np.asarray(values, dtype=np.uint8).ravel()
-    bits = np.unpackbits(values[:, None], axis=1, bitorder="little")[:, :nbits]
-    return np.packbits(bits.ravel(), bitorder="little")
-
-
-def unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
-    """Elements of `nbits` packed LSB first (iOS16 LUT indices), as uint8."""
-    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")[: count * nbits]
-    weights = (1 << np.arange(nbits)).astype(np.uint16)
-    return (bits.reshape(count, nbits).astype(np.uint16) @ weights).astype(np.uint8)
 
 
 def decode_lut_ios16(lut: np.ndarray, indices: np.ndarray, shape) -> np.ndarray:

@@ -38,6 +38,7 @@ import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from milsparse.ir import formats, lut, masks
+from milsparse.ir.bits import pack_bits
 from milsparse.ir.chain import Form
 from milsparse.ir.graph import Use
 from milsparse.passes import catalog
@@ -351,7 +352,7 @@ def _builder(name, tables, indices, spec: PalettizeSpec, layout: _Layout, ios18:
             )
 
         return build
-    packed = formats.pack_bits(indices, spec.nbits)
+    packed = pack_bits(indices, spec.nbits)
     shape = np.asarray(indices.shape, dtype=np.uint32)
 
     def build16(anchor, tmp_name):

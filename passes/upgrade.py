@@ -24,6 +24,7 @@ from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from milsparse.ir import formats
+from milsparse.ir.bits import unpack_bits
 from milsparse.ir.graph import walk_ops
 from milsparse.passes._rewrite import named_const, replace_op
 
@@ -85,7 +86,7 @@ def _lut(op):
     lut = np.asarray(op.lut.val)
     nbits = int(np.log2(lut.size))
     count = int(np.prod(shape, dtype=np.int64))
-    indices = formats.unpack_bits(op.indices.val, nbits, count).reshape(shape)
+    indices = unpack_bits(op.indices.val, nbits, count).reshape(shape)
     table = lut.reshape((1,) * len(shape) + (lut.size, 1))
 
     def build(anchor, tmp_name):
