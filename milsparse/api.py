@@ -338,8 +338,15 @@ def compress(
     )[0]
 
 
-def save(model: ct.models.MLModel, path, *, overwrite: bool = False) -> Path:
-    """Save atomically (no half-written package) and deterministically (stable manifest ids)."""
+def save(model, path, *, overwrite: bool = False) -> Path:
+    """Save an MLModel or a pymil Program as an .mlpackage at `path`, atomically (no
+    half-written package; an existing one replaced only with `overwrite=True`) and
+    deterministically (stable manifest ids). A Program is written at the specification version
+    its opsets need, its weights streamed into the package's weight file."""
+    if package.is_program(model):
+        spec_version = package.program_spec_version(model)
+        written = package.write_program(model, spec_version, None, path, overwrite=overwrite)
+        return Path(written.package_path)
     return package.save_package(model, path, overwrite=overwrite)
 
 
@@ -445,7 +452,9 @@ def convert(source, config, *, base=None, **convert_options) -> ct.models.MLMode
 
 
 def inspect_model(model) -> InspectReport:
-    """The weight table (format, sparsity, bytes) of an MLModel or saved package."""
+    """The weight table (format, sparsity, bytes) of an MLModel, saved package or Program."""
+    if package.is_program(model):
+        return InspectReport(weight_table(model))
     source = package.open_model(model)
     path = str(model) if isinstance(model, (str, Path)) else None
     return InspectReport(weight_table(package.load_program(source)), path=path)

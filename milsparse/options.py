@@ -34,10 +34,13 @@ class Spelling:
 
     option: Any  # name -> how it is written
     calibration_hint: str
+    overwrite_flag: str
 
 
-API = Spelling(lambda name: name, "calibration=[{input: array}, ...] or an .npz path")
-CLI = Spelling(lambda name: "--" + name.replace("_", "-"), "--calibration FILE.npz")
+API = Spelling(
+    lambda name: name, "calibration=[{input: array}, ...] or an .npz path", "overwrite=True"
+)
+CLI = Spelling(lambda name: "--" + name.replace("_", "-"), "--calibration FILE.npz", "--force")
 
 
 def default_jobs() -> int:
@@ -140,6 +143,7 @@ class CompressOptions:
                 overwrite=overwrite,
                 inputs=[source],
                 needed_bytes=package.compress_needs(model),
+                flag=spelling.overwrite_flag,
             )
         return cls(
             model=model,

@@ -39,7 +39,16 @@ __all__ = [
     "source_path",
     "package_bytes",
     "compress_needs",
+    "is_program",
+    "program_spec_version",
 ]
+
+
+def is_program(model) -> bool:
+    """Whether `model` is a pymil Program (rather than an MLModel or a path)."""
+    from coremltools.converters.mil.mil import Program
+
+    return isinstance(model, Program)
 
 
 def open_model(model) -> ct.models.MLModel:
@@ -170,7 +179,11 @@ def _write_manifest(package: Path) -> None:
     (package / "Manifest.json").write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
-def _description(source: ct.models.MLModel, metadata: dict[str, str] | None):
+def _description(source: ct.models.MLModel | None, metadata: dict[str, str] | None):
+    """`source`'s model description plus `metadata` entries; None without a source (the
+    exporter then describes the program's inputs and outputs itself)."""
+    if source is None:
+        return None
     description = type(source.get_spec().description)()
     description.CopyFrom(source.get_spec().description)
     for key, value in (metadata or {}).items():
@@ -179,9 +192,10 @@ def _description(source: ct.models.MLModel, metadata: dict[str, str] | None):
 
 
 def write_package(
-    prog, spec_version: int, source: ct.models.MLModel, package: Path, metadata=None
+    prog, spec_version: int, source: ct.models.MLModel | None, package: Path, metadata=None
 ) -> None:
-    """Serialise `prog` as an .mlpackage at `package` (which must not exist).
+    """Serialise `prog` as an .mlpackage at `package` (which must not exist), described as
+    `source` is (None: as the program's own inputs and outputs say).
 
     coremltools' MIL backend writes the weight file straight into the package's weights folder
     and returns the spec; the package around them is assembled here rather than by ModelPackage,
@@ -215,10 +229,14 @@ def write_package(
     _write_manifest(package)
 
 
-def _open_written(path: Path, source: ct.models.MLModel) -> ct.models.MLModel:
-    return ct.models.MLModel(
-        str(path), skip_model_load=not _can_predict(), compute_units=source.compute_unit
-    )
+def _open_written(path: Path, source: ct.models.MLModel | None) -> ct.models.MLModel:
+    units = ct.ComputeUnit.ALL if source is None else source.compute_unit
+    return ct.models.MLModel(str(path), skip_model_load=not _can_predict(), compute_units=units)
+
+
+def program_spec_version(prog) -> int:
+    """The Core ML specification version a Program's opsets need (its newest function's)."""
+    return max(int(func.opset_version.value) for func in prog.functions.values())
 
 
 def program_to_model(
@@ -307,7 +325,7 @@ def save_package(model: ct.models.MLModel, path, *, overwrite: bool = False) -> 
 def write_program(
     prog,
     spec_version: int,
-    source: ct.models.MLModel,
+    source: ct.models.MLModel | None,
     path,
     *,
     overwrite: bool = False,

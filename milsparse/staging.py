@@ -70,13 +70,16 @@ def _check_length(path: Path) -> None:
         )
 
 
-def check_output_path(path, *, overwrite: bool, inputs=(), needed_bytes: int = 0) -> Path:
+def check_output_path(
+    path, *, overwrite: bool, inputs=(), needed_bytes: int = 0, flag: str = "overwrite=True"
+) -> Path:
     """Refuse, before any work, an output that cannot be written or would touch an input.
 
     The output must end in .mlpackage, have a name and path the file system can hold, lie in an
     existing, writable folder with room for `needed_bytes`, not be a symbolic link, and be
     neither an input, inside one, nor a folder holding one. An existing output is replaced only
-    with `overwrite`, and only if it is an .mlpackage itself.
+    with `overwrite`, and only if it is an .mlpackage itself; `flag` is how the refusal names
+    the way to allow it (`--force` on the command line).
     """
     path = Path(path)
     if path.suffix != ".mlpackage":
@@ -96,7 +99,7 @@ def check_output_path(path, *, overwrite: bool, inputs=(), needed_bytes: int = 0
         if _is_within(src, resolved):
             raise ConfigError(f"{path} holds the input {source}; write the output elsewhere")
     if path.exists():
-        _check_replaceable(path, overwrite)
+        _check_replaceable(path, overwrite, flag)
     parent = resolved.parent
     if not parent.exists():
         raise ConfigError(f"{path.parent}: output folder does not exist")
@@ -114,9 +117,9 @@ def check_output_path(path, *, overwrite: bool, inputs=(), needed_bytes: int = 0
     return path
 
 
-def _check_replaceable(path: Path, overwrite: bool) -> None:
+def _check_replaceable(path: Path, overwrite: bool, flag: str = "overwrite=True") -> None:
     if not overwrite:
-        raise ConfigError(f"{path} exists; choose another path or allow overwriting (--force)")
+        raise ConfigError(f"{path} exists; choose another path or allow overwriting ({flag})")
     if path.is_symlink() or not (path.is_dir() and (path / "Manifest.json").is_file()):
         raise ConfigError(f"{path} exists and is not an .mlpackage; it is not overwritten")
 
@@ -173,7 +176,7 @@ def _rename_flagged(src: Path, dst: Path, how: str) -> bool:
 def _appeared(path: Path) -> ConfigError:
     return ConfigError(
         f"{path} appeared while milsparse was writing it (another run or program?); it was "
-        "left as it is and nothing was written. Choose another path or allow overwriting (--force)"
+        "left as it is and nothing was written. Choose another path, or allow overwriting"
     )
 
 

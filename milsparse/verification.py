@@ -195,9 +195,7 @@ def _weight_checks(candidate_model, candidate_prog, function: str) -> list[Weigh
 
 def _program_of(model):
     """(MLModel or None, Program) of a Program, MLModel or path."""
-    from coremltools.converters.mil.mil import Program
-
-    if isinstance(model, Program):
+    if package.is_program(model):
         return None, model
     mlmodel = package.open_model(model)
     return mlmodel, package.load_program(mlmodel)

@@ -284,3 +284,28 @@ def test_inspect_counts_the_sparsity_of_a_vector_palettized_joint_weight(save_pr
     for d in report.compressed:
         assert rows[d.name].sparsity == pytest.approx(d.sparsity)
         assert d.sparsity == pytest.approx(0.5, abs=0.02)
+
+
+def test_save_and_inspect_take_a_program(tmp_path):
+    """Issue 15: `ms.save(prog, path)` was an AttributeError and `ms.inspect_model(prog)` a
+    refusal. A Program passed through run_passes is saved at the version its opset needs and
+    reads back with the same weights and outputs; inspect reads the Program itself."""
+    from milsparse.passes.prune import PruneWeights
+
+    prog = programs.mlp(sizes=(64, 128, 10))
+    ms.run_passes(prog, [("milsparse::prune", PruneWeights({"spec": "2:4", "min_size": 16}))])
+    in_memory = ms.inspect_model(prog)
+    assert [r.format for r in in_memory.rows if r.format != "dense"] == ["sparse"] * 2
+    path = ms.save(prog, tmp_path / "pruned.mlpackage")
+    assert path.resolve() == (tmp_path / "pruned.mlpackage").resolve()
+    saved = ct.models.MLModel(str(path), skip_model_load=True)
+    assert saved.get_spec().specificationVersion == prog.functions["main"].opset_version.value
+    assert ms.inspect_model(path).to_dict()["weights"] == in_memory.to_dict()["weights"]
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    want, got = ms.evaluate(prog, {"x": x}), ms.evaluate(path, {"x": x})
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    with pytest.raises(ConfigError, match=r"exists; .*\(overwrite=True\)"):
+        ms.save(prog, path)
+    assert ms.save(prog, path, overwrite=True) == path
