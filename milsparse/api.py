@@ -99,6 +99,7 @@ def compress_with_report(
     calibration=None,
     plot=None,
     jobs: int | None = None,
+    progress: bool | None = None,
 ) -> tuple[ct.models.MLModel, CompressReport]:
     """Like `compress`, and also return the per-weight report."""
     options = CompressOptions.build(
@@ -110,6 +111,7 @@ def compress_with_report(
         calibration=calibration,
         plot=plot,
         jobs=jobs,
+        progress=progress,
     )
     return run_compress(options)
 
@@ -119,7 +121,8 @@ def run_compress(options: CompressOptions) -> tuple[ct.models.MLModel, CompressR
     checked every option and the output path): the compressed model and its report."""
     recipe, target, source, output = options.recipe, options.target, options.model, options.output
     prune_step = recipe.step("prune")
-    prog = package.load_program(source)
+    show = options.progress
+    prog = package.load_program(source, show)
     samples = None
     if options.calibration is not None:
         samples = _calibration_samples(prog, options.calibration)
@@ -129,21 +132,22 @@ def run_compress(options: CompressOptions) -> tuple[ct.models.MLModel, CompressR
         if prune_step is not None and prune_step.config.allocate == "budget":
             del prog  # every attempt loads its own; only one program at a time is kept
             prog, spec_version, opset, steps, report, budget_notes = _budget_search(
-                source, recipe, target, samples, folder, options.jobs
+                source, recipe, target, samples, folder, options.jobs, show
             )
         else:
             prog, spec_version, opset, steps, report = _run_recipe(
-                source, recipe, target, samples, prog, spill=Spill(folder), jobs=options.jobs
+                source, recipe, target, samples, prog, Spill(folder), options.jobs, show
             )
             budget_notes = []
         prune = next((p for step, p in steps if step.kind == "prune"), None)
         metadata = pruned_metadata(source, prune.report if prune is not None else [])
         if output is None:
-            compressed = package.program_to_model(prog, spec_version, source, metadata)
+            compressed = package.program_to_model(prog, spec_version, source, metadata, show)
         else:
             compressed = package.write_program(
-                prog, spec_version, source, output, overwrite=options.overwrite, metadata=metadata
-            )
+                prog, spec_version, source, output, overwrite=options.overwrite,
+                metadata=metadata, show_progress=show,
+            )  # fmt: skip
         del prog  # its maps of the scratch file
     report.target = opset.name
     report.notes += budget_notes
@@ -155,19 +159,21 @@ def run_compress(options: CompressOptions) -> tuple[ct.models.MLModel, CompressR
     return compressed, report
 
 
-def _run_recipe(source, recipe: Recipe, target, samples, prog=None, spill=None, jobs=1):
+def _run_recipe(
+    source, recipe: Recipe, target, samples, prog=None, spill=None, jobs=1, show_progress=None
+):
     """Retarget, check and run `recipe` on `prog` (default: a fresh program of `source`):
     (program, spec version, opset, [(step, pass)], report). With `spill` (an `ir.blobs.Spill`), the
     values the passes produce go to disk as they are made; the program maps them."""
     if prog is None:
-        prog = package.load_program(source)
+        prog = package.load_program(source, show_progress)
     spec_version = program_edits.retarget(prog, source.get_spec().specificationVersion, target)
     # compressed weights of an older opset move to the new one's forms (or nothing loads it)
     upgrade_constexpr_ops(prog)
     opset = max(f.opset_version for f in prog.functions.values())
     # below iOS16 the passes themselves refuse, saying how to re-convert
     check_recipe(recipe, opset if opset >= ct.target.iOS16 else None, weight_states(prog))
-    context = RunContext(calibration=samples, jobs=jobs, spill=spill)
+    context = RunContext(calibration=samples, jobs=jobs, spill=spill, progress=show_progress)
     steps = [(step, step.make_pass(context)) for step in recipe.steps]
     # The passes remove the consts they replace, so no cleanup pass is needed afterwards.
     report = run_passes(prog, [(step.pass_name, p) for step, p in steps])
@@ -177,7 +183,9 @@ def _run_recipe(source, recipe: Recipe, target, samples, prog=None, spill=None, 
 BUDGET_STEPS = 7
 
 
-def _budget_search(source, recipe: Recipe, target, samples, spill_folder, jobs=1):
+def _budget_search(
+    source, recipe: Recipe, target, samples, spill_folder, jobs=1, show_progress=None
+):
     """allocate budget: the largest overall sparsity (global allocation) whose outputs on the
     calibration samples keep the floor (min_cosine / min_snr, per output against the dense
     model), by bisection over [0, 0.9] in BUDGET_STEPS steps; every candidate is run through
@@ -190,7 +198,7 @@ def _budget_search(source, recipe: Recipe, target, samples, spill_folder, jobs=1
     prune_step = recipe.step("prune")
     cfg = prune_step.config
     floor = Tolerances(min_snr_db=cfg.min_snr, min_cosine=cfg.min_cosine)
-    dense = package.load_program(source)
+    dense = package.load_program(source, show_progress)
     function = next(iter(dense.functions))
     references = run_samples(dense, samples, function)
     del dense
@@ -202,8 +210,9 @@ def _budget_search(source, recipe: Recipe, target, samples, spill_folder, jobs=1
         spill = Spill(spill_folder)  # each attempt's values in their own file
         try:
             result = _run_recipe(
-                source, recipe.with_steps(steps), target, samples, spill=spill, jobs=jobs
-            )
+                source, recipe.with_steps(steps), target, samples, None, spill, jobs,
+                show_progress,
+            )  # fmt: skip
             outputs = run_samples(result[0], samples, function)
             ok = all(not m.failures for m in compare_outputs(references, outputs, floor))
         except BaseException:
@@ -301,6 +310,7 @@ def compress(
     calibration=None,
     plot=None,
     jobs: int | None = None,
+    progress: bool | None = None,
 ) -> ct.models.MLModel:
     """Compress a saved ML program (path or MLModel) with a recipe; return the compressed
     MLModel.
@@ -325,6 +335,10 @@ def compress(
     `jobs` weights are compressed at once in threads (default: every core); the output's bytes
     are the same for any number (rewrites are applied in program order). Sequential
     calibration (sparsegpt's default) and multifunction programs run one weight at a time.
+
+    `progress`: progress bars on stderr for loading, each step and writing: None (the
+    default) shows them only when stderr is a terminal, so a script or notebook prints
+    nothing unless asked; True always; False never.
     """
     return compress_with_report(
         model,
@@ -335,6 +349,7 @@ def compress(
         calibration=calibration,
         plot=plot,
         jobs=jobs,
+        progress=progress,
     )[0]
 
 

@@ -46,8 +46,9 @@ def _inside(path: str, top: str | None) -> bool:
 
 
 @contextlib.contextmanager
-def mapped_weight_reads(package_root: str | None = None):
-    """Map byte-aligned weight-file tensors instead of copying them, during one milproto load.
+def mapped_weight_reads(package_root: str | None = None, on_op=None):
+    """Map byte-aligned weight-file tensors instead of copying them, during one milproto load
+    (and call `on_op()` after each op is loaded, for a progress bar).
 
     coremltools' loader maps the whole weight file and then copies each tensor two or three
     times (`tobytes`, `np.array`, `astype`): loading a model peaked at over twice its size.
@@ -94,16 +95,26 @@ def mapped_weight_reads(package_root: str | None = None):
                     loaded[key] = original(context, value_spec)
             return loaded[key]
 
+        original_op = milproto._load_operation
+
+        def load_operation(context, op_spec):
+            result = original_op(context, op_spec)
+            on_op()
+            return result
+
         milproto._load_value = load_value
+        if on_op is not None:
+            milproto._load_operation = load_operation
         try:
             yield
         finally:
-            milproto._load_value = original
+            milproto._load_value, milproto._load_operation = original, original_op
 
 
 @contextlib.contextmanager
-def milsparse_blob_writer():
-    """Serialise weights with `milsparse.ir.blobs.BlobWriter` during one export.
+def milsparse_blob_writer(on_bytes=None):
+    """Serialise weights with `milsparse.ir.blobs.BlobWriter` during one export (calling
+    `on_bytes(n)` with each value's size in bytes as it is written, for a progress bar).
 
     The bytes are coremltools' (tested), but a weight that is a view of a memory-mapped file
     (an input weight left as it was, a value a pass spilled to disk) moves file to file
@@ -126,7 +137,10 @@ def milsparse_blob_writer():
             expected = blobs.BYTE_DTYPES.get(types.builtin_to_string(var.dtype))
             if expected is not None and value.dtype != expected:
                 value = value.astype(expected)
-            return writer.write(value, types.builtin_to_string(var.dtype))
+            offset = writer.write(value, types.builtin_to_string(var.dtype))
+            if on_bytes is not None:
+                on_bytes(value.nbytes)
+            return offset
 
         original_writer, original_write = backend.BlobWriter, helper._get_offset_by_writing_data
         backend.BlobWriter, helper._get_offset_by_writing_data = make_writer, write_value

@@ -94,6 +94,7 @@ class CompressOptions:
     calibration: Any = None  # samples, or an .npz path
     plot: Path | None = None
     jobs: int = 1
+    progress: bool | None = None  # bars: None only on a terminal (milsparse.progress)
 
     @classmethod
     def build(
@@ -107,6 +108,7 @@ class CompressOptions:
         calibration=None,
         plot=None,
         jobs: int | None = None,
+        progress: bool | None = None,
         spelling: Spelling = API,
     ) -> CompressOptions:
         """Check every option, and the output path, before any work; messages name options
@@ -117,6 +119,8 @@ class CompressOptions:
         o = spelling.option
         recipe = Recipe.coerce(config)
         jobs = default_jobs() if jobs is None else check_count("jobs", jobs, 1, spelling)
+        if progress is not None and not isinstance(progress, bool):
+            raise ConfigError(f"{o('progress')} must be True, False or None, got {progress!r}")
         needed, used = calibration_use(recipe)
         if needed and calibration is None:
             raise ConfigError(
@@ -154,6 +158,7 @@ class CompressOptions:
             calibration=calibration,
             plot=None if plot is None else Path(os.fsdecode(plot)),
             jobs=jobs,
+            progress=progress,
         )
 
 

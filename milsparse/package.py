@@ -26,7 +26,7 @@ from pathlib import Path
 import coremltools as ct
 from coremltools.converters.mil.frontend.milproto import load as milproto
 
-from milsparse import ct_hooks, staging
+from milsparse import ct_hooks, progress, staging
 from milsparse.errors import UnsupportedModelError
 from milsparse.passes.program_edits import order_functions, share_identical_consts
 
@@ -120,13 +120,34 @@ def _refuse_bare_spec(path: Path) -> None:
         )
 
 
-def load_program(mlmodel: ct.models.MLModel):
-    """A fresh pymil Program read from the model's spec and the package's weight file."""
+def _count_ops(spec) -> int:
+    """The ops of an ML program's spec, nested blocks included (what the loader will build)."""
+
+    def in_block(block) -> int:
+        return sum(1 + sum(in_block(b) for b in op.blocks) for op in block.operations)
+
+    return sum(
+        in_block(block)
+        for function in spec.mlProgram.functions.values()
+        for block in function.block_specializations.values()
+    )
+
+
+def _display_name(mlmodel, package) -> str:
+    return Path(package).name if package else "model"
+
+
+def load_program(mlmodel: ct.models.MLModel, show_progress: bool | None = None):
+    """A fresh pymil Program read from the model's spec and the package's weight file; a bar
+    counts the ops built (`show_progress`: see `milsparse.progress`)."""
     spec = mlmodel.get_spec()
     weights_dir = mlmodel.weights_dir or ""
     package = getattr(mlmodel, "package_path", None)
     try:
-        with ct_hooks.mapped_weight_reads(package_root=package):
+        with progress.bar(
+            f"loading {_display_name(mlmodel, package)}", total=_count_ops(spec), unit="op",
+            show=show_progress,
+        ) as bar, ct_hooks.mapped_weight_reads(package_root=package, on_op=bar.update):  # fmt: skip
             prog = milproto.load(
                 spec,
                 specification_version=spec.specificationVersion,
@@ -191,11 +212,30 @@ def _description(source: ct.models.MLModel | None, metadata: dict[str, str] | No
     return description
 
 
+def _weight_bytes(prog) -> int:
+    """Bytes of the program's constant tensors as the weight file will hold them (about)."""
+    from milsparse.ir.graph import walk_ops
+
+    total = 0
+    for func in prog.functions.values():
+        for op in walk_ops(func):
+            if op.op_type == "const":
+                val = op.outputs[0].val
+                total += getattr(val, "nbytes", 0) if getattr(val, "size", 0) > 9 else 0
+    return total
+
+
 def write_package(
-    prog, spec_version: int, source: ct.models.MLModel | None, package: Path, metadata=None
+    prog,
+    spec_version: int,
+    source: ct.models.MLModel | None,
+    package: Path,
+    metadata=None,
+    show_progress: bool | None = None,
 ) -> None:
     """Serialise `prog` as an .mlpackage at `package` (which must not exist), described as
-    `source` is (None: as the program's own inputs and outputs say).
+    `source` is (None: as the program's own inputs and outputs say); a bar counts the weight
+    bytes written (`show_progress`: see `milsparse.progress`).
 
     coremltools' MIL backend writes the weight file straight into the package's weights folder
     and returns the spec; the package around them is assembled here rather than by ModelPackage,
@@ -212,7 +252,11 @@ def write_package(
     weights.mkdir(parents=True)
     share_identical_consts(prog)
     try:
-        with ct_hooks.milsparse_blob_writer(), ct_hooks.coremltools_progress(None):
+        with progress.bar(
+            f"writing {package.name}", total=_weight_bytes(prog), in_bytes=True,
+            show=show_progress,
+        ) as bar, ct_hooks.milsparse_blob_writer(on_bytes=bar.update), \
+                ct_hooks.coremltools_progress(False):  # fmt: skip
             spec, _ = mil_convert_to_proto(
                 prog,
                 "milinternal",
@@ -240,7 +284,11 @@ def program_spec_version(prog) -> int:
 
 
 def program_to_model(
-    prog, spec_version: int, source: ct.models.MLModel, metadata: dict[str, str] | None = None
+    prog,
+    spec_version: int,
+    source: ct.models.MLModel,
+    metadata: dict[str, str] | None = None,
+    show_progress: bool | None = None,
 ) -> ct.models.MLModel:
     """Serialise `prog` to an MLModel with `source`'s description (plus `metadata` entries) and
     compute units.
@@ -251,7 +299,7 @@ def program_to_model(
     folder = tempfile.mkdtemp(prefix=staging.temp_prefix(""))
     try:
         package = Path(folder) / "model.mlpackage"
-        write_package(prog, spec_version, source, package, metadata)
+        write_package(prog, spec_version, source, package, metadata, show_progress)
         model = _open_written(package, source)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -330,6 +378,7 @@ def write_program(
     *,
     overwrite: bool = False,
     metadata: dict[str, str] | None = None,
+    show_progress: bool | None = None,
 ) -> ct.models.MLModel:
     """Serialise `prog` straight to `path` (atomically) and return the model read from there.
 
@@ -337,5 +386,5 @@ def write_program(
     """
     path = staging.check_output_path(path, overwrite=overwrite)
     with staging.staged(path, overwrite=overwrite, finish=make_deterministic) as staged:
-        write_package(prog, spec_version, source, staged, metadata)
+        write_package(prog, spec_version, source, staged, metadata, show_progress)
     return _open_written(path, source)

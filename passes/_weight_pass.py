@@ -41,7 +41,8 @@ from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import spilling
 from milsparse.passes.decisions import WeightDecision
 from milsparse.passes.run_context import RunContext, sink_for
-from tqdm.auto import tqdm
+
+from milsparse.progress import bar as progress_bar
 
 __all__ = [
     "WEIGHT_OPERANDS",
@@ -323,8 +324,8 @@ class WeightPass(AbstractGraphPass):
             del candidates
             jobs = self.jobs or self.context.jobs
             jobs = jobs if not multifunction and self.parallel_ok() else 1
-            with tqdm(
-                total=len(pending), desc=self.pass_name, unit="weight", leave=False, disable=None
+            with progress_bar(
+                self.pass_name, total=len(pending), unit="weight", show=self.context.progress
             ) as progress:
                 if jobs > 1 and len(pending) > 1:
                     self._compress_in_parallel(pending, context, jobs, decisions, progress)

@@ -55,7 +55,8 @@ from milsparse.passes._weight_pass import (
 from milsparse.passes.decisions import WeightDecision
 from milsparse.passes.prune_config import PruneConfig, PruneSpec, parse_prune_config
 from milsparse.passes.registry import graph_pass
-from tqdm.auto import tqdm
+
+from milsparse.progress import bar as progress_bar
 
 __all__ = ["PruneWeights", "WEIGHT_OPERANDS", "channel_axes"]
 
@@ -191,8 +192,8 @@ class PruneWeights(WeightPass):
         return revised
 
     def _progress(self, what: str):
-        """A tqdm bar (quiet off a terminal) and the `progress(done, total)` that drives it."""
-        bar = tqdm(desc=what, unit="step", leave=False, disable=None)
+        """A bar (shown as the run context says) and the `progress(done, total)` that drives it."""
+        bar = progress_bar(what, unit="step", show=self.context.progress)
 
         def update(done: int, total: int) -> None:
             bar.total = total

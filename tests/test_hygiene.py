@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from milsparse.fixtures import programs
 
 import milsparse as ms
@@ -145,3 +146,25 @@ def test_any_module_imported_first_registers_the_passes():
         )
         assert run.stdout.split() == ["True"], (module, run.stderr)
         assert run.returncode == 0, (module, run.stderr)
+
+
+def test_the_library_is_quiet_off_a_terminal_unless_progress_is_asked(
+    save_program, tmp_path, capfd
+):
+    """Issue 15: each ms.compress printed coremltools' progress bars. Off a terminal (stderr
+    is a pipe here) nothing is printed unless `progress=True`, which shows milsparse's bars for
+    loading, each step and writing (coremltools' own bars, about none of milsparse's work,
+    stay hidden); `progress=False` is silent everywhere."""
+    model = save_program(programs.mlp(sizes=(64, 128, 128, 10), dtype=np.float16))
+    capfd.readouterr()
+    for progress in (None, False):
+        ms.compress(model, ["2:4", "lut4"], progress=progress)
+        assert capfd.readouterr().err == ""
+    ms.compress(model, ["2:4", "lut4"], output=tmp_path / "o.mlpackage", progress=True)
+    err = capfd.readouterr().err
+    for bar in ("loading model.mlpackage", "milsparse::prune", "milsparse::palettize",
+                "writing o.mlpackage"):  # fmt: skip
+        assert bar in err
+    assert "Running MIL" not in err
+    with pytest.raises(ms.ConfigError, match="progress must be True, False or None"):
+        ms.compress(model, "2:4", progress="yes")

@@ -74,7 +74,7 @@ def test_the_weight_file_is_coremltools_own(save_program, tmp_path, monkeypatch,
     assert ours.get_spec() == theirs.get_spec()
 
 
-def _coremltools_writer():
+def _coremltools_writer(on_bytes=None):
     import contextlib
 
     return contextlib.nullcontext()
