@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ if TYPE_CHECKING:  # the table formatter is used where coremltools is not import
     from milsparse.ir.weights import WeightRow
     from milsparse.passes.decisions import WeightDecision
 
-__all__ = ["CompressReport", "InspectReport", "format_table", "human_bytes"]
+__all__ = ["CompressReport", "InspectReport", "display_spec", "format_table", "human_bytes"]
 
 
 def human_bytes(n: float) -> str:
@@ -57,6 +58,17 @@ def _with_functions(headers, rows, items):
     return ["function", *headers], [[i.function, *r] for i, r in zip(items, rows, strict=True)]
 
 
+_LONG_DECIMAL = re.compile(r"\d+\.\d{5,}(?:e-?\d+)?")
+
+
+def display_spec(spec: str | None) -> str | None:
+    """A spec as a table shows it: long fractions rounded to 4 significant digits
+    (`unstructured:0.4667`); reports' JSON and the model's metadata keep the exact text."""
+    if spec is None:
+        return None
+    return _LONG_DECIMAL.sub(lambda m: f"{float(m.group()):.4g}", spec)
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -81,8 +93,9 @@ class CompressReport:
         dense = sum(d.dense_bytes for d in own)
         stored = sum(d.stored_bytes for d in own)
         return {
-            "weights": len(own),
+            "weights": sum(1 for d in own if d.is_weight),
             "compressed": sum(1 for d in own if d.compressed),
+            "other_constants": sum(1 for d in own if not d.is_weight),
             "dense_bytes": dense,
             "stored_bytes": stored,
             "bytes_saved": dense - stored,
@@ -103,7 +116,7 @@ class CompressReport:
     def __str__(self) -> str:
         rows = []
         for d in self.decisions:
-            what = d.spec if d.compressed else f"dense: {d.reason}"
+            what = display_spec(d.spec) if d.compressed else f"dense: {d.reason}"
             if d.note:
                 what += f" ({d.note})"
             stored = human_bytes(d.stored_bytes)
@@ -123,9 +136,15 @@ class CompressReport:
         headers = ["weight", "shape", "dtype", "sparsity", "dense", "stored", "result"]
         table = format_table(*_with_functions(headers, rows, self.decisions))
         t = self.totals()
+        others = t["other_constants"]
         summary = (
-            f"{t['compressed']} of {t['weights']} weights compressed; "
-            f"{human_bytes(t['dense_bytes'])} -> {human_bytes(t['stored_bytes'])} "
+            f"{t['compressed']} of {t['weights']} weights compressed"
+            + (
+                f" ({others} other constant{'s' * (others != 1)} left as they are)"
+                if others
+                else ""
+            )
+            + f"; {human_bytes(t['dense_bytes'])} -> {human_bytes(t['stored_bytes'])} "
             f"(saved {human_bytes(t['bytes_saved'])})"
         )
         notes = "".join(f"\nnote: {n}" for n in self.notes)

@@ -39,7 +39,7 @@ from milsparse.ir.errors import ConfigError, UnsupportedModelError
 from milsparse.ir.graph import Use, uses_of, walk_ops
 from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import spilling
-from milsparse.passes.decisions import WeightDecision
+from milsparse.passes.decisions import NOT_A_WEIGHT, WeightDecision
 from milsparse.passes.run_context import RunContext, sink_for
 
 from milsparse.progress import bar as progress_bar
@@ -427,7 +427,7 @@ class WeightPass(AbstractGraphPass):
                 kinds = sorted({u.op_type for u in operand_uses})
                 return MatchResult.fail(f"not selected: op_types excludes {', '.join(kinds)}")
             read_by = sorted({f"{u.op_type}.{u.input_name}" for u in uses})
-            return MatchResult.fail(f"not a weight: read by {', '.join(read_by)}")
+            return MatchResult.fail(f"{NOT_A_WEIGHT}: read by {', '.join(read_by)}")
         if not is_float:
             return MatchResult.fail(f"not float: {val.dtype}")
         if val.ndim < 2:

@@ -261,13 +261,12 @@ def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.
         new[tiny] = np.where(unstack(stack)[tiny] < 0, -smallest, smallest).astype(weight.dtype)
     note = None
     if is_singular:
-        why = (
-            f"{stats.rows} activation rows for {k} inputs: more samples"
-            if few_rows
-            else "the calibration inputs span fewer dimensions than its inputs: more varied samples"
-        )
+        # Short, and true for the usual case: a layer reading a normalised input (a LayerNorm
+        # output has zero mean over its features, so its columns are dependent by construction)
+        # is singular whatever the samples; the dampening keeps the update well defined.
         note = (
-            f"X^T X is singular ({why}, or more dampening than {dampening:g}, e.g. 0.1, "
-            "may serve better)"
+            f"X^T X singular: {stats.rows} activation rows for {k} inputs (more samples help)"
+            if few_rows
+            else f"X^T X singular: dependent inputs (dampening {dampening:g} handles it)"
         )
     return keep, new, note

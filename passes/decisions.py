@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["WeightDecision", "combine"]
+__all__ = ["NOT_A_WEIGHT", "WeightDecision", "combine"]
+
+# How a pass's reason begins for a const it looked at that feeds no weight operand (a bias, a
+# norm's gamma): such rows are reported, but not counted among the weights.
+NOT_A_WEIGHT = "not a weight"
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,11 @@ class WeightDecision:
     note: str | None = None
     function: str | None = None  # set for multifunction programs
     shared_with: str | None = None  # the function whose row counts this shared weight's bytes
+
+    @property
+    def is_weight(self) -> bool:
+        """Whether the const is a layer's weight (a bias or a norm's parameter is not)."""
+        return self.compressed or not (self.reason or "").startswith(NOT_A_WEIGHT)
 
     @property
     def bytes_saved(self) -> int:

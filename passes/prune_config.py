@@ -177,7 +177,10 @@ def _axis_word(text: str | None, spec: str) -> str | None:
     if text is None:
         return None
     if text not in _AXIS_WORDS:
-        raise ConfigError(f"bad axis {text!r} in {spec!r}: use @0/@out (output) or @1/@in (input)")
+        raise ConfigError(
+            f"bad axis {text!r} in {spec!r}: use @in (input channels, also @1) or @out "
+            "(output channels, also @0)"
+        )
     return _AXIS_WORDS[text]
 
 
@@ -192,9 +195,9 @@ def parse_prune_spec(text: str) -> PruneSpec:
     match = _SPEC_RE.match(spec)
     if match is None:
         raise ConfigError(
-            f"bad prune spec {text!r}: use unstructured[@channel]:S, threshold:T, blockB[@0|@1]:S "
-            "or N:M[@0|@1]"
-            " (e.g. unstructured:0.5, threshold:1e-3, block4:0.5, 2:4)"
+            f"bad prune spec {text!r}: use unstructured[@channel]:S, threshold:T, "
+            "blockB[@in|@out]:S or N:M[@in|@out] (e.g. unstructured:0.5, threshold:1e-3, "
+            "block4:0.5, 2:4)"
         )
     g = match.groupdict()
     if g["mag"] is not None:

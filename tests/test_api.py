@@ -309,3 +309,20 @@ def test_save_and_inspect_take_a_program(tmp_path):
     with pytest.raises(ConfigError, match=r"exists; .*\(overwrite=True\)"):
         ms.save(prog, path)
     assert ms.save(prog, path, overwrite=True) == path
+
+
+def test_the_report_counts_weights_apart_from_biases_and_rounds_specs_for_display():
+    """Issue 15: biases were counted among "N of M weights" and then labelled "not a weight";
+    a computed spec printed as unstructured:0.4666697184244792. Now the count is of weights,
+    the other constants are said apart, and the table rounds what the JSON keeps exact."""
+    example = Path(ms.fixtures.__file__).with_name("example.mlpackage")
+    _, report = ms.compress_with_report(example, "unstructured:0.4666697184244792")
+    totals = report.totals()
+    assert (totals["weights"], totals["compressed"], totals["other_constants"]) == (6, 6, 10)
+    text = str(report)
+    assert "6 of 6 weights compressed (10 other constants left as they are);" in text
+    assert "unstructured:0.4667" in text and "0.4666697184244792" not in text
+    assert {d["spec"] for d in report.to_dict()["weights"] if d["compressed"]} == {
+        "unstructured:0.4666697184244792"
+    }
+    assert ms.report.display_spec("block4@in:0.123456789 + lut4") == "block4@in:0.1235 + lut4"
