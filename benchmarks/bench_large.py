@@ -39,6 +39,8 @@ def worker(tool: str, spec: str, src: str, dst: str, jobs: str) -> dict:
     steps = spec.split("+")
     if tool == "milsparse":
         import milsparse as ms
+        import milsparse.api  # noqa: F401  (coremltools loads on first use: import it
+        # before the baseline, as the other tool's worker does)
 
         baseline = _rss_bytes()
         t0 = time.perf_counter()

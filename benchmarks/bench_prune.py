@@ -50,6 +50,8 @@ def _peak_bytes() -> int:
 def worker(tool: str, spec: str, src: str, dst: str) -> dict:
     if tool == "milsparse":
         import milsparse as ms
+        import milsparse.api  # noqa: F401  (coremltools loads on first use: import it
+        # before the baseline, as the other tool's worker does)
 
         baseline = _rss_bytes()
         t0 = time.perf_counter()

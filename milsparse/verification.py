@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from milsparse import package
-from milsparse.errors import ConfigError, UnsupportedModelError
+from milsparse.errors import ConfigError, UnsupportedModelError, VerificationError
 from milsparse.inputs import default_function, generate_inputs
 from milsparse.ir import masks
 from milsparse.ir.cursor import run_samples
@@ -65,6 +65,17 @@ class VerifyReport:
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    def raise_if_failed(self) -> VerifyReport:
+        """This report if it passed; else a `VerificationError` listing every failure (for a
+        script that should stop on a failed check: `ms.verify(a, b).raise_if_failed()`)."""
+        failures = self.failures
+        if failures:
+            raise VerificationError(
+                f"verification failed on {len(failures)} check{'s' * (len(failures) != 1)}: "
+                + "; ".join(failures)
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         def clean(value):

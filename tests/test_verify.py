@@ -552,3 +552,15 @@ def test_cli_max_mismatch(save_program, tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--max-mismatch", "2"]) == 2
     assert "max_mismatch" in capsys.readouterr().err
+
+
+def test_raise_if_failed_turns_a_failed_report_into_a_verification_error(save_program):
+    model = save_program(programs.mlp(sizes=(64, 128, 10), dtype=np.float16))
+    small = ms.compress(model, {"prune": {"spec": "unstructured:0.6", "min_size": 16}})
+    passed = ms.verify(model, model)
+    assert passed.raise_if_failed() is passed
+    strict = ms.Tolerances(min_snr_db=80.0, min_cosine=0.999999)
+    failed = ms.verify(model, small, tolerances=strict)
+    assert not failed.passed
+    with pytest.raises(ms.VerificationError, match=r"verification failed on \d+ checks?: output "):
+        failed.raise_if_failed()
