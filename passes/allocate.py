@@ -18,12 +18,14 @@ on the target. A layer goes no further than the grid's last point.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import attrs
 import numpy as np
 from milsparse.ir import masks
 from milsparse.ir.calibration import LayerStats
+from milsparse.ir.errors import ConfigError
 from milsparse.passes import data_aware
 
 __all__ = ["GRID", "Curve", "sensitivity", "global_allocation"]
@@ -59,13 +61,14 @@ def _mask(weight, spec, axis, stats, axes, criterion, sparsity):
 
 def sensitivity(name, weight, spec, axis, stats: LayerStats, axes, criterion) -> Curve:
     """The layer's relative output error at each sparsity of GRID (see the module docstring)."""
-    # The relative error does not depend on the weight's scale: measure it on the weight scaled
-    # by a power of two (exact) to at most 1, so that W H W^T stays inside float32 whatever the
-    # weights (values near float32's limit would make every error inf or nan).
+    # The relative error depends on neither the weight's scale nor X^T X's: measure it on both
+    # scaled by powers of two (exact) to at most 1, so that W H W^T stays inside float32
+    # whatever the weights and activations (large ones would make every error inf or nan, or
+    # the energy inf and every error 0).
     scale = data_aware.unit_scale(weight)
     stack, _ = data_aware._matrices(weight, stats, axes)
     stack *= scale
-    h = stats.xtx
+    h = stats.xtx * data_aware.unit_scale(stats.xtx)
     energy = sum(float(((stack[g] @ h[g]) * stack[g]).sum()) for g in range(stack.shape[0]))
     errors = []
     for s in GRID:
@@ -78,6 +81,11 @@ def sensitivity(name, weight, spec, axis, stats: LayerStats, axes, criterion) ->
         d *= scale
         err = sum(float(((d[g] @ h[g]) * d[g]).sum()) for g in range(d.shape[0]))
         errors.append(err / energy if energy > 0 else 0.0)
+    if not all(math.isfinite(e) for e in errors):
+        raise ConfigError(
+            f"{name}: its output error cannot be measured (the calibration activations' X^T X "
+            "overflows float32); scale the calibration inputs down, or use allocate uniform"
+        )
     return Curve(name, int(weight.size), errors)
 
 
@@ -107,6 +115,8 @@ def global_allocation(curves: list[Curve], target: float) -> dict[str, float]:
             cost = (c.errors[i + 1] - c.errors[i]) / (c.size * step)
             if cost < best_cost:
                 best, best_cost = c, cost
+        if best is None:  # every layer at the grid's end: cannot happen while goal <= most
+            raise AssertionError(f"allocation stopped at {zeros} of {goal} zeros")
         i = level[best.name]
         gain = masks.round_half_up(GRID[i + 1] * best.size) - masks.round_half_up(
             GRID[i] * best.size

@@ -569,3 +569,23 @@ def test_allocate_budget_runs_on_the_bundled_example(tmp_path):
     config = {"spec": "unstructured:0.5", "allocate": "budget", "min_cosine": 0.9}
     _, report = ms.compress_with_report(example, config, calibration=cal)
     assert any(n.startswith("allocate budget: overall sparsity") for n in report.notes)
+
+
+def test_allocation_does_not_depend_on_the_activations_scale(save_program):
+    """Loud calibration inputs (3e17 here, fine in float32) made W H W^T overflow: the layer's
+    energy became inf, every error 0, and numpy warned on stderr. The errors are relative, so
+    they are measured with X^T X scaled to at most 1: the same choice at any input scale, in
+    silence."""
+    model = save_program(programs.mlp(sizes=(64, 128, 10), dtype=np.float32))
+    rng = np.random.default_rng(0)
+    base = [{"x": rng.standard_normal((2, 64)).astype(np.float32)} for _ in range(4)]
+    recipe = {"prune": {"spec": "unstructured:0.5", "allocate": "global", "min_size": 16}}
+    chosen = []
+    for scale in (1.0, 3e17):
+        cal = [{"x": (scale * s["x"]).astype(np.float32)} for s in base]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _, report = ms.compress_with_report(model, recipe, calibration=cal)
+        chosen.append({k: v["chosen"] for k, v in report.allocation.items()})
+        assert all(max(v["error"]) > 0 for v in report.allocation.values())
+    assert chosen[0] == chosen[1]
