@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import traceback
@@ -384,9 +385,30 @@ def _recipe_from_args(args):
     return Recipe(out, target)
 
 
+def _identity(path: Path):
+    """What tells one package at `path` from another (its folder's inode and time), or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _cmd_compress(args) -> int:
     """Flags -> `CompressOptions` (and `VerifyOptions` with --verify), checked before any
-    work; then the run."""
+    work; then the run. An interrupt after the output was moved into place says so (the
+    package is complete: the move is atomic)."""
+    dst = Path(args.output)
+    before = _identity(dst)
+    try:
+        return _compress(args)
+    except (KeyboardInterrupt, _Terminated) as e:
+        if _identity(dst) not in (None, before):
+            e.written = dst
+        raise
+
+
+def _compress(args) -> int:
     import dataclasses
 
     import milsparse as ms
@@ -597,6 +619,11 @@ def _terminate_cleanly():
             signal.signal(signum, handler)
 
 
+def _written_note(e: BaseException) -> str:
+    written = getattr(e, "written", None)
+    return "" if written is None else f" after {written} was written (it is complete)"
+
+
 def _report(message: str, debug: bool, code: int) -> int:
     """One line on stderr; with --debug the traceback first. The exit code does not change."""
     if debug:
@@ -620,11 +647,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except MilsparseError as e:
             return _report(f"milsparse: error: {e}", args.debug, EXIT_USAGE)
-        except KeyboardInterrupt:
-            print("milsparse: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as e:
+            print(f"milsparse: interrupted{_written_note(e)}", file=sys.stderr)
             return 130
         except _Terminated as e:
-            print(f"milsparse: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
+            name = signal.Signals(e.signum).name
+            print(f"milsparse: terminated by {name}{_written_note(e)}", file=sys.stderr)
             return 128 + e.signum
         except Exception as e:  # an internal failure: one line, the traceback with --debug
             return _report(

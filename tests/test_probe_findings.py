@@ -572,3 +572,31 @@ def test_4_multifunction_output_bytes_do_not_depend_on_the_hash_seed(tmp_path):
         assert done.returncode == 0, done.stderr
         digests.append(tree_digest(out))
     assert digests[0] == digests[1] == digests[2]
+
+
+def test_an_interrupt_after_the_output_is_in_place_says_it_is_complete(
+    save_program, tmp_path, monkeypatch, capsys
+):
+    """Minor finding: an interrupt after the final rename reported only "interrupted" (130),
+    so a complete output looked lost. It still exits 130, and says the output is complete;
+    an interrupt before the move says nothing was written."""
+    from milsparse import report as report_module
+
+    model = save_program(programs.mlp(sizes=(64, 128, 10), dtype=np.float16))
+    out = tmp_path / "out.mlpackage"
+    args = ["compress", str(model), "-o", str(out), "--prune", "2:4", "--min-size", "16"]
+    capsys.readouterr()
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("milsparse.api.run_compress", interrupt)
+        assert main(args) == 130
+    assert capsys.readouterr().err.strip() == "milsparse: interrupted" and not out.exists()
+    with monkeypatch.context() as m:  # the report is printed after the move
+        m.setattr(report_module.CompressReport, "__str__", interrupt)
+        assert main(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"milsparse: interrupted after {out} was written (it is complete)"
+    assert ms.inspect_model(out).totals()["weights"] == 4
