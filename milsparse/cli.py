@@ -43,11 +43,53 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    _add_compress(sub)
+    _add_verify(sub)
+    _add_inspect(sub)
+    _add_passes(sub)
+    return parser
+
+
+def _add_compress(sub) -> None:
     comp = sub.add_parser("compress", help="compress a saved .mlpackage into a new one")
     comp.add_argument("input", help="input .mlpackage (never modified)")
     comp.add_argument(
         "-o", "--output", required=True, help="output .mlpackage (written atomically)"
     )
+    _step_flags(comp)
+    _data_aware_flags(comp)
+    _palettize_and_quantize_flags(comp)
+    _selection_flags(comp)
+    comp.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    comp.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="weights compressed at once, in threads (default: all cores; the output's bytes "
+        "do not depend on it)",
+    )
+    comp.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars on stderr (default: only when stderr is a terminal)",
+    )
+    comp.add_argument("--json", action="store_true", help="print the report as JSON")
+    comp.add_argument(
+        "--verify",
+        action="store_true",
+        help="verify the result against the input first; write nothing if it fails (exit 1)",
+    )
+    comp.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="with --verify: write the output even if verification fails (still exit 1)",
+    )
+    _verify_options(comp)
+
+
+def _step_flags(comp) -> None:
+    """The step flags, run in the order given."""
     steps = comp.add_argument_group(
         "steps", "one or more, run in the order given on the command line (or --recipe)"
     )
@@ -71,6 +113,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="linear quantization: int8 | uint8 | int4 | uint4 (or a spec: int4@b32:affine)",
     )
     steps.add_argument("--recipe", metavar="YAML", help="a recipe file (see docs/recipes.md)")
+
+
+def _data_aware_flags(comp) -> None:
     data = comp.add_argument_group("data-aware pruning")
     data.add_argument(
         "--criterion",
@@ -106,6 +151,9 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="D",
         help="sparsegpt: fraction of the Hessian's mean diagonal added to it (default 0.01)",
     )
+
+
+def _palettize_and_quantize_flags(comp) -> None:
     lut = comp.add_argument_group("palettize options")
     lut.add_argument("--lut-mode", choices=["kmeans", "uniform"], help="default kmeans")
     lut.add_argument(
@@ -135,6 +183,10 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="B",
         help="input channels per block with --quant-granularity block (default 32; iOS18)",
     )
+
+
+def _selection_flags(comp) -> None:
+    """Which weights every step touches, the target, and the magnitude options."""
     comp.add_argument(
         "--target",
         metavar="NAME",
@@ -165,27 +217,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="unstructured: rank the whole tensor, or each output channel on its own "
         "(for convs with batchnorm folded in)",
     )
-    comp.add_argument("--force", action="store_true", help="overwrite the output if it exists")
-    comp.add_argument(
-        "--jobs",
-        type=int,
-        metavar="N",
-        help="weights compressed at once, in threads (default: all cores; the output's bytes "
-        "do not depend on it)",
-    )
-    comp.add_argument("--json", action="store_true", help="print the report as JSON")
-    comp.add_argument(
-        "--verify",
-        action="store_true",
-        help="verify the result against the input first; write nothing if it fails (exit 1)",
-    )
-    comp.add_argument(
-        "--keep-failed",
-        action="store_true",
-        help="with --verify: write the output even if verification fails (still exit 1)",
-    )
-    _verify_options(comp)
 
+
+def _add_verify(sub) -> None:
     ver = sub.add_parser("verify", help="compare a compressed model's outputs with the reference's")
     ver.add_argument("reference", help="the dense .mlpackage")
     ver.add_argument("candidate", help="the compressed .mlpackage")
@@ -196,10 +230,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _verify_options(ver)
 
+
+def _add_inspect(sub) -> None:
     insp = sub.add_parser("inspect", help="list a model's weights: format, sparsity, bytes")
     insp.add_argument("model", help=".mlpackage")
     insp.add_argument("--json", action="store_true", help="print JSON")
 
+
+def _add_passes(sub) -> None:
     lst = sub.add_parser("passes", help="list milsparse passes and their ordering declarations")
     lst.add_argument("--json", action="store_true", help="print JSON")
     lst.add_argument(
@@ -209,7 +247,6 @@ def _build_parser() -> argparse.ArgumentParser:
     lst.add_argument(
         "--dot", action="store_true", help="with --recipe: print the chain as a Graphviz graph"
     )
-    return parser
 
 
 _VERIFY_OPTIONS = ("inputs", "samples", "seed", "min_snr", "min_cosine", "max_mismatch")
@@ -438,6 +475,7 @@ def _compress(args) -> int:
         calibration=args.calibration,
         plot=args.plot,
         jobs=args.jobs,
+        progress=args.progress,
         spelling=opts.CLI,
     )
     verdict = None
