@@ -170,7 +170,7 @@ def _obs_scores(w: np.ndarray, d: np.ndarray) -> np.ndarray:
 def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.01):
     """(keep mask, new weight in its dtype, note or None): SparseGPT's pruning of `weight`
     (see the module docstring); the note says when `X^T X` is singular (the update then leans
-    on the dampening, and more of it may serve better)."""
+    on the dampening)."""
     if stats.xtx is None:
         raise ValueError("sparsegpt needs X^T X statistics")
     stack, unstack = _matrices(weight, stats, axes)  # a copy: scaled and updated in place
@@ -178,95 +178,120 @@ def sparsegpt(weight, spec, axis, stats: LayerStats, axes, dampening: float = 0.
     stack *= scale
     groups, rows, k = stack.shape
     few_rows = stats.rows < k
-    is_singular, factors = False, []
-    for g in range(groups):  # consumes the statistics' X^T X: one K x K array per group
-        h = _hessian_in_place(stats, g)
-        is_singular = is_singular or few_rows or singular(h)
-        factors.append(_inverse_factor_in_place(h, dampening))
-    stats.xtx = None
+    factors, is_singular = _inverse_factors(stats, groups, dampening, few_rows)
     adaptive_nm = spec.pattern == "n:m" and stats.columns.kind != "conv" and axis == axes[0]
-    adaptive = spec.pattern == "magnitude" or adaptive_nm
-    fixed_keep = None
-    if not adaptive:  # one mask up front from the OBS scores of the original weight
+    fixed_stack = None
+    if not (spec.pattern == "magnitude" or adaptive_nm):
+        # one mask up front from the OBS scores of the original weight
         d = np.stack([np.diag(u) for u in factors])  # [G, K]
-        scores_stack = _obs_scores(stack, d[:, None, :])
-        scores = unstack(scores_stack).astype(np.float32)
+        scores = unstack(_obs_scores(stack, d[:, None, :])).astype(np.float32)
         fixed_keep = _pattern_mask(weight, spec, axis, scores, axes[1])
-        fixed_stack, _ = _matrices(fixed_keep.astype(np.float64), stats, axes)
-        fixed_stack = fixed_stack != 0
+        fixed_stack = _matrices(fixed_keep.astype(np.float64), stats, axes)[0] != 0
     per_row = spec.pattern == "magnitude" and spec.scope == "channel"
     done = 0  # elements already passed, for exact cumulative counts
-    row_done = 0
     keep_stack = np.ones(stack.shape, bool)
     for g in range(groups):
-        w = stack[g]
-        u = factors[g]
+        w, u = stack[g], factors[g]
+        row_done = 0
         for start in range(0, k, LAZY_BLOCK):
             end = min(start + LAZY_BLOCK, k)
-            w1 = w[:, start:end].copy()
-            u1 = u[start:end, start:end]
+            w1, u1 = w[:, start:end].copy(), u[start:end, start:end]
             d1 = np.diag(u1)
-            keep1 = np.ones(w1.shape, bool)
             if spec.pattern == "magnitude":
-                score = _obs_scores(w1, d1[None, :])
-                if per_row:
-                    width = end - start
-                    before = masks.round_half_up(spec.sparsity * row_done)
-                    after = masks.round_half_up(spec.sparsity * (row_done + width))
-                    count = after - before
-                    if count:
-                        order = np.argsort(score, axis=1, kind="stable")[:, :count]
-                        np.put_along_axis(keep1, order, False, axis=1)
-                else:
-                    before = masks.round_half_up(spec.sparsity * done)
-                    after = masks.round_half_up(spec.sparsity * (done + w1.size))
-                    count = after - before
-                    if count:
-                        lowest = masks.select_lowest(score.ravel(), count)
-                        keep1 &= ~lowest.reshape(w1.shape)
-            elif fixed_keep is not None:
+                keep1 = _magnitude_block_mask(
+                    _obs_scores(w1, d1[None, :]), spec.sparsity, per_row,
+                    row_done if per_row else done,
+                )  # fmt: skip
+            elif fixed_stack is not None:
                 keep1 = fixed_stack[g][:, start:end].copy()
-            err = np.zeros_like(w1)
-            for i in range(end - start):
-                if adaptive_nm and (start + i) % spec.m == 0:
-                    width = min(spec.m, end - start - i)
-                    score = _obs_scores(w1[:, i : i + width], d1[i : i + width][None, :])
-                    zeros = masks.round_half_up(spec.n * width / spec.m)
-                    if zeros:
-                        order = np.argsort(score, axis=1, kind="stable")[:, :zeros]
-                        part = np.ones(score.shape, bool)
-                        np.put_along_axis(part, order, False, axis=1)
-                        keep1[:, i : i + width] = part
-                column = w1[:, i]
-                q = np.where(keep1[:, i], column, 0.0)
-                e = (column - q) / u1[i, i]
-                w1[:, i:] -= np.outer(e, u1[i, i:])
-                w1[:, i] = q
-                err[:, i] = e
+            else:
+                keep1 = np.ones(w1.shape, bool)
+            err = _obs_sweep(w1, u1, d1, keep1, spec if adaptive_nm else None, start)
             w[:, start:end] = w1
             w[:, end:] -= err @ u[start:end, end:]
             keep_stack[g][:, start:end] = keep1
             done += w1.size
             row_done += end - start
-        if per_row:
-            row_done = 0
     stack /= scale
+    keep, new = _pruned_values(weight, stack, keep_stack, unstack)
+    return keep, new, _singular_note(stats.rows, k, dampening) if is_singular else None
+
+
+def _inverse_factors(stats: LayerStats, groups: int, dampening: float, known_singular: bool):
+    """(each group's upper Cholesky factor of the dampened `H^-1`, whether any `H` is
+    singular: `known_singular`, else tested); consumes the statistics' X^T X, one K x K array
+    per group at a time."""
+    is_singular, factors = known_singular, []
+    for g in range(groups):
+        h = _hessian_in_place(stats, g)
+        is_singular = is_singular or singular(h)
+        factors.append(_inverse_factor_in_place(h, dampening))
+    stats.xtx = None
+    return factors, is_singular
+
+
+def _magnitude_block_mask(score, sparsity: float, per_row: bool, passed: int) -> np.ndarray:
+    """The keep mask of one lazy block of columns for unstructured pruning, by OBS score:
+    the zeros that bring the cumulative count, over the `passed` elements (of each row, with
+    `per_row`) before this block and the block's own, to round(sparsity * count)."""
+    keep = np.ones(score.shape, bool)
+    width = score.shape[1] if per_row else score.size
+    count = masks.round_half_up(sparsity * (passed + width)) - masks.round_half_up(
+        sparsity * passed
+    )
+    if not count:
+        return keep
+    if per_row:
+        order = np.argsort(score, axis=1, kind="stable")[:, :count]
+        np.put_along_axis(keep, order, False, axis=1)
+    else:
+        keep &= ~masks.select_lowest(score.ravel(), count).reshape(score.shape)
+    return keep
+
+
+def _obs_sweep(w1, u1, d1, keep1, nm_spec, offset: int) -> np.ndarray:
+    """One lazy block's column-by-column OBS update, in place: each column is pruned to
+    `keep1` and its error spread over the columns after it; returns the block's errors (for
+    the update of the columns past the block). With `nm_spec`, each group of m columns picks
+    its n zeros per row by OBS score as the sweep reaches it (into `keep1`; the groups start
+    every m columns of the whole weight, the block's first column being column `offset`)."""
+    err = np.zeros_like(w1)
+    for i in range(w1.shape[1]):
+        if nm_spec is not None and (offset + i) % nm_spec.m == 0:
+            width = min(nm_spec.m, w1.shape[1] - i)
+            score = _obs_scores(w1[:, i : i + width], d1[i : i + width][None, :])
+            zeros = masks.round_half_up(nm_spec.n * width / nm_spec.m)
+            if zeros:
+                order = np.argsort(score, axis=1, kind="stable")[:, :zeros]
+                part = np.ones(score.shape, bool)
+                np.put_along_axis(part, order, False, axis=1)
+                keep1[:, i : i + width] = part
+        column = w1[:, i]
+        q = np.where(keep1[:, i], column, 0.0)
+        e = (column - q) / u1[i, i]
+        w1[:, i:] -= np.outer(e, u1[i, i:])
+        w1[:, i] = q
+        err[:, i] = e
+    return err
+
+
+def _pruned_values(weight, stack, keep_stack, unstack):
+    """(keep mask, new weight in the weight's dtype) from the updated stack. A kept weight
+    that rounds to zero in the weight's dtype would be pruned by rounding: to keep the
+    pattern's count exact it stores the smallest nonzero of its sign instead."""
     keep = unstack(keep_stack.astype(np.uint8)).astype(bool)
     new = unstack(np.where(keep_stack, stack, 0.0)).astype(weight.dtype)
-    # a kept weight that rounds to zero in the weight's dtype is pruned by rounding: keep the
-    # pattern's count exact by storing the smallest nonzero of its sign instead
     tiny = keep & (new == 0)
     if tiny.any():
         smallest = np.finfo(weight.dtype).smallest_subnormal
         new[tiny] = np.where(unstack(stack)[tiny] < 0, -smallest, smallest).astype(weight.dtype)
-    note = None
-    if is_singular:
-        # Short, and true for the usual case: a layer reading a normalised input (a LayerNorm
-        # output has zero mean over its features, so its columns are dependent by construction)
-        # is singular whatever the samples; the dampening keeps the update well defined.
-        note = (
-            f"X^T X singular: {stats.rows} activation rows for {k} inputs (more samples help)"
-            if few_rows
-            else f"X^T X singular: dependent inputs (dampening {dampening:g} handles it)"
-        )
-    return keep, new, note
+    return keep, new
+
+
+def _singular_note(rows: int, k: int, dampening: float) -> str:
+    """Short, and true for the usual case: a layer reading a normalised input (a LayerNorm
+    output has zero mean over its features, so its columns are dependent by construction) is
+    singular whatever the samples; the dampening keeps the update well defined."""
+    if rows < k:
+        return f"X^T X singular: {rows} activation rows for {k} inputs (more samples help)"
+    return f"X^T X singular: dependent inputs (dampening {dampening:g} handles it)"
