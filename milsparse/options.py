@@ -94,7 +94,7 @@ class CompressOptions:
     calibration: Any = None  # samples, or an .npz path
     plot: Path | None = None
     jobs: int = 1
-    progress: bool | None = None  # bars: None only on a terminal (milsparse.progress)
+    progress: bool | None = None  # bars: None only on a terminal (milsparse.ir.progress)
 
     @classmethod
     def build(

@@ -26,8 +26,9 @@ from pathlib import Path
 import coremltools as ct
 from coremltools.converters.mil.frontend.milproto import load as milproto
 
-from milsparse import ct_hooks, progress, staging
+from milsparse import ct_hooks, staging
 from milsparse.errors import UnsupportedModelError
+from milsparse.ir import progress
 from milsparse.passes.program_edits import order_functions, share_identical_consts
 
 __all__ = [
@@ -139,7 +140,7 @@ def _display_name(mlmodel, package) -> str:
 
 def load_program(mlmodel: ct.models.MLModel, show_progress: bool | None = None):
     """A fresh pymil Program read from the model's spec and the package's weight file; a bar
-    counts the ops built (`show_progress`: see `milsparse.progress`)."""
+    counts the ops built (`show_progress`: see `milsparse.ir.progress`)."""
     spec = mlmodel.get_spec()
     weights_dir = mlmodel.weights_dir or ""
     package = getattr(mlmodel, "package_path", None)
@@ -235,7 +236,7 @@ def write_package(
 ) -> None:
     """Serialise `prog` as an .mlpackage at `package` (which must not exist), described as
     `source` is (None: as the program's own inputs and outputs say); a bar counts the weight
-    bytes written (`show_progress`: see `milsparse.progress`).
+    bytes written (`show_progress`: see `milsparse.ir.progress`).
 
     coremltools' MIL backend writes the weight file straight into the package's weights folder
     and returns the spec; the package around them is assembled here rather than by ModelPackage,

@@ -37,12 +37,11 @@ from milsparse.ir import formats
 from milsparse.ir.chain import Form, WeightChain, weight_chain
 from milsparse.ir.errors import ConfigError, UnsupportedModelError
 from milsparse.ir.graph import Use, uses_of, walk_ops
+from milsparse.ir.progress import bar as progress_bar
 from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import spilling
 from milsparse.passes.decisions import NOT_A_WEIGHT, WeightDecision
 from milsparse.passes.run_context import RunContext, sink_for
-
-from milsparse.progress import bar as progress_bar
 
 __all__ = [
     "WEIGHT_OPERANDS",

@@ -41,6 +41,7 @@ from milsparse.ir.chain import Form, bits_of
 from milsparse.ir.cursor import Cursor
 from milsparse.ir.errors import ConfigError
 from milsparse.ir.graph import Use
+from milsparse.ir.progress import bar as progress_bar
 from milsparse.passes import catalog, data_aware
 from milsparse.passes._match import MatchResult
 from milsparse.passes._rewrite import named_const, replace_op
@@ -55,8 +56,6 @@ from milsparse.passes._weight_pass import (
 from milsparse.passes.decisions import WeightDecision
 from milsparse.passes.prune_config import PruneConfig, PruneSpec, parse_prune_config
 from milsparse.passes.registry import graph_pass
-
-from milsparse.progress import bar as progress_bar
 
 __all__ = ["PruneWeights", "WEIGHT_OPERANDS", "channel_axes"]
 

@@ -52,7 +52,7 @@ class RunContext:
         column's activation energy. `jobs`: weights compressed at once in worker threads. `spill`:
         an `ir.blobs.Spill` the new values are written to (the program maps them), or None to keep
         them in memory. `sink`: where the passes leave their reports. `progress`: whether the passes
-    show progress bars (None: only on a terminal; see `milsparse.progress`)."""
+    show progress bars (None: only on a terminal; see `milsparse.ir.progress`)."""
 
     calibration: list[dict] | None = None
     jobs: int = 1
