@@ -9,77 +9,71 @@ weight names).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import Operation, Var
 from milsparse.ir.blobs import release_pages
 
-__all__ = ["replace_op", "named_const", "spilling", "deferring"]
-
-# Where new values go while passes run on a saved model (None: they stay in memory).
-_SPILL: contextvars.ContextVar = contextvars.ContextVar("milsparse_spill", default=None)
+__all__ = ["Site", "Rewrites", "replace_op"]
 
 
-# Rewrites recorded instead of done (a worker thread's; see `deferring`).
-_DEFERRED: contextvars.ContextVar = contextvars.ContextVar("milsparse_deferred", default=None)
+@dataclass(frozen=True)
+class Site:
+    """Where a replacement is built: right before `op`. `spill` (an `milsparse.ir.blobs.Spill`,
+    or None to keep values in memory) takes every large new value, and the const maps it."""
+
+    op: Operation
+    spill: object | None = None
+
+    def const(self, val: np.ndarray, name: str) -> Var:
+        """A `const` with a fixed name (names keep outputs deterministic) before `op`."""
+        if self.spill is not None:
+            val = self.spill.put(val)
+        return mb.const(val=val, name=name, before_op=self.op)
 
 
-@contextlib.contextmanager
-def deferring():
-    """Within the block, `replace_op` records `(op, build)` in the yielded
-    list instead of rewriting: a pass computes a weight's replacement in a worker thread, and
-    the main thread applies the recorded rewrites in program order (so the program, and the
-    bytes written, do not depend on which thread finished first)."""
-    recorded: list = []
-    token = _DEFERRED.set(recorded)
-    try:
-        yield recorded
-    finally:
-        _DEFERRED.reset(token)
+class Rewrites:
+    """The rewrites a pass asks for while it compresses one weight, recorded, not yet done.
+
+    A pass's `compress` may run in a worker thread, where nothing may touch the program: it
+    records `replace(op, build)`, and the walk, on the calling thread and in program order,
+    `apply`s them (so the program, and the bytes written, do not depend on which thread
+    finished first)."""
+
+    def __init__(self) -> None:
+        self._recorded: list[tuple[Operation, Callable[[Site, str], Var]]] = []
+
+    def replace(self, op: Operation, build: Callable[[Site, str], Var]) -> None:
+        """Record that `op` is to be replaced by what `build(site, tmp_name)` constructs."""
+        self._recorded.append((op, build))
+
+    def apply(self, spill=None) -> None:
+        """Do the recorded rewrites, in the order recorded, new values into `spill`."""
+        recorded, self._recorded = self._recorded, []
+        for op, build in recorded:
+            replace_op(op, build, spill)
+
+    def __len__(self) -> int:
+        return len(self._recorded)
 
 
-@contextlib.contextmanager
-def spilling(spill):
-    """Within the block, `named_const` puts every large value into `spill` (an
-    `milsparse.ir.blobs.Spill`) and the const holds a read-only map of it; None changes nothing.
-    """
-    token = _SPILL.set(spill)
-    try:
-        yield
-    finally:
-        _SPILL.reset(token)
-
-
-def named_const(val: np.ndarray, name: str, before_op: Operation) -> Var:
-    """A `const` with a fixed name placed before `before_op` (names keep outputs deterministic).
-    Inside `spilling(spill)`, a large value is written to the spill file and mapped."""
-    spill = _SPILL.get()
-    if spill is not None:
-        val = spill.put(val)
-    return mb.const(val=val, name=name, before_op=before_op)
-
-
-def replace_op(op: Operation, build: Callable[[Operation, str], Var]) -> Var:
+def replace_op(op: Operation, build: Callable[[Site, str], Var], spill=None) -> Var:
     """Replace the single-output op `op` (a const or a constexpr op) by whatever
-    `build(op, tmp_name)` constructs before it.
+    `build(site, tmp_name)` constructs before it.
 
-    `build` receives the anchor op and a temporary name for its root op; it must create every op
-    with `before_op=op`. The consts that only `op` read are removed with it. Returns the new
-    var, renamed to the old op's name; None when recorded inside `deferring()`.
+    `build` receives the `Site` (the anchor op, and `site.const` for new consts, their large
+    values into `spill`) and a temporary name for its root op; it must create every op with
+    `before_op=site.op`. The consts that only `op` read are removed with it. Returns the new
+    var, renamed to the old op's name.
     """
-    recorded = _DEFERRED.get()
-    if recorded is not None:
-        recorded.append((op, build))
-        return None
     block = op.enclosing_block
     old_var = op.outputs[-1]
     name = op.name
     with block:
-        new_var = build(op, f"{name}__milsparse_tmp")
+        new_var = build(Site(op, spill), f"{name}__milsparse_tmp")
     block.replace_uses_of_var_after_op(
         anchor_op=op, old_var=old_var, new_var=new_var, force_replace=True
     )

@@ -32,14 +32,15 @@ from typing import Any
 
 import numpy as np
 from coremltools.converters.mil._deployment_compatibility import AvailableTarget
+from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
-from milsparse.ir import formats
+from milsparse.ir import formats, masks
 from milsparse.ir.chain import Form, WeightChain, weight_chain
 from milsparse.ir.errors import ConfigError, UnsupportedModelError
 from milsparse.ir.graph import Use, uses_of, walk_ops
 from milsparse.ir.progress import bar as progress_bar
 from milsparse.passes._match import MatchResult
-from milsparse.passes._rewrite import spilling
+from milsparse.passes._rewrite import Rewrites
 from milsparse.passes.decisions import NOT_A_WEIGHT, WeightDecision
 from milsparse.passes.run_context import RunContext, sink_for
 
@@ -60,6 +61,7 @@ WEIGHT_OPERANDS = {
     "matmul": ("x", "y"),
 }
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+_FLOAT_TYPES = (types.fp16, types.fp32)
 
 
 def channel_axes(use: Use, rank: int) -> tuple[int, int]:
@@ -97,6 +99,20 @@ class Candidate:
     def weight(self) -> np.ndarray:
         """The dense weight's values (a const's own array)."""
         return self.op.outputs[0].val
+
+    def finite(self) -> bool:
+        """Whether the weight's stored float values (a const's array; a chain's nonzero values,
+        tables, scales and offsets) are all finite. Decoding cannot add inf or nan for a pass
+        to fit to: a refitted weight is dense or sparse (its values are stored as they are),
+        and a pruned chain keeps its codes, decoding to what it decoded to before."""
+        if self.chain.form is Form.DENSE:
+            return masks.all_finite(self.weight)
+        return all(
+            masks.all_finite(var.val)
+            for op in self.chain.ops
+            for var in op.inputs.values()
+            if var.op is not None and var.op.op_type == "const" and var.dtype in _FLOAT_TYPES
+        )
 
 
 def consumers(uses) -> tuple[str, ...]:
@@ -169,6 +185,8 @@ def dense_decision(op, reason: str, cand: Candidate | None = None) -> WeightDeci
     )
 
 
+NON_FINITE = "non-finite values (inf or nan)"  # the reason such a weight stays dense
+
 # Dense bytes of the weights a parallel run has in flight at most (one larger weight goes alone).
 IN_FLIGHT_BYTES = 512 << 20
 
@@ -205,17 +223,14 @@ class WeightPass(AbstractGraphPass):
 
     def _compress_in_parallel(self, pending, context, jobs, decisions, progress) -> None:
         """`compress` of the candidates in `pending` (last = next) in `jobs` threads, at most
-        2 x jobs in flight. Workers record their rewrites (`deferring`); this thread applies
+        2 x jobs in flight. Workers record their rewrites (`Rewrites`); this thread applies
         them in program order, so the program and its bytes are those of a serial run."""
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        from milsparse.passes._rewrite import deferring, replace_op
-
         def work(cand):
-            with deferring() as rewrites:
-                decision = self.compress(cand, context)
-            return decision, rewrites
+            rewrites = Rewrites()
+            return self._compress_finite(cand, context, rewrites), rewrites
 
         window: deque = deque()
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="milsparse") as pool:
@@ -232,8 +247,7 @@ class WeightPass(AbstractGraphPass):
                         del cand
                     position, future, _ = window.popleft()
                     decision, rewrites = future.result()
-                    for op, build in rewrites:
-                        replace_op(op, build)
+                    rewrites.apply(self.context.spill)
                     decisions.append((position, decision))
                     progress.update(1)
             finally:
@@ -269,8 +283,21 @@ class WeightPass(AbstractGraphPass):
         the axis the pass works along (None if it has none)."""
         return MatchResult.ok(None)
 
-    def compress(self, cand: Candidate, context) -> WeightDecision:
-        """Match the weight's values, emit its replacement, return the decision."""
+    def _compress_finite(self, cand: Candidate, ios18: bool, rewrites: Rewrites):
+        """`compress`, for a weight whose values are finite: one rule for every pass, a weight
+        holding inf or nan stays dense (no pattern, table or scale can be fitted to it)."""
+        if not cand.finite():
+            return dense_decision(cand.op, NON_FINITE, cand)
+        return self.compress(cand, ios18, rewrites)
+
+    def compress(self, cand: Candidate, ios18: bool, rewrites: Rewrites) -> WeightDecision:
+        """Match the weight's values, record its replacement in `rewrites`, return the
+        decision. `ios18`: whether the function takes the iOS18 forms (`check_function`).
+
+        It may run in a worker thread, beside other weights' calls: it builds no MIL (the
+        walk applies `rewrites` on the calling thread, in program order), writes nothing to
+        `self` that a concurrent call reads (a multifunction walk, serial, may share a cache),
+        and reads the program only through `cand`."""
         raise NotImplementedError
 
     # -- the config, as ct.PassPipeline.set_options hands it over -------------------------------
@@ -284,10 +311,6 @@ class WeightPass(AbstractGraphPass):
 
     # -- the walk ----------------------------------------------------------------------------
     def apply(self, prog) -> None:
-        with spilling(self.context.spill):
-            self._apply(prog)
-
-    def _apply(self, prog) -> None:
         if self._config is None:
             raise ConfigError(
                 f"{self.pass_name} has no config: pipeline.set_options('{self.pass_name}', "
@@ -330,7 +353,9 @@ class WeightPass(AbstractGraphPass):
                     self._compress_in_parallel(pending, context, jobs, decisions, progress)
                 while pending:
                     position, cand = pending.pop()
-                    decisions.append((position, self.compress(cand, context)))
+                    rewrites = Rewrites()
+                    decisions.append((position, self._compress_finite(cand, context, rewrites)))
+                    rewrites.apply(self.context.spill)
                     del cand
                     progress.update(1)
             # Report in program order, whatever order the two phases produced the rows in.

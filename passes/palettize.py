@@ -37,13 +37,13 @@ from __future__ import annotations
 import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-from milsparse.ir import formats, lut, masks
+from milsparse.ir import formats, lut
 from milsparse.ir.bits import pack_bits
 from milsparse.ir.chain import Form
 from milsparse.ir.graph import Use
 from milsparse.passes import catalog
 from milsparse.passes._match import MatchResult
-from milsparse.passes._rewrite import named_const, replace_op
+from milsparse.passes._rewrite import Rewrites
 from milsparse.passes._weight_pass import (
     Candidate,
     WeightPass,
@@ -107,7 +107,7 @@ class PalettizeWeights(WeightPass):
                 )
         return MatchResult.ok(axis)
 
-    def compress(self, cand: Candidate, ios18: bool) -> WeightDecision:
+    def compress(self, cand: Candidate, ios18: bool, rewrites: Rewrites) -> WeightDecision:
         op, spec = cand.op, cand.spec
         if not ios18 and not spec.ios16_compatible:
             return dense_decision(
@@ -116,10 +116,8 @@ class PalettizeWeights(WeightPass):
                 cand,
             )  # fmt: skip
         if cand.chain.form is Form.SPARSE:
-            return self._compress_sparse(cand)
+            return self._compress_sparse(cand, rewrites)
         weight = cand.weight
-        if not masks.all_finite(weight):
-            return dense_decision(op, "non-finite values (inf or nan)", cand)
         layout = _Layout(weight.shape, cand.axis, spec)
         importance = self.importance(cand, weight.shape)
         weights = None if importance is None else layout.vectors(importance)
@@ -144,7 +142,7 @@ class PalettizeWeights(WeightPass):
                 op, f"palettized form would be larger: {stored} >= {dense} bytes", cand
             )
         decoded_zeros = layout.decoded_zeros(tables, indices)
-        replace_op(op, _builder(op.name, tables, indices, spec, layout, ios18))
+        rewrites.replace(op, _builder(op.name, tables, indices, spec, layout, ios18))
         return compressed_decision(
             cand,
             shape=weight.shape,
@@ -155,7 +153,7 @@ class PalettizeWeights(WeightPass):
             stored_bytes=stored,
         )
 
-    def _compress_sparse(self, cand: Candidate) -> WeightDecision:
+    def _compress_sparse(self, cand: Candidate, rewrites: Rewrites) -> WeightDecision:
         """A sparse weight's nonzeros palettized: the joint iOS18 form, the mask kept as it is,
         the tables fitted on the nonzeros only (no entry is spent on zero). With vectors, the
         mask must keep or drop each vector of cluster_dim output channels whole (block pruning
@@ -163,8 +161,6 @@ class PalettizeWeights(WeightPass):
         root, spec, chain = cand.op, cand.spec, cand.chain
         nonzero = np.asarray(root.nonzero_data.val)
         mask = np.asarray(root.mask.val).view(np.uint8)
-        if not masks.all_finite(nonzero):
-            return dense_decision(root, "non-finite values (inf or nan)", cand)
         layout = _Layout(mask.shape, cand.axis, spec)
         if spec.cluster_dim > 1:
             vector_mask = layout.vectors(mask)
@@ -199,28 +195,27 @@ class PalettizeWeights(WeightPass):
         table_value = layout.lut_value(tables)
         name = root.name
 
-        def build(anchor, tmp_name):
+        def build(site, tmp_name):
             if spec.cluster_dim == 1:
                 bits = root.mask  # the same mask: the const is shared, not copied
             else:
-                bits = named_const(
-                    indices_mask.astype(np.uint8).view(types.np_uint1_dtype),
-                    f"{name}_indices_mask", anchor,
-                )  # fmt: skip
-            codes = named_const(
-                indices.astype(_INDEX_TYPES[spec.nbits]), f"{name}_indices_nonzero_data", anchor
+                bits = site.const(
+                    indices_mask.astype(np.uint8).view(types.np_uint1_dtype), f"{name}_indices_mask"
+                )
+            codes = site.const(
+                indices.astype(_INDEX_TYPES[spec.nbits]), f"{name}_indices_nonzero_data"
             )
-            table = named_const(table_value, f"{name}_lut", anchor)
+            table = site.const(table_value, f"{name}_lut")
             vector = {} if spec.cluster_dim == 1 else {"vector_axis": np.int32(cand.axis)}
             sparse_mask, values = mb.constexpr_lut_to_sparse(
                 indices_mask=bits, indices_nonzero_data=codes, lut=table, **vector,
-                name=f"{name}_lut_to_sparse", before_op=anchor,
+                name=f"{name}_lut_to_sparse", before_op=site.op,
             )  # fmt: skip
             return mb.constexpr_sparse_to_dense(
-                nonzero_data=values, mask=sparse_mask, name=tmp_name, before_op=anchor
+                nonzero_data=values, mask=sparse_mask, name=tmp_name, before_op=site.op
             )
 
-        replace_op(root, build)
+        rewrites.replace(root, build)
         return compressed_decision(
             cand,
             shape=chain.shape,
@@ -344,24 +339,24 @@ def _builder(name, tables, indices, spec: PalettizeSpec, layout: _Layout, ios18:
         lut_value = layout.lut_value(tables)
         vector = {} if spec.cluster_dim == 1 else {"vector_axis": np.int32(layout.axis)}
 
-        def build(anchor, tmp_name):
-            idx = named_const(indices.astype(_INDEX_TYPES[spec.nbits]), f"{name}_indices", anchor)
-            table = named_const(lut_value, f"{name}_lut", anchor)
+        def build(site, tmp_name):
+            idx = site.const(indices.astype(_INDEX_TYPES[spec.nbits]), f"{name}_indices")
+            table = site.const(lut_value, f"{name}_lut")
             return mb.constexpr_lut_to_dense(
-                indices=idx, lut=table, name=tmp_name, before_op=anchor, **vector
+                indices=idx, lut=table, name=tmp_name, before_op=site.op, **vector
             )
 
         return build
     packed = pack_bits(indices, spec.nbits)
     shape = np.asarray(indices.shape, dtype=np.uint32)
 
-    def build16(anchor, tmp_name):
+    def build16(site, tmp_name):
         return mb.constexpr_lut_to_dense(
-            lut=named_const(tables[0, :, 0], f"{name}_lut", anchor),
-            indices=named_const(packed, f"{name}_indices", anchor),
-            shape=named_const(shape, f"{name}_shape", anchor),
+            lut=site.const(tables[0, :, 0], f"{name}_lut"),
+            indices=site.const(packed, f"{name}_indices"),
+            shape=site.const(shape, f"{name}_shape"),
             name=tmp_name,
-            before_op=anchor,
+            before_op=site.op,
         )
 
     return build16

@@ -44,7 +44,7 @@ from milsparse.ir.graph import Use
 from milsparse.ir.progress import bar as progress_bar
 from milsparse.passes import catalog, data_aware
 from milsparse.passes._match import MatchResult
-from milsparse.passes._rewrite import named_const, replace_op
+from milsparse.passes._rewrite import Rewrites
 from milsparse.passes._weight_pass import (
     WEIGHT_OPERANDS,
     Candidate,
@@ -265,10 +265,7 @@ class PruneWeights(WeightPass):
     # -- values ------------------------------------------------------------------------------
     def _match_values(self, cand: Candidate, ios18: bool) -> MatchResult:
         """(encoded operands, note) of a dense weight, or the reason it stays dense."""
-        weight = cand.weight
-        if not masks.all_finite(weight):
-            return MatchResult.fail("non-finite values (inf or nan)")
-        keep, weight, note = self._mask_and_values(cand, weight)
+        keep, weight, note = self._mask_and_values(cand, cand.weight)
         if keep is None:
             return MatchResult.fail(note)
         # zeros are never stored, whatever the pattern kept (the encoder drops them)
@@ -303,9 +300,9 @@ class PruneWeights(WeightPass):
         return result
 
     # -- rewriting ---------------------------------------------------------------------------
-    def compress(self, cand: Candidate, ios18: bool) -> WeightDecision:
+    def compress(self, cand: Candidate, ios18: bool, rewrites: Rewrites) -> WeightDecision:
         if cand.chain.form is not Form.DENSE:
-            return self._compress_compressed(cand, ios18)
+            return self._compress_compressed(cand, ios18, rewrites)
         op = cand.op
         weight = cand.weight
         encoded, reason = self._encode(cand, ios18)
@@ -317,23 +314,23 @@ class PruneWeights(WeightPass):
         name = op.name
         if ios18:
 
-            def build(anchor, tmp_name):
-                nonzero = named_const(enc.nonzero_data, f"{name}_nonzero_data", anchor)
-                mask = named_const(enc.mask.view(types.np_uint1_dtype), f"{name}_mask", anchor)
+            def build(site, tmp_name):
+                nonzero = site.const(enc.nonzero_data, f"{name}_nonzero_data")
+                mask = site.const(enc.mask.view(types.np_uint1_dtype), f"{name}_mask")
                 return mb.constexpr_sparse_to_dense(
-                    nonzero_data=nonzero, mask=mask, name=tmp_name, before_op=anchor
+                    nonzero_data=nonzero, mask=mask, name=tmp_name, before_op=site.op
                 )
         else:
 
-            def build(anchor, tmp_name):
-                nonzero = named_const(enc.nonzero_data, f"{name}_nonzero_data", anchor)
-                mask = named_const(enc.mask, f"{name}_mask", anchor)
-                shape = named_const(enc.shape, f"{name}_shape", anchor)
+            def build(site, tmp_name):
+                nonzero = site.const(enc.nonzero_data, f"{name}_nonzero_data")
+                mask = site.const(enc.mask, f"{name}_mask")
+                shape = site.const(enc.shape, f"{name}_shape")
                 return mb.constexpr_sparse_to_dense(
-                    nonzero_data=nonzero, mask=mask, shape=shape, name=tmp_name, before_op=anchor
+                    nonzero_data=nonzero, mask=mask, shape=shape, name=tmp_name, before_op=site.op
                 )
 
-        replace_op(op, build)
+        rewrites.replace(op, build)
         return compressed_decision(
             cand,
             shape=weight.shape,
@@ -347,7 +344,9 @@ class PruneWeights(WeightPass):
         )
 
     # -- a palettized or quantized weight: the joint forms, nothing refitted -------------------
-    def _compress_compressed(self, cand: Candidate, ios18: bool) -> WeightDecision:
+    def _compress_compressed(
+        self, cand: Candidate, ios18: bool, rewrites: Rewrites
+    ) -> WeightDecision:
         """Prune a palettized (`constexpr_lut_to_dense`) or quantized
         (`constexpr_blockwise_shift_scale`) weight into the joint iOS18 form. The pattern is
         chosen on the decoded weight; the kept positions keep their own indices or quantized
@@ -357,8 +356,6 @@ class PruneWeights(WeightPass):
         if reason is not None:
             return dense_decision(root, reason, cand)
         decoded = chain.decode()
-        if not masks.all_finite(decoded):
-            return dense_decision(root, "non-finite values (inf or nan)", cand)
         if self._config.criterion == "sparsegpt":
             return dense_decision(
                 root, f"sparsegpt changes the kept values; a {chain.label} weight keeps its "
@@ -388,7 +385,7 @@ class PruneWeights(WeightPass):
                 cand,
             )  # fmt: skip
         kept_codes = codes[keep]  # row-major, as the mask reads them
-        replace_op(root, _joint_builder(root, keep, kept_codes, tables))
+        rewrites.replace(root, _joint_builder(root, keep, kept_codes, tables))
         return compressed_decision(
             cand,
             shape=chain.shape,
@@ -419,22 +416,22 @@ def _joint_builder(root, keep, kept_codes, tables):
     mask_value = keep.astype(np.uint8).view(types.np_uint1_dtype)
     table_values = [(n, np.asarray(v.val)) for n, v in tables]
 
-    def build(anchor, tmp_name):
-        mask = named_const(mask_value, f"{name}_data_mask", anchor)
-        codes = named_const(kept_codes, f"{name}_nonzero_codes", anchor)
-        consts = {n: named_const(v, f"{name}_{n}_kept", anchor) for n, v in table_values}
+    def build(site, tmp_name):
+        mask = site.const(mask_value, f"{name}_data_mask")
+        codes = site.const(kept_codes, f"{name}_nonzero_codes")
+        consts = {n: site.const(v, f"{name}_{n}_kept") for n, v in table_values}
         if root.op_type == "constexpr_lut_to_dense":
             sparse_mask, values = mb.constexpr_lut_to_sparse(
                 indices_mask=mask, indices_nonzero_data=codes, lut=consts["lut"],
-                name=f"{name}_lut_to_sparse", before_op=anchor,
+                name=f"{name}_lut_to_sparse", before_op=site.op,
             )  # fmt: skip
         else:
             sparse_mask, values = mb.constexpr_sparse_blockwise_shift_scale(
                 data_mask=mask, nonzero_data=codes, name=f"{name}_shift_scale",
-                before_op=anchor, **consts,
+                before_op=site.op, **consts,
             )  # fmt: skip
         return mb.constexpr_sparse_to_dense(
-            nonzero_data=values, mask=sparse_mask, name=tmp_name, before_op=anchor
+            nonzero_data=values, mask=sparse_mask, name=tmp_name, before_op=site.op
         )
 
     return build

@@ -31,12 +31,12 @@ from __future__ import annotations
 import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-from milsparse.ir import formats, masks
+from milsparse.ir import formats
 from milsparse.ir.chain import Form
 from milsparse.ir.graph import Use
 from milsparse.passes import catalog
 from milsparse.passes._match import MatchResult
-from milsparse.passes._rewrite import named_const, replace_op
+from milsparse.passes._rewrite import Rewrites
 from milsparse.passes._weight_pass import (
     Candidate,
     WeightPass,
@@ -305,7 +305,7 @@ class QuantizeWeights(WeightPass):
                 )
         return MatchResult.ok(axes)
 
-    def compress(self, cand: Candidate, ios18: bool) -> WeightDecision:
+    def compress(self, cand: Candidate, ios18: bool, rewrites: Rewrites) -> WeightDecision:
         op, spec, chain = cand.op, cand.spec, cand.chain
         sparse = chain.form is Form.SPARSE
         if not ios18 and (spec.nbits != 8 or spec.granularity == "per_block"):
@@ -315,8 +315,6 @@ class QuantizeWeights(WeightPass):
             )  # fmt: skip
         dtype = chain.np_dtype
         weight = cand.weight if not sparse else chain.decode().astype(dtype)
-        if not masks.all_finite(weight):
-            return dense_decision(op, "non-finite values (inf or nan)", cand)
         mask = np.asarray(op.mask.val).view(np.uint8) if sparse else None
         shape = _scale_shape(weight.shape, spec, cand.axis)
         importance = self.importance(cand, weight.shape)
@@ -341,7 +339,7 @@ class QuantizeWeights(WeightPass):
         # a sparse weight's sparsity is its mask's; a dense one's, the values that decode to 0
         sparsity = chain.sparsity if sparse else _zero_levels(q, offset, shape) / q.size
         build = _builder(op.name, q, scale, offset, spec, mask, ios18, cand.axis[1])
-        replace_op(op, build)
+        rewrites.replace(op, build)
         return compressed_decision(
             cand,
             shape=chain.shape,
@@ -376,48 +374,48 @@ def _builder(name, q, scale, offset, spec, mask, ios18, out_axis):
     storage = _STORAGE[spec.dtype]
     if mask is not None:
 
-        def build_sparse(anchor, tmp_name):
-            bits = named_const(mask.view(types.np_uint1_dtype), f"{name}_data_mask", anchor)
-            data = named_const(q[mask != 0].astype(storage), f"{name}_nonzero_quantized", anchor)
+        def build_sparse(site, tmp_name):
+            bits = site.const(mask.view(types.np_uint1_dtype), f"{name}_data_mask")
+            data = site.const(q[mask != 0].astype(storage), f"{name}_nonzero_quantized")
             extra = {} if offset is None else {
-                "offset": named_const(offset.astype(storage), f"{name}_offset", anchor)
+                "offset": site.const(offset.astype(storage), f"{name}_offset")
             }  # fmt: skip
             sparse_mask, values = mb.constexpr_sparse_blockwise_shift_scale(
                 data_mask=bits, nonzero_data=data,
-                scale=named_const(scale, f"{name}_scale", anchor),
-                name=f"{name}_shift_scale", before_op=anchor, **extra,
+                scale=site.const(scale, f"{name}_scale"),
+                name=f"{name}_shift_scale", before_op=site.op, **extra,
             )  # fmt: skip
             return mb.constexpr_sparse_to_dense(
-                nonzero_data=values, mask=sparse_mask, name=tmp_name, before_op=anchor
+                nonzero_data=values, mask=sparse_mask, name=tmp_name, before_op=site.op
             )
 
         return build_sparse
     if ios18:
 
-        def build(anchor, tmp_name):
+        def build(site, tmp_name):
             extra = {} if offset is None else {
-                "offset": named_const(offset.astype(storage), f"{name}_offset", anchor)
+                "offset": site.const(offset.astype(storage), f"{name}_offset")
             }  # fmt: skip
             return mb.constexpr_blockwise_shift_scale(
-                data=named_const(q.astype(storage), f"{name}_data", anchor),
-                scale=named_const(scale, f"{name}_scale", anchor),
-                name=tmp_name, before_op=anchor, **extra,
+                data=site.const(q.astype(storage), f"{name}_data"),
+                scale=site.const(scale, f"{name}_scale"),
+                name=tmp_name, before_op=site.op, **extra,
             )  # fmt: skip
 
         return build
     per_channel = scale.size > 1
     zero_point = np.zeros(scale.shape, np.int64) if offset is None else offset
 
-    def build16(anchor, tmp_name):
+    def build16(site, tmp_name):
         return mb.constexpr_affine_dequantize(
-            quantized_data=named_const(q.astype(storage), f"{name}_quantized_data", anchor),
+            quantized_data=site.const(q.astype(storage), f"{name}_quantized_data"),
             zero_point=(zero_point.ravel() if per_channel else zero_point.ravel()[0]).astype(
                 storage
             ),
             scale=scale.ravel() if per_channel else scale.ravel()[0],
             axis=out_axis if per_channel else 0,
             name=tmp_name,
-            before_op=anchor,
+            before_op=site.op,
         )
 
     return build16

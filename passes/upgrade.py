@@ -26,7 +26,7 @@ from coremltools.converters.mil.mil import types
 from milsparse.ir import formats
 from milsparse.ir.bits import unpack_bits
 from milsparse.ir.graph import walk_ops
-from milsparse.passes._rewrite import named_const, replace_op
+from milsparse.passes._rewrite import replace_op
 
 __all__ = ["upgrade_constexpr_ops", "UPGRADED_OPS"]
 
@@ -70,11 +70,11 @@ def _sparse(op):
     bits = formats.unpack_mask(op.mask.val, shape)
     nonzero = op.nonzero_data.val
 
-    def build(anchor, tmp_name):
-        data = named_const(nonzero, f"{name}_nonzero_data", anchor)
-        mask = named_const(bits.view(np.uint8).view(types.np_uint1_dtype), f"{name}_mask", anchor)
+    def build(site, tmp_name):
+        data = site.const(nonzero, f"{name}_nonzero_data")
+        mask = site.const(bits.view(np.uint8).view(types.np_uint1_dtype), f"{name}_mask")
         return mb.constexpr_sparse_to_dense(
-            nonzero_data=data, mask=mask, name=tmp_name, before_op=anchor
+            nonzero_data=data, mask=mask, name=tmp_name, before_op=site.op
         )
 
     return build
@@ -89,10 +89,10 @@ def _lut(op):
     indices = unpack_bits(op.indices.val, nbits, count).reshape(shape)
     table = lut.reshape((1,) * len(shape) + (lut.size, 1))
 
-    def build(anchor, tmp_name):
-        idx = named_const(indices.astype(_UINT_TYPES[nbits]), f"{name}_indices", anchor)
-        lut_var = named_const(table, f"{name}_lut", anchor)
-        return mb.constexpr_lut_to_dense(indices=idx, lut=lut_var, name=tmp_name, before_op=anchor)
+    def build(site, tmp_name):
+        idx = site.const(indices.astype(_UINT_TYPES[nbits]), f"{name}_indices")
+        lut_var = site.const(table, f"{name}_lut")
+        return mb.constexpr_lut_to_dense(indices=idx, lut=lut_var, name=tmp_name, before_op=site.op)
 
     return build
 
@@ -101,12 +101,12 @@ def _cast(op):
     source = op.source_val.val
     dtype = op.output_dtype.val
 
-    def build(anchor, tmp_name):
+    def build(site, tmp_name):
         return mb.constexpr_cast(
-            source_val=named_const(source, f"{op.name}_source_val", anchor),
+            source_val=site.const(source, f"{op.name}_source_val"),
             output_dtype=dtype,
             name=tmp_name,
-            before_op=anchor,
+            before_op=site.op,
         )
 
     return build

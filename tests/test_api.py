@@ -207,11 +207,11 @@ def test_run_passes_tells_a_bug_inside_a_pass_from_a_user_error():
     from milsparse.errors import InternalError, PassError
 
     class Buggy(PruneWeights):
-        def compress(self, cand, context):
+        def compress(self, cand, ios18, rewrites):
             raise ZeroDivisionError("boom")
 
     class Refusing(PruneWeights):
-        def compress(self, cand, context):
+        def compress(self, cand, ios18, rewrites):
             raise ConfigError(f"bad option for {cand.op.name}")
 
     config = {"spec": "2:4", "min_size": 16}

@@ -284,7 +284,7 @@ def test_a_bug_inside_a_pass_exits_3_and_a_user_error_exits_2(model, tmp_path, c
     out = tmp_path / "out.mlpackage"
     args = ["compress", str(model), "-o", str(out), "--prune", "2:4"]
 
-    def bug(self, cand, context):
+    def bug(self, cand, ios18, rewrites):
         raise KeyError("boom")
 
     monkeypatch.setattr(PruneWeights, "compress", bug)
@@ -293,7 +293,7 @@ def test_a_bug_inside_a_pass_exits_3_and_a_user_error_exits_2(model, tmp_path, c
     assert err.startswith("milsparse: internal error: KeyError: 'boom' in milsparse::prune")
     assert err.count("\n") == 1 and "(rerun with --debug)" in err and not out.exists()
 
-    def user_error(self, cand, context):
+    def user_error(self, cand, ios18, rewrites):
         raise ConfigError(f"bad option for {cand.op.name}")
 
     monkeypatch.setattr(PruneWeights, "compress", user_error)

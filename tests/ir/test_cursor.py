@@ -103,12 +103,11 @@ def test_a_weight_replaced_ahead_of_the_cursor_is_what_the_run_uses():
     keep = np.abs(weight) >= np.median(np.abs(weight))
     enc = formats.encode_sparse_ios18(weight, keep)
 
-    def build(anchor, tmp_name):
-        data = mb.const(val=enc.nonzero_data, before_op=anchor)
-        mask = mb.const(val=enc.mask.view(ct.converters.mil.mil.types.np_uint1_dtype),
-                        before_op=anchor)  # fmt: skip
+    def build(site, tmp_name):
+        data = site.const(enc.nonzero_data, "ff2_nonzero_data")
+        mask = site.const(enc.mask.view(ct.converters.mil.mil.types.np_uint1_dtype), "ff2_mask")
         return mb.constexpr_sparse_to_dense(
-            nonzero_data=data, mask=mask, name=tmp_name, before_op=anchor
+            nonzero_data=data, mask=mask, name=tmp_name, before_op=site.op
         )
 
     old = const.outputs[0]

@@ -13,6 +13,7 @@ from milsparse.passes.lut_config import PalettizeConfig, parse_palettize_spec
 from milsparse.passes.palettize import PalettizeWeights
 from milsparse.passes.prune import PruneWeights
 from milsparse.passes.prune_config import PruneConfig, parse_prune_spec
+from milsparse.passes.quantize import QuantizeWeights
 
 SHAPE = (64, 96)
 
@@ -124,3 +125,54 @@ def test_a_joint_form_that_saves_nothing_is_not_emitted():
     (d,) = [d for d in pass_.report if d.name == "weight"]
     assert not d.compressed and d.reason.startswith("joint form would not be smaller")
     assert _weight_op(prog).op_type == "constexpr_lut_to_dense"
+
+
+def _with_non_finite(kind):
+    """An iOS18 weight holding one inf: dense, sparse (in its nonzero values) or palettized (in
+    its table)."""
+    weight = _weight().astype(np.float16)
+    weight[5, 7] = np.inf
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 96), dtype=types.fp16)],
+                opset_version=ct.target.iOS18)  # fmt: skip
+    def prog(x):
+        if kind == "dense":
+            w = mb.const(val=weight, name="weight")
+        elif kind == "sparse":
+            keep = np.abs(weight) > np.median(np.abs(weight.astype(np.float32)))
+            w = mb.constexpr_sparse_to_dense(
+                nonzero_data=weight[keep], mask=keep.astype(types.np_uint1_dtype), name="weight"
+            )
+        else:
+            lut = np.linspace(-1, 1, 16, dtype=np.float16).reshape(1, 1, 16, 1)
+            lut[0, 0, 3, 0] = np.inf
+            w = mb.constexpr_lut_to_dense(
+                indices=np.arange(np.prod(SHAPE)).reshape(SHAPE).astype(types.np_uint4_dtype) % 16,
+                lut=lut, name="weight",
+            )  # fmt: skip
+        return mb.linear(x=x, weight=w, name="layer")
+
+    return prog
+
+
+@pytest.mark.parametrize(
+    ("make", "kinds"),
+    [
+        (lambda: PruneWeights({"spec": "unstructured:0.5", "min_size": 16}), ("dense", "lut")),
+        (lambda: PalettizeWeights({"spec": "lut4", "min_size": 16}), ("dense", "sparse")),
+        (lambda: QuantizeWeights({"spec": "int8", "min_size": 16}), ("dense", "sparse")),
+    ],
+    ids=["prune", "palettize", "quantize"],
+)
+def test_a_weight_holding_inf_stays_as_it_is_in_every_pass(make, kinds):
+    """One rule in the template: a weight whose stored values hold inf or nan is left as it is,
+    with the same reason, whatever the pass and whatever form the weight has."""
+    for kind in kinds:
+        prog = _with_non_finite(kind)
+        before = weight_chain(prog.functions["main"].find_ops(op_type="linear")[0].weight.op)
+        pass_ = make()
+        pass_(prog)
+        decision = next(d for d in pass_.report if d.name == "weight")
+        assert (decision.compressed, decision.reason) == (False, "non-finite values (inf or nan)")
+        after = weight_chain(prog.functions["main"].find_ops(op_type="linear")[0].weight.op)
+        assert after.form is before.form and after.ops == before.ops
