@@ -169,7 +169,7 @@ def _run_recipe(
         prog = package.load_program(source, show_progress)
     spec_version = program_edits.retarget(prog, source.get_spec().specificationVersion, target)
     # compressed weights of an older opset move to the new one's forms (or nothing loads it)
-    upgrade_constexpr_ops(prog)
+    upgrade_constexpr_ops(prog, spill)
     opset = max(f.opset_version for f in prog.functions.values())
     # below iOS16 the passes themselves refuse, saying how to re-convert
     check_recipe(recipe, opset if opset >= ct.target.iOS16 else None, weight_states(prog))
@@ -357,7 +357,8 @@ def save(model, path, *, overwrite: bool = False) -> Path:
     """Save an MLModel or a pymil Program as an .mlpackage at `path`, atomically (no
     half-written package; an existing one replaced only with `overwrite=True`) and
     deterministically (stable manifest ids). A Program is written at the specification version
-    its opsets need, its weights streamed into the package's weight file."""
+    its opsets need, its weights streamed into the package's weight file; identical consts are
+    written once (their ops get the same `weight_id`, the only change made to the Program)."""
     if package.is_program(model):
         spec_version = package.program_spec_version(model)
         written = package.write_program(model, spec_version, None, path, overwrite=overwrite)

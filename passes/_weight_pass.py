@@ -12,15 +12,17 @@ looks at decides, in one place for every pass:
   for a weight shared by several ops the least aggressive of their specs (`spec_key`);
 - shared weights of multifunction programs (the loader gives the functions the same array):
   reported once, with the other functions' rows marked `shared_with`;
-- progress over the candidates, and the report in program order.
+- progress over the candidates, and the report in program order;
+- a weight holding inf or nan (`Candidate.finite`) is left as it is, whatever the pass.
 
 A subclass gives its config parser (`parse_config`), the op it emits (`emits`, for the error
 of a function below iOS16; `check_function` tells `compress` if iOS18 forms are allowed), the
-order of its specs
-(`spec_key`), an optional last structural check with the axis it works along (`prepare`), and
-`compress`, which matches one weight's values and emits its replacement, returning the
-decision. Its config must offer `spec`, `op_types`, `op_names`, `overrides`, `min_size` and
-`override_for` / `names_selected` (as `passes.prune_config.PruneConfig` does).
+order of its specs (`spec_key`), an optional last structural check with the axis it works
+along (`prepare`), and `compress`, which matches one weight's values and records its
+replacement in the `Rewrites` it is given (it may run in a worker thread: it builds no MIL;
+the walk applies the records in program order), returning the decision. Its config must offer
+`spec`, `op_types`, `op_names`, `overrides`, `min_size` and `override_for` /
+`names_selected` (`passes.config.SelectionMethods` gives them all).
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ WEIGHT_OPERANDS = {
 }
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 _FLOAT_TYPES = (types.fp16, types.fp32)
+_SCALING_OPS = (
+    "constexpr_affine_dequantize",
+    "constexpr_blockwise_shift_scale",
+    "constexpr_sparse_blockwise_shift_scale",
+)
 
 
 def channel_axes(use: Use, rank: int) -> tuple[int, int]:
@@ -101,18 +108,20 @@ class Candidate:
         return self.op.outputs[0].val
 
     def finite(self) -> bool:
-        """Whether the weight's stored float values (a const's array; a chain's nonzero values,
-        tables, scales and offsets) are all finite. Decoding cannot add inf or nan for a pass
-        to fit to: a refitted weight is dense or sparse (its values are stored as they are),
-        and a pruned chain keeps its codes, decoding to what it decoded to before."""
+        """Whether the weight's values are all finite: a const's array; a chain's stored float
+        values (nonzero values, tables, scales, offsets) and, where a scale multiplies (its
+        fp16 product can overflow), the decoded weight."""
         if self.chain.form is Form.DENSE:
             return masks.all_finite(self.weight)
-        return all(
+        stored = all(
             masks.all_finite(var.val)
             for op in self.chain.ops
             for var in op.inputs.values()
             if var.op is not None and var.op.op_type == "const" and var.dtype in _FLOAT_TYPES
         )
+        if not stored or not any(op.op_type in _SCALING_OPS for op in self.chain.ops):
+            return stored
+        return masks.all_finite(self.chain.decode())
 
 
 def consumers(uses) -> tuple[str, ...]:
@@ -150,12 +159,17 @@ def compressed_decision(
 
 
 def dense_decision(op, reason: str, cand: Candidate | None = None) -> WeightDecision:
-    """The report row of a weight left as it is (a const, or a chain root)."""
-    chain = weight_chain(op) if op.op_type != "const" else None
+    """The report row of a weight left as it is (a const, or a chain root). With `cand` (in a
+    worker thread) it reads nothing of the program but the candidate."""
+    if cand is not None and cand.chain.form is not Form.DENSE:
+        chain, uses = cand.chain, cand.uses
+    else:
+        chain = weight_chain(op) if op.op_type != "const" else None
+        uses = uses_of(chain.var) if chain is not None else None
     if chain is not None:
         return WeightDecision(
             name=op.name,
-            consumers=consumers(uses_of(chain.var)),
+            consumers=consumers(uses),
             shape=chain.shape,
             dtype=str(chain.np_dtype),
             compressed=False,

@@ -37,9 +37,14 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_int(value, at_least: int) -> bool:
+    """An integer >= `at_least`, and not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
+
 def positive_int(instance, attribute, value):
     """attrs validator: an integer >= 1 (not a bool)."""
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    if not is_int(value, 1):
         raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
 
 
@@ -112,14 +117,14 @@ def _op_types(value) -> tuple[str, ...]:
         hints = [f"{n!r} (did you mean {n.lower()!r}?)" if n.lower() in DEFAULT_OP_TYPES
                  else repr(n) for n in unknown]  # fmt: skip
         raise ConfigError(
-            f"unknown op types {', '.join(hints)}; weights are pruned in "
+            f"unknown op types {', '.join(hints)}; the passes compress weights read by "
             f"{', '.join(DEFAULT_OP_TYPES)} (select other consts by name with op_names)"
         )
     return names
 
 
 def _min_size(instance, attribute, value):
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+    if not is_int(value, 0):
         raise ConfigError(f"min_size must be an integer >= 0, got {value!r}")
 
 

@@ -69,6 +69,10 @@ def combine(step_reports: list[tuple[str, list[WeightDecision]]]) -> list[Weight
         first = seen[0][1]
         done = [(k, d) for k, d in seen if d.compressed]
         if not done:
+            other = next((d for _, d in seen if not d.is_weight), None)
+            if other is not None:  # every pass reads weights through the same operands
+                out.append(other)
+                continue
             reasons = list(dict.fromkeys(d.reason for _, d in seen if d.reason))
             if len(reasons) > 1:
                 reasons = [f"{k}: {d.reason}" for k, d in seen if d.reason]

@@ -167,6 +167,8 @@ class PruneWeights(WeightPass):
             stats = self._stats.get(cand.op.name)
             if cand.spec != cfg.spec or stats is None or cand.chain.form is not Form.DENSE:
                 continue
+            if not cand.finite():
+                continue  # left as it is (the template's rule): no share of the budget
             weight = cand.weight
             axes = channel_axes(cand.uses[0], weight.ndim)
             curves.append(

@@ -19,6 +19,7 @@ from milsparse.passes.config import (
     SelectionMethods,
     config_parser,
     exact_text,
+    is_int,
     is_number,
     positive_int,
     spec_reader,
@@ -107,9 +108,7 @@ class PruneSpec:
             is_number(self.threshold) and 0 <= self.threshold < float("inf")
         ):
             raise ConfigError(f"threshold must be a finite number >= 0, got {self.threshold!r}")
-        if self.pattern == "n:m" and not (
-            isinstance(self.n, int) and not isinstance(self.n, bool) and 0 <= self.n <= self.m
-        ):
+        if self.pattern == "n:m" and not (is_int(self.n, 0) and self.n <= self.m):
             raise ConfigError(f"n:m needs integers 0 <= n <= m, got {self.n}:{self.m}")
         if self.axis is not None and self.axis not in _AXES:
             raise ConfigError(f"axis must be 'input' or 'output', got {self.axis!r}")
@@ -251,7 +250,7 @@ class PruneConfig(SelectionMethods):
             )
         if self.sequential is not None and not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential must be true or false, got {self.sequential!r}")
-        if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)):
+        if not is_number(self.dampening):
             raise ConfigError(f"dampening must be a number, got {self.dampening!r}")
         if not 0.0 < float(self.dampening) <= 1.0:
             raise ConfigError(f"dampening must be in (0, 1], got {self.dampening!r}")
@@ -267,8 +266,7 @@ class PruneConfig(SelectionMethods):
         for name in ("min_cosine", "min_snr"):
             value = getattr(self, name)
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value)
+                not is_number(value) or not math.isfinite(value)
             ):  # fmt: skip
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:

@@ -47,11 +47,11 @@ def sink_for(key) -> ReportSink | None:
 class RunContext:
     """A run's inputs to its passes.
 
-        `calibration`: checked calibration samples (input name -> array), for prune's data-aware
-        criteria and allocation, and for palettize and quantize to weight their fits by each input
-        column's activation energy. `jobs`: weights compressed at once in worker threads. `spill`:
-        an `ir.blobs.Spill` the new values are written to (the program maps them), or None to keep
-        them in memory. `sink`: where the passes leave their reports. `progress`: whether the passes
+    `calibration`: checked calibration samples (input name -> array), for prune's data-aware
+    criteria and allocation, and for palettize and quantize to weight their fits by each input
+    column's activation energy. `jobs`: weights compressed at once in worker threads. `spill`:
+    an `ir.blobs.Spill` the new values are written to (the program maps them), or None to keep
+    them in memory. `sink`: where the passes leave their reports. `progress`: whether the passes
     show progress bars (None: only on a terminal; see `milsparse.ir.progress`)."""
 
     calibration: list[dict] | None = None

@@ -50,16 +50,17 @@ def _is_ios16_form(op) -> bool:
     return False
 
 
-def upgrade_constexpr_ops(prog) -> list[str]:
+def upgrade_constexpr_ops(prog, spill=None) -> list[str]:
     """Rewrite the iOS16-form constexpr ops of every function that targets iOS18 or later into
-    their iOS18 forms; return the names of the rewritten ops."""
+    their iOS18 forms, the unpacked values into `spill` (an `ir.blobs.Spill`, or None to keep
+    them in memory); return the names of the rewritten ops."""
     upgraded = []
     for func in prog.functions.values():
         if func.opset_version is None or func.opset_version < AvailableTarget.iOS18:
             continue
         for op in list(walk_ops(func)):
             if op.op_type in UPGRADED_OPS and _is_ios16_form(op):
-                replace_op(op, _BUILDERS[op.op_type](op))
+                replace_op(op, _BUILDERS[op.op_type](op), spill)
                 upgraded.append(op.name)
     return upgraded
 

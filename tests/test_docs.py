@@ -264,7 +264,7 @@ def test_the_readme_links_every_docs_page():
             assert f"({page.name}" in index, f"docs/README.md does not link {page.name}"
 
 
-def test_printed_numbers_may_differ_only_in_their_last_digit():
+def test_printed_decimals_may_differ_by_a_unit_of_their_last_digit_or_a_tenth_of_a_percent():
     assert _same_line("cosine 0.935009 < 0.98 (4 samples)", "cosine 0.935008 < 0.98 (4 samples)")
     assert _same_line("cosine 0.958222", "cosine 0.958099")  # 0.013% apart
     assert not _same_line("cosine 0.935009", "cosine 0.937009")

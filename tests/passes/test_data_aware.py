@@ -589,3 +589,27 @@ def test_allocation_does_not_depend_on_the_activations_scale(save_program):
         chosen.append({k: v["chosen"] for k, v in report.allocation.items()})
         assert all(max(v["error"]) > 0 for v in report.allocation.values())
     assert chosen[0] == chosen[1]
+
+
+def test_global_allocation_gives_a_weight_holding_nan_no_share_of_the_budget(save_program):
+    """Review finding: allocation measured curves on a weight the template then leaves dense
+    (non-finite); its NaN energy made every error 0, so it took the largest sparsity and the
+    others too little. It is now left out of the allocation, and the others reach the target."""
+    prog = programs.mlp(sizes=(64, 128, 128, 10), dtype=np.float32)
+    (last,) = [op for op in prog.functions["main"].find_ops(op_type="const")
+               if op.name == "fc2_weight"]  # fmt: skip
+    last.outputs[0].val[3, 3] = np.nan  # the builder's own array
+    model = save_program(prog)
+    rng = np.random.default_rng(0)
+    cal = [{"x": rng.standard_normal((2, 64)).astype(np.float32)} for _ in range(4)]
+    recipe = {"prune": {"spec": "unstructured:0.5", "allocate": "global", "min_size": 16}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = ms.compress_with_report(model, recipe, calibration=cal)
+    rows = {d.name: d for d in report.decisions}
+    assert rows["fc2_weight"].reason == "non-finite values (inf or nan)"
+    assert set(report.allocation) == {"fc0_weight", "fc1_weight"}
+    pruned = [rows[n] for n in ("fc0_weight", "fc1_weight")]
+    size = [np.prod(d.shape) for d in pruned]
+    overall = sum(d.sparsity * n for d, n in zip(pruned, size, strict=True)) / sum(size)
+    assert overall == pytest.approx(0.5, abs=0.01)

@@ -128,8 +128,8 @@ def test_a_joint_form_that_saves_nothing_is_not_emitted():
 
 
 def _with_non_finite(kind):
-    """An iOS18 weight holding one inf: dense, sparse (in its nonzero values) or palettized (in
-    its table)."""
+    """An iOS18 weight holding inf: dense, sparse (in its nonzero values), palettized (in its
+    table) or quantized (its decoded values overflow fp16)."""
     weight = _weight().astype(np.float16)
     weight[5, 7] = np.inf
 
@@ -143,6 +143,11 @@ def _with_non_finite(kind):
             w = mb.constexpr_sparse_to_dense(
                 nonzero_data=weight[keep], mask=keep.astype(types.np_uint1_dtype), name="weight"
             )
+        elif kind == "int8":  # finite stored values; 127 x 1000 overflows fp16 on decode
+            w = mb.constexpr_blockwise_shift_scale(
+                data=np.full(SHAPE, 127, np.int8), scale=np.full((SHAPE[0], 1), 1000, np.float16),
+                name="weight",
+            )  # fmt: skip
         else:
             lut = np.linspace(-1, 1, 16, dtype=np.float16).reshape(1, 1, 16, 1)
             lut[0, 0, 3, 0] = np.inf
@@ -158,7 +163,10 @@ def _with_non_finite(kind):
 @pytest.mark.parametrize(
     ("make", "kinds"),
     [
-        (lambda: PruneWeights({"spec": "unstructured:0.5", "min_size": 16}), ("dense", "lut")),
+        (
+            lambda: PruneWeights({"spec": "unstructured:0.5", "min_size": 16}),
+            ("dense", "lut", "int8"),
+        ),
         (lambda: PalettizeWeights({"spec": "lut4", "min_size": 16}), ("dense", "sparse")),
         (lambda: QuantizeWeights({"spec": "int8", "min_size": 16}), ("dense", "sparse")),
     ],
