@@ -27,15 +27,16 @@ class ConfigError(MilsparseError, ValueError):
     """A recipe, pass option or CLI flag is malformed or out of range."""
 
 
-class UnsupportedModelError(MilsparseError):
-    """The model is not something milsparse can work on (not an mlprogram, opset too old, ...)."""
+class UnsupportedModelError(MilsparseError, ValueError):
+    """The model is not something milsparse can work on (not an mlprogram, opset too old, ...).
+    A ValueError, as coremltools' own refusals of a model are."""
 
 
 class UnsupportedOpError(MilsparseError):
     """The program holds ops that a milsparse component has no implementation for."""
 
 
-class PipelineError(MilsparseError):
+class PipelineError(MilsparseError, ValueError):
     """A pass pipeline cannot be built: unknown pass, dependency loop, conflict, target too low."""
 
 

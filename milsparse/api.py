@@ -167,16 +167,23 @@ def _run_recipe(
     values the passes produce go to disk as they are made; the program maps them."""
     if prog is None:
         prog = package.load_program(source, show_progress)
+    raised = program_edits.below(prog, ct.target.iOS16) if target is None else []
+    if raised:  # compressed weights need iOS16's constexpr ops: raise it, as coremltools does
+        target = ct.target.iOS16
     spec_version = program_edits.retarget(prog, source.get_spec().specificationVersion, target)
     # compressed weights of an older opset move to the new one's forms (or nothing loads it)
     upgrade_constexpr_ops(prog, spill)
     opset = max(f.opset_version for f in prog.functions.values())
-    # below iOS16 the passes themselves refuse, saying how to re-convert
     check_recipe(recipe, opset if opset >= ct.target.iOS16 else None, weight_states(prog))
     context = RunContext(calibration=samples, jobs=jobs, spill=spill, progress=show_progress)
     steps = [(step, step.make_pass(context)) for step in recipe.steps]
     # The passes remove the consts they replace, so no cleanup pass is needed afterwards.
     report = run_passes(prog, [(step.pass_name, p) for step, p in steps])
+    if raised:
+        report.notes.append(
+            f"raised {', '.join(raised)} to iOS16: compressed weights need iOS16 or later (the "
+            "model no longer loads on iOS15; give a target to choose a later one)"
+        )
     return prog, spec_version, opset, steps, report
 
 

@@ -68,6 +68,17 @@ def share_identical_consts(prog) -> int:
     return shared
 
 
+def below(prog, target: AvailableTarget) -> list[str]:
+    """What of `prog` targets less than `target`: `"the model (iOS15)"` or its functions."""
+    low = {n: f.opset_version for n, f in prog.functions.items()
+           if f.opset_version is not None and f.opset_version < target}  # fmt: skip
+    if not low:
+        return []
+    if len(prog.functions) == 1:
+        return [f"the model ({next(iter(low.values())).name})"]
+    return [f"function {n!r} ({v.name})" for n, v in low.items()]
+
+
 def retarget(prog, spec_version: int, target: AvailableTarget | None) -> int:
     """Raise every function's opset to `target`; return the specification version to write.
 

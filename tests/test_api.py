@@ -110,18 +110,23 @@ def test_compress_accepts_an_mlmodel_without_mil_program(save_program):
     assert [d.name for d in report.compressed] == ["fc0_weight"]
 
 
-def test_target_raises_the_opset_and_ios15_without_target_is_refused(tmp_path, save_program):
+def test_target_raises_the_opset_and_ios15_is_raised_to_ios16_with_a_note(tmp_path, save_program):
+    """An iOS15 model (ct.convert's default for ML programs) is raised to iOS16 as coremltools
+    does, and the report says so; a target given chooses the opset."""
     src = save_program(programs.mlp(sizes=(64, 128, 10), opset=ct.target.iOS15))
-    with pytest.raises(UnsupportedModelError, match="target='ios16'"):
-        ms.compress(src, "2:4")
-    model = ms.compress(src, "2:4", target="ios16")
-    out = ms.save(model, tmp_path / "out.mlpackage")
-    prog = ms.load_program(out)
-    assert prog.functions["main"].opset_version == ct.target.iOS16
-    sparse = [
-        op for op in prog.functions["main"].operations if op.op_type == "constexpr_sparse_to_dense"
-    ]
-    assert len(sparse) == 1 and "shape" in sparse[0].inputs  # the iOS16 form
+    for target in (None, "ios16", "ios17"):
+        model, report = ms.compress_with_report(src, "2:4", target=target)
+        raised = [n for n in report.notes if n.startswith("raised the model (iOS15) to iOS16")]
+        assert len(raised) == (target is None)
+        out = ms.save(model, tmp_path / f"out{target}.mlpackage")
+        prog = ms.load_program(out)
+        want = ct.target.iOS17 if target == "ios17" else ct.target.iOS16
+        assert prog.functions["main"].opset_version == want
+        assert ct.models.MLModel(str(out), skip_model_load=True).get_spec().specificationVersion \
+            == want.value  # fmt: skip
+        sparse = [op for op in prog.functions["main"].operations
+                  if op.op_type == "constexpr_sparse_to_dense"]  # fmt: skip
+        assert len(sparse) == 1 and "shape" in sparse[0].inputs  # the iOS16 form
     ios18 = save_program(programs.mlp(sizes=(64, 128, 10)), "ios18.mlpackage")
     with pytest.raises(ConfigError, match="cannot lower it to iOS17"):
         ms.compress(ios18, "2:4", target="ios17")
