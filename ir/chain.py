@@ -150,6 +150,8 @@ def weight_chain(op) -> WeightChain | None:
     if op.op_type != "const" and not is_compressed(op):
         return None
     out = _weight_var(op)
+    if not types.is_tensor(out.sym_type):
+        return None  # a list (a classifier's class labels), a scalar: no weight
     uses = uses_of(out)
     if not uses or any(is_compressed(u.op) for u in uses):
         return None

@@ -116,13 +116,15 @@ def compress_with_report(
     return run_compress(options)
 
 
-def run_compress(options: CompressOptions) -> tuple[ct.models.MLModel, CompressReport]:
+def run_compress(options: CompressOptions, prog=None) -> tuple[ct.models.MLModel, CompressReport]:
     """Run a checked compress request (`milsparse.options.CompressOptions`, whose `build`
-    checked every option and the output path): the compressed model and its report."""
+    checked every option and the output path): the compressed model and its report. `prog`:
+    the model's program, when the caller has loaded it already (it is compressed in place)."""
     recipe, target, source, output = options.recipe, options.target, options.model, options.output
     prune_step = recipe.step("prune")
     show = options.progress
-    prog = package.load_program(source, show)
+    if prog is None:
+        prog = package.load_program(source, show)
     samples = None
     if options.calibration is not None:
         samples = _calibration_samples(prog, options.calibration)

@@ -34,12 +34,14 @@ are left as they are, with that reason.
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from milsparse.ir import formats, lut
 from milsparse.ir.bits import pack_bits
 from milsparse.ir.chain import Form
+from milsparse.ir.errors import ConfigError
 from milsparse.ir.graph import Use
 from milsparse.passes import catalog
 from milsparse.passes._match import MatchResult
@@ -54,6 +56,7 @@ from milsparse.passes._weight_pass import (
 from milsparse.passes.decisions import WeightDecision
 from milsparse.passes.lut_config import (
     IOS16_NBITS,
+    NBITS,
     PalettizeConfig,
     PalettizeSpec,
     parse_palettize_config,
@@ -87,7 +90,7 @@ class PalettizeWeights(WeightPass):
         return parse_palettize_config(value)
 
     def spec_key(self, spec: PalettizeSpec) -> float:
-        return -spec.nbits  # more bits: less aggressive
+        return -(spec.nbits or 8)  # more bits: less aggressive (unique and custom: the most)
 
     def prepare(self, op, spec: PalettizeSpec, use: Use, rank: int) -> MatchResult:
         """The output-channel axis for per-group tables and vectors; channels that group_size
@@ -119,11 +122,18 @@ class PalettizeWeights(WeightPass):
             return self._compress_sparse(cand, rewrites)
         weight = cand.weight
         layout = _Layout(weight.shape, cand.axis, spec)
-        importance = self.importance(cand, weight.shape)
-        weights = None if importance is None else layout.vectors(importance)
-        tables, indices = _fit(
-            layout.vectors(weight), layout.dense_groups(), spec, layout.count, weights
-        )
+        if spec.mode == "custom":
+            tables, indices, spec = _custom_fit(op.name, weight, layout, spec, ios18)
+        else:
+            groups = layout.dense_groups()
+            if spec.mode == "unique":
+                spec, reason = _unique_bits(layout.vectors(weight), groups, spec, layout.count,
+                                            ios18)  # fmt: skip
+                if reason is not None:
+                    return dense_decision(op, reason, cand)
+            importance = self.importance(cand, weight.shape)
+            weights = None if importance is None else layout.vectors(importance)
+            tables, indices = _fit(layout.vectors(weight), groups, spec, layout.count, weights)
         indices = indices.reshape(layout.indices_shape)
         value_bits = weight.dtype.itemsize * 8
         stored = formats.stored_bytes(
@@ -182,6 +192,15 @@ class PalettizeWeights(WeightPass):
             importance = self.importance(cand, mask.shape)
             weights = None if importance is None else importance[mask.astype(bool)][:, None]
         groups = layout.sparse_groups(indices_mask)
+        if spec.mode == "custom":
+            return dense_decision(
+                root, "mode custom palettizes dense weights (its lut_function sees every value)",
+                cand,
+            )  # fmt: skip
+        if spec.mode == "unique":
+            spec, reason = _unique_bits(vectors, groups, spec, layout.count, True)
+            if reason is not None:
+                return dense_decision(root, reason, cand)
         tables, indices = _fit(vectors, groups, spec, layout.count, weights)
         value_bits = nonzero.itemsize * 8
         stored = formats.stored_bytes(
@@ -287,6 +306,77 @@ class _Layout:
         return int(zeros_per_entry[labels, flat].sum())
 
 
+def _parts(groups: np.ndarray | None, count: int) -> list:
+    """The members of each group label 0..count-1 (slices when contiguous); [None]: one set."""
+    if groups is None:
+        return [None]  # the whole set
+    if np.all(groups[1:] >= groups[:-1]):  # output channels first: contiguous groups
+        bounds = np.searchsorted(groups, np.arange(count + 1))
+        return [slice(bounds[g], bounds[g + 1]) for g in range(count)]
+    order = np.argsort(groups, kind="stable")
+    bounds = np.searchsorted(groups[order], np.arange(count + 1))
+    return [order[bounds[g] : bounds[g + 1]] for g in range(count)]
+
+
+# coremltools' words (its users and tests look for them in the warning)
+_MOST_DISTINCT = "Unique values in weight cannot be represented by 8 bits palettization."
+
+
+def _unique_bits(vectors, groups, spec: PalettizeSpec, count: int, ios18: bool):
+    """(spec with the fewest bits whose tables hold every group's distinct values, None), or
+    (spec, the reason the weight stays dense)."""
+    vectors = vectors.reshape(-1, vectors.shape[-1])
+    most = max(
+        len(np.unique(vectors if m is None else vectors[m], axis=0)) for m in _parts(groups, count)
+    )
+    allowed = NBITS if ios18 else IOS16_NBITS
+    if spec.nbits is not None:
+        allowed = (spec.nbits,)
+    for nbits in allowed:
+        if most <= 1 << nbits:
+            return attrs.evolve(spec, nbits=nbits), None
+    if spec.nbits is not None:
+        held = 1 << spec.nbits
+        return spec, f"{most} distinct values in a table; {spec.to_string()} holds {held}"
+    return spec, f"{_MOST_DISTINCT} It has {most} distinct values in a table (at most 256)."
+
+
+def _custom_fit(name: str, weight: np.ndarray, layout: _Layout, spec: PalettizeSpec, ios18: bool):
+    """(tables [G, 2^n, 1], indices [weight's shape], spec with n) from the user's
+    `lut_function`, called as coremltools calls it: once per table, on that group's values with
+    the output channels first (the whole weight for one table)."""
+    axis = layout.axis or 0
+    moved = np.swapaxes(weight, 0, axis)
+    groups = np.split(moved, layout.count, axis=0)
+    luts, codes = [], []
+    for part in groups:
+        lut_values, idx = spec.lut_function(part)
+        lut_values, idx = np.asarray(lut_values), np.asarray(idx)
+        if lut_values.ndim != 1 or not 1 <= lut_values.size <= 256:
+            raise ConfigError(
+                f"{name}: lut_function returned a table of shape {lut_values.shape}; it must be "
+                "1-D with 1 to 256 entries"
+            )
+        if (
+            idx.size != part.size
+            or idx.dtype.kind not in "ui"
+            or (idx.size and (idx.min() < 0 or idx.max() >= lut_values.size))
+        ):
+            raise ConfigError(
+                f"{name}: lut_function returned {idx.size} indices of {idx.dtype}; it must give "
+                f"one integer index into its table per value ({part.size})"
+            )
+        luts.append(lut_values)
+        codes.append(idx.reshape(part.shape).astype(np.uint8))
+    size = max(t.size for t in luts)
+    nbits = next((n for n in (NBITS if ios18 else IOS16_NBITS) if size <= 1 << n), 8)
+    tables = np.zeros((layout.count, 1 << nbits, 1), weight.dtype)
+    for g, t in enumerate(luts):
+        tables[g, : t.size, 0] = t.astype(weight.dtype)
+    indices = np.swapaxes(np.concatenate(codes, axis=0), 0, axis)
+    return tables, np.ascontiguousarray(indices), attrs.evolve(spec, nbits=nbits)
+
+
 def _fit(
     vectors: np.ndarray,
     groups: np.ndarray | None,
@@ -303,19 +393,14 @@ def _fit(
         weights = np.asarray(weights, np.float64).reshape(-1, weights.shape[-1])
     tables = np.empty((count, 1 << spec.nbits, vectors.shape[1]), vectors.dtype)
     indices = np.empty(vectors.shape[0], np.uint8)
-    if groups is None:
-        parts = [None]  # the whole set
-    else:
-        if np.all(groups[1:] >= groups[:-1]):  # output channels first: contiguous groups
-            bounds = np.searchsorted(groups, np.arange(count + 1))
-            parts = [slice(bounds[g], bounds[g + 1]) for g in range(count)]
-        else:
-            order = np.argsort(groups, kind="stable")
-            bounds = np.searchsorted(groups[order], np.arange(count + 1))
-            parts = [order[bounds[g] : bounds[g + 1]] for g in range(count)]
-    for g, members in enumerate(parts):
+    for g, members in enumerate(_parts(groups, count)):
         subset = vectors if members is None else vectors[members]
-        if spec.cluster_dim == 1:
+        if spec.mode == "unique":
+            entries, codes = np.unique(subset, axis=0, return_inverse=True)
+            table = np.zeros((1 << spec.nbits, subset.shape[1]), subset.dtype)
+            table[: len(entries)] = entries
+            codes = codes.ravel()
+        elif spec.cluster_dim == 1:
             values = subset[:, 0]
             importance = None
             if weights is not None:

@@ -186,3 +186,29 @@ def test_conversion_report_names_weights_as_the_converted_model_does():
     names = {d.name for d in report.compressed}
     assert names and names <= rows and all(n.startswith("op_") for n in names)
     assert set(declared_pruning(model)) == names
+
+
+def test_a_classifier_model_compresses_and_its_class_labels_are_left_alone(tmp_path):
+    """A classifier's class labels are a list const (a ListVar, no shape): reading it as a
+    weight crashed compress, the drop-in and inspect ("shape not applicable to ListVar")."""
+    from milsparse import coreml as drop
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                 torch.nn.Linear(128, 3)).eval()  # fmt: skip
+    traced = torch.jit.trace(module, torch.zeros(1, 64))
+    for labels in (["a", "b", "c"], [0, 1, 2]):
+        mlmodel = ct.convert(
+            traced, inputs=[ct.TensorType(name="x", shape=(1, 64))], convert_to="mlprogram",
+            classifier_config=ct.ClassifierConfig(labels),
+            minimum_deployment_target=ct.target.iOS16,
+        )  # fmt: skip
+        _, report = ms.compress_with_report(mlmodel, "2:4")
+        assert [d.name for d in report.compressed] == ["op_0_weight_to_fp16"]
+        config = ct.optimize.coreml.OptimizationConfig(
+            global_config=ct.optimize.coreml.OpMagnitudePrunerConfig(target_sparsity=0.5)
+        )
+        pruned = drop.prune_weights(mlmodel, config)
+        ops = [op.op_type for op in pruned._mil_program.functions["main"].operations]
+        assert "classify" in ops and ops.count("constexpr_sparse_to_dense") == 1
+        assert "op_0_weight_to_fp16" in str(ms.inspect_model(pruned))

@@ -310,3 +310,31 @@ def test_tiny_weights_with_min_size_0_are_left_dense_with_a_reason(spec, dtype):
         )
         assert _op(prog, name).op_type == "const"
     assert rows["big"].compressed
+
+
+def test_unique_palettization_is_lossless_with_the_fewest_bits():
+    """`lut:unique`: the table holds the weight's distinct values; 5 of them take 3 bits on
+    iOS18 and 4 below it (no 3-bit tables there); `lut2:unique` cannot hold 5 and leaves the
+    weight dense; text specs have no custom mode (it takes a Python function)."""
+    import coremltools as ct
+    from milsparse.passes.lut_config import parse_palettize_spec
+
+    rng = np.random.default_rng(0)
+    few = rng.choice(np.array([-0.5, -0.25, 0.125, 0.5, 1.0], np.float32), (64, 64))
+    for opset, bits in ((ct.target.iOS18, 3), (ct.target.iOS16, 4)):
+        prog = programs.single_op("linear", weight=few.copy(), opset=opset)
+        pass_ = PalettizeWeights({"spec": "lut:unique", "min_size": 16})
+        pass_(prog)
+        (d,) = [d for d in pass_.report if d.name == "weight"]
+        assert d.compressed and d.spec == f"lut{bits}:unique"
+        (op,) = prog.functions["main"].find_ops(op_type="constexpr_lut_to_dense")
+        np.testing.assert_array_equal(op.materialized_val_inference(), few)
+    prog = programs.single_op("linear", weight=few.copy(), opset=ct.target.iOS18)
+    pass_ = PalettizeWeights({"spec": "lut2:unique", "min_size": 16})
+    pass_(prog)
+    (d,) = [d for d in pass_.report if d.name == "weight"]
+    assert not d.compressed and d.reason == "5 distinct values in a table; lut2:unique holds 4"
+    with pytest.raises(ConfigError, match="mode custom takes a Python lut_function"):
+        parse_palettize_spec("lut4:custom")
+    with pytest.raises(ConfigError, match="mode kmeans needs nbits"):
+        parse_palettize_spec("lut")

@@ -6,6 +6,9 @@
     config = OptimizationConfig(global_config=OpMagnitudePrunerConfig(n_m_ratio=(2, 4)))
     sparse = prune_weights(mlmodel, config)
 
+`decompress_weights` and `get_weights_metadata` (milsparse.coreml.metadata) are coremltools'
+too, the metadata of compressed weights added.
+
 `prune_weights`, `palettize_weights` and `linear_quantize_weights` take coremltools' own
 `OptimizationConfig` (global, per op type and per op name configs, resolved per weight in
 coremltools' order: the const's name, then its consumer's name, then its consumer's type, then
@@ -18,6 +21,7 @@ coremltools'. Options milsparse does not support raise `ConfigError` naming them
 from __future__ import annotations
 
 import enum
+import logging
 import re
 from typing import Any
 
@@ -32,18 +36,26 @@ from coremltools.optimize.coreml import (
     OptimizationConfig,
 )
 
-from milsparse import package
+from milsparse import package, staging
+from milsparse.coreml.metadata import get_weights_metadata
 from milsparse.errors import ConfigError
 from milsparse.ir.chain import Form, weight_chain
 from milsparse.ir.graph import walk_ops
-from milsparse.passes._weight_pass import WEIGHT_OPERANDS
 from milsparse.passes.lut_config import PalettizeConfig, PalettizeSpec
 from milsparse.passes.prune_config import PruneConfig, parse_prune_spec
 from milsparse.passes.quant_config import QuantizeConfig, QuantizeSpec
 from milsparse.recipe import Recipe, Step
 
-__all__ = ["prune_weights", "palettize_weights", "linear_quantize_weights", "recipe_of"]
+__all__ = [
+    "prune_weights",
+    "palettize_weights",
+    "linear_quantize_weights",
+    "decompress_weights",
+    "get_weights_metadata",
+    "recipe_of",
+]
 
+_log = logging.getLogger("milsparse.coreml")
 _STRUCTURED_OPS = ("linear", "conv")  # coremltools prunes n:m and blocks of these only
 
 
@@ -92,10 +104,6 @@ def _palettize_spec(config):
         )
     unsupported = []
     mode = _name(config.mode)
-    if mode not in ("kmeans", "uniform"):
-        unsupported.append(f"mode={mode!r} (kmeans and uniform are supported)")
-    if config.lut_function is not None:
-        unsupported.append("lut_function")
     if config.enable_per_channel_scale:
         unsupported.append("enable_per_channel_scale=True")
     if config.channel_axis is not None:
@@ -110,6 +118,7 @@ def _palettize_spec(config):
         return PalettizeSpec(
             nbits=config.nbits,
             mode=mode,
+            lut_function=config.lut_function,
             granularity=granularity,
             group_size=config.group_size,
             cluster_dim=config.cluster_dim,
@@ -140,6 +149,35 @@ def _quantize_spec(config):
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"OpLinearQuantizerConfig: {e}") from e
+
+
+_RECONVERT = (
+    "Please re-convert your model with minimum_deployment_target set to at least ct.target.iOS18."
+)
+
+
+def _ios18_only(kind: str, config) -> str | None:
+    """coremltools' refusal of `config` on a model below iOS18 (its wording: its users match
+    it), or None when the config works there."""
+    if kind == "quantize":
+        dtype = config.dtype if isinstance(config.dtype, str) else types.builtin_to_string(
+            config.dtype
+        )  # fmt: skip
+        if _name(config.granularity) == "per_block":
+            return f"The per_block quantization is supported since iOS18. {_RECONVERT}"
+        if dtype in ("int4", "uint4"):
+            return f"The 4-bit quantization is supported since iOS18. {_RECONVERT}"
+    if kind == "palettize":
+        if _name(config.granularity) == "per_grouped_channel":
+            return f"The per_grouped_channel palettization is supported since iOS18. {_RECONVERT}"
+        if config.cluster_dim > 1:
+            return f"The vector palettization is supported since iOS18. {_RECONVERT}"
+        if config.enable_per_channel_scale:
+            return (
+                "Palettization with per-channel-scale is only supported since iOS18. Please set "
+                "minimum_deployment_target accordingly."
+            )
+    return None
 
 
 _KINDS = {
@@ -180,7 +218,12 @@ def recipe_of(prog, kind: str, config: OptimizationConfig, joint_compression: bo
             f"config must be a coremltools OptimizationConfig, got {type(config).__name__}"
         )
     to_spec, config_type, joint_forms = _KINDS[kind]
+    opsets = [f.opset_version or ct.target.iOS15 for f in prog.functions.values()]
+    ios18 = min(opsets) >= ct.target.iOS18
+    if joint_compression and not ios18:
+        raise ConfigError(f"Joint compression is only supported since iOS18. {_RECONVERT}")
     overrides: list[tuple[str, Any]] = []
+    selected: list[str] = []
     default = None
     for func in prog.functions.values():
         for op in walk_ops(func):
@@ -188,11 +231,14 @@ def recipe_of(prog, kind: str, config: OptimizationConfig, joint_compression: bo
             if chain is None:
                 continue
             uses = [c for c in op.outputs[0].child_ops if not c.op_type.startswith("constexpr_")]
-            if not uses or any(u.op_type not in WEIGHT_OPERANDS for u in uses):
-                continue  # not a weight of a milsparse pass (docs/coremltools-dropin.md)
+            if not uses:
+                continue
             _, chosen = _config_for(op, uses, config)
             spec = None
             if chosen is not None and chain.num_elements > (chosen.weight_threshold or 0):
+                refusal = None if ios18 else _ios18_only(kind, chosen)
+                if refusal is not None:
+                    raise ConfigError(refusal)
                 spec = to_spec(chosen)
                 if kind == "prune" and _structured(chosen):
                     if any(u.op_type not in _STRUCTURED_OPS for u in uses):
@@ -202,6 +248,8 @@ def recipe_of(prog, kind: str, config: OptimizationConfig, joint_compression: bo
                 ):
                     spec = None  # already compressed: left as it is
             overrides.append((_escape(op.name), spec))
+            if spec is not None:  # whatever reads it (an lstm, a gather), as coremltools
+                selected.append(_escape(op.name))
             default = default or spec
     # configs' own specs are validated even when no weight takes them
     for c in (config.global_config, *config.op_type_configs.values(),
@@ -210,17 +258,27 @@ def recipe_of(prog, kind: str, config: OptimizationConfig, joint_compression: bo
             default = default or to_spec(c)
     if default is None:
         raise ConfigError("the OptimizationConfig has no compressor config")
-    step = config_type(spec=default, overrides=tuple(overrides), min_size=0)
+    step = config_type(
+        spec=default, overrides=tuple(overrides), op_names=tuple(selected), min_size=0
+    )
     return Recipe([Step(kind, step)])
 
 
 def _run(kind: str, mlmodel, config, joint_compression: bool) -> ct.models.MLModel:
-    from milsparse.api import compress
+    """The model compressed as `config` asks, loaded once; it carries its `_mil_program`, as
+    coremltools' results do."""
+    from milsparse.api import run_compress
+    from milsparse.options import CompressOptions
 
     source = package.open_model(mlmodel)
     prog = package.load_program(source)
     recipe = recipe_of(prog, kind, config, joint_compression)
-    return compress(source, recipe)
+    compressed, report = run_compress(CompressOptions.build(source, recipe), prog)
+    for d in report.decisions:  # as coremltools warns of the weights it skips
+        if d.spec is not None and not d.compressed and d.is_weight:
+            _log.warning("%s %s left as it is: %s", d.spec, d.name, d.reason)
+    compressed._mil_program = package.load_program(compressed)
+    return compressed
 
 
 def prune_weights(
@@ -238,9 +296,10 @@ def palettize_weights(
     mlmodel, config: OptimizationConfig, joint_compression: bool = False
 ) -> ct.models.MLModel:
     """`ct.optimize.coreml.palettize_weights` with milsparse's tables: OpPalettizerConfig
-    (nbits, mode kmeans or uniform, granularity, group_size, cluster_dim; num_kmeans_workers is
-    accepted and has no effect). `joint_compression=True` palettizes the nonzeros of sparse
-    weights into `constexpr_lut_to_sparse` (tables fitted on the nonzeros only)."""
+    (nbits, mode kmeans, uniform, unique or custom with lut_function, granularity, group_size,
+    cluster_dim; num_kmeans_workers is accepted and has no effect). `joint_compression=True`
+    palettizes the nonzeros of sparse weights into `constexpr_lut_to_sparse` (tables fitted on
+    the nonzeros only)."""
     return _run("palettize", mlmodel, config, joint_compression)
 
 
@@ -252,3 +311,21 @@ def linear_quantize_weights(
     int). `joint_compression=True` quantizes the nonzeros of sparse weights into
     `constexpr_sparse_blockwise_shift_scale`, ranges from the nonzeros."""
     return _run("quantize", mlmodel, config, joint_compression)
+
+
+def decompress_weights(mlmodel) -> ct.models.MLModel:
+    """`ct.optimize.coreml.decompress_weights`: every compressed weight (any constexpr chain,
+    the iOS18 joint forms included) back to a plain const of its decoded values, in its own
+    dtype; multifunction models too. The decoded values are written to disk as they are made,
+    not held in memory. The model carries its `_mil_program`."""
+    from milsparse.ir.blobs import Spill
+    from milsparse.passes.decompress import decompress_weights as decompress
+
+    source = package.open_model(mlmodel)
+    prog = package.load_program(source)
+    with staging.spill_folder() as folder:
+        decompress(prog, Spill(folder))
+        model = package.program_to_model(prog, source.get_spec().specificationVersion, source)
+        del prog
+    model._mil_program = package.load_program(model)
+    return model
