@@ -190,7 +190,7 @@ def _selection_flags(comp) -> None:
     comp.add_argument(
         "--target",
         metavar="NAME",
-        help="raise the program's opset first: ios16 | ios17 | ios18 (or macOS13-15, ...)",
+        help="raise the program's opset first: ios16 | ios17 | ios18 | ios26 (or macOS13, ...)",
     )
     comp.add_argument(
         "--op-types",

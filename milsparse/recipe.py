@@ -4,7 +4,7 @@ A recipe is an ordered list of steps, each one pass (`prune`, `palettize` or `qu
 its own options, weight selection and per-name overrides; steps run in the order written:
 
 ```yaml
-target: ios18            # optional: raise the program's opset (ios16 | ios17 | ios18)
+target: ios18            # optional: raise the program's opset (ios16 | ios17 | ios18 | ios26)
 steps:
   - prune:
       spec: "2:4"        # or unstructured:0.5, threshold:1e-3, block4@in:0.5, or a mapping

@@ -8,13 +8,15 @@ from milsparse.errors import ConfigError
 
 __all__ = ["TARGETS", "parse_target"]
 
-# The deployment targets milsparse writes: constexpr_sparse_to_dense needs iOS16; the iOS18
-# opset adds the uint1 mask and the joint forms. The same opsets under their other platforms'
-# names (macOS13-15, tvOS16-18, watchOS9-11) are accepted too.
+# The deployment targets milsparse writes: every one coremltools offers from iOS16 on
+# (constexpr_sparse_to_dense needs iOS16; the iOS18 opset adds the uint1 mask and the joint
+# forms; iOS26, specification 10, keeps iOS18's constexpr ops). The same opsets under their
+# other platforms' names (macOS13-15 and 26, tvOS16-18 and 26, watchOS9-11 and 26) are
+# accepted too.
 TARGETS = {
-    "ios16": AvailableTarget.iOS16,
-    "ios17": AvailableTarget.iOS17,
-    "ios18": AvailableTarget.iOS18,
+    name.lower(): member
+    for name, member in AvailableTarget.__members__.items()
+    if name.startswith("iOS") and member >= AvailableTarget.iOS16
 }
 _TARGET_ALIASES = {
     name.lower(): member
@@ -24,8 +26,8 @@ _TARGET_ALIASES = {
 
 
 def parse_target(target) -> AvailableTarget | None:
-    """None, a ct.target from iOS16 to iOS18, or a name: 'ios16' | 'ios17' | 'ios18', or the
-    same opsets as 'macOS13'-'macOS15', 'tvOS16'-'tvOS18', 'watchOS9'-'watchOS11' (any case)."""
+    """None, a ct.target from iOS16 on, or a name: 'ios16' | 'ios17' | 'ios18' | 'ios26', or the
+    same opsets under their macOS, tvOS and watchOS names (any case)."""
     if target is None:
         return None
     if isinstance(target, AvailableTarget) and target in TARGETS.values():
@@ -35,5 +37,5 @@ def parse_target(target) -> AvailableTarget | None:
     shown = target.name if isinstance(target, AvailableTarget) else repr(target)
     raise ConfigError(
         f"unsupported target {shown}; use one of {', '.join(TARGETS)} "
-        "(or macOS13-15, tvOS16-18, watchOS9-11)"
+        "(or the same under their macOS, tvOS and watchOS names)"
     )

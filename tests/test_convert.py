@@ -212,3 +212,22 @@ def test_a_classifier_model_compresses_and_its_class_labels_are_left_alone(tmp_p
         ops = [op.op_type for op in pruned._mil_program.functions["main"].operations]
         assert "classify" in ops and ops.count("constexpr_sparse_to_dense") == 1
         assert "op_0_weight_to_fp16" in str(ms.inspect_model(pruned))
+
+
+def test_ios26_is_a_target_everywhere_one_is_named(tmp_path):
+    """coremltools 9 names iOS26 (specification 10): a torch model converted at iOS26 with
+    coreml_pipeline gets the iOS18 forms (iOS26 keeps iOS18's constexpr ops), a recipe may
+    name it, and compressing the iOS26 package keeps its target."""
+    recipe = ms.Recipe([{"prune": "2:4"}, {"palettize": "lut4"}], "ios26")
+    mlmodel = torch_models.convert(
+        torch_models.MLP(), pass_pipeline=ms.coreml_pipeline(recipe, target=ct.target.iOS26),
+        target=ct.target.iOS26,
+    )  # fmt: skip
+    assert mlmodel.get_spec().specificationVersion == 10
+    joint = [op for op in _main_ops(mlmodel) if op.op_type == "constexpr_lut_to_sparse"]
+    assert joint and all(op.indices_mask.dtype == ct.converters.mil.mil.types.uint1 for op in joint)
+    dense = torch_models.convert(torch_models.MLP(), target=ct.target.iOS26)
+    _, report = ms.compress_with_report(dense, recipe)
+    assert report.target == "iOS26" and report.compressed
+    out = ms.save(ms.compress(dense, "2:4"), tmp_path / "o.mlpackage")
+    assert ct.models.MLModel(str(out), skip_model_load=True).get_spec().specificationVersion == 10

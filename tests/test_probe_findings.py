@@ -349,11 +349,14 @@ def test_19_target_names_of_every_platform_and_a_clear_refusal():
     assert targets.parse_target("MACOS15") is ct.target.iOS18
     assert targets.parse_target("watchOS10") is ct.target.iOS17
     assert targets.parse_target(ct.target.tvOS18) is ct.target.iOS18
-    for bad in ("ios26", "macOS12", "ios15", ct.target.iOS15, 18):
+    # every target coremltools 9 offers (issue 16): iOS26 is specification 10
+    assert targets.parse_target("ios26") is targets.parse_target("macOS26") is ct.target.iOS26
+    assert targets.parse_target(ct.target.watchOS26) is ct.target.iOS26
+    for bad in ("ios27", "macOS12", "ios15", ct.target.iOS15, 18):
         with pytest.raises(ConfigError) as info:
             targets.parse_target(bad)
         offered = str(info.value).split("use one of")[1]
-        assert "ios26" not in offered and offered.startswith(" ios16, ios17, ios18 (")
+        assert offered.startswith(" ios16, ios17, ios18, ios26 (")
 
 
 def test_19_the_cli_takes_the_same_target_names(model, tmp_path, capsys):
@@ -362,7 +365,12 @@ def test_19_the_cli_takes_the_same_target_names(model, tmp_path, capsys):
                  "macOS15", "--json"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)["target"] == "iOS18"
     assert main(["compress", str(model), "-o", str(out), "--prune", "2:4", "--force",
-                 "--target", "ios26"]) == 2  # fmt: skip
+                 "--target", "ios26", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["target"] == "iOS26"
+    written = ct.models.MLModel(str(out), skip_model_load=True)
+    assert written.get_spec().specificationVersion == 10
+    assert main(["compress", str(model), "-o", str(out), "--prune", "2:4", "--force",
+                 "--target", "ios27"]) == 2  # fmt: skip
     assert "unsupported target" in capsys.readouterr().err
 
 
