@@ -318,3 +318,38 @@ def test_decompress_and_metadata_of_every_form(tmp_path, steps):
     for got, want in zip(evaluate_program(dense._mil_program, x).values(),
                          evaluate_program(prog, x).values(), strict=True):  # fmt: skip
         np.testing.assert_array_equal(got, want)
+
+
+def test_group_size_0_is_one_table_of_every_channel_and_multifunction_models_compress(tmp_path):
+    """coremltools reads group_size 0 as the whole channel axis (it refused with "group_size
+    must be an integer >= 1"); and every drop-in function takes multifunction packages, which
+    coremltools refuses."""
+    import coremltools as ct
+
+    newer = _ios(ct.target.iOS18, tmp_path)
+    grouped = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(
+        nbits=4, granularity="per_grouped_channel", group_size=0))  # fmt: skip
+    per_tensor = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(nbits=4))
+    assert _blob(drop.palettize_weights(str(newer), grouped)) == _blob(
+        drop.palettize_weights(str(newer), per_tensor)
+    )
+    desc = ct.utils.MultiFunctionDescriptor()
+    desc.add_function(str(newer), "main", "first")
+    desc.add_function(str(_ios(ct.target.iOS18, tmp_path, "b.mlpackage")), "main", "second")
+    desc.default_function_name = "first"
+    multi = tmp_path / "multi.mlpackage"
+    ct.utils.save_multifunction(desc, str(multi))
+    calls = {
+        drop.prune_weights: cto.OpMagnitudePrunerConfig(target_sparsity=0.5),
+        drop.palettize_weights: cto.OpPalettizerConfig(nbits=4),
+        drop.linear_quantize_weights: cto.OpLinearQuantizerConfig(dtype="int8"),
+    }
+    for function, op_config in calls.items():
+        model = function(str(multi), cto.OptimizationConfig(global_config=op_config))
+        assert set(model._mil_program.functions) == {"first", "second"}
+        rows = ms.inspect_model(model).rows
+        assert {r.function for r in rows if r.format != "dense"} == {"first", "second"}
+    dense = drop.decompress_weights(model)
+    assert not [op for f in dense._mil_program.functions.values() for op in f.operations
+                if op.op_type.startswith("constexpr_")]  # fmt: skip
+    assert drop.get_weights_metadata(model, weight_threshold=1000)

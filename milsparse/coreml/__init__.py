@@ -114,13 +114,16 @@ def _palettize_spec(config):
         raise ConfigError(f"OpPalettizerConfig options milsparse does not support: "
                           f"{', '.join(unsupported)}")  # fmt: skip
     granularity = _name(config.granularity)
+    group_size = config.group_size
+    if granularity == "per_grouped_channel" and group_size == 0:
+        granularity, group_size = "per_tensor", 32  # coremltools: 0 groups every channel
     try:
         return PalettizeSpec(
             nbits=config.nbits,
             mode=mode,
             lut_function=config.lut_function,
             granularity=granularity,
-            group_size=config.group_size,
+            group_size=group_size,
             cluster_dim=config.cluster_dim,
         )
     except (TypeError, ValueError) as e:
