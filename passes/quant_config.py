@@ -15,6 +15,7 @@ from milsparse.ir.errors import ConfigError
 from milsparse.passes.config import (
     SelectionMethods,
     config_parser,
+    is_int,
     positive_int,
     spec_reader,
 )
@@ -36,6 +37,10 @@ class QuantizeSpec:
         zero included).
     granularity: "per_tensor", "per_channel" (one scale per output channel; the default), or
         "per_block" (per output channel and block of `block_size` input channels; iOS18).
+    block_shape: per_block with the block given on each of the weight's own axes instead
+        (coremltools' per-axis `block_size`): `(1, 32)` is per output channel and 32 input
+        channels, `(0, 32)` shares each block's scale across every output channel; 0 is the
+        whole axis. Every axis must be a multiple of its block, and the rank the weight's.
     """
 
     dtype: str = attrs.field(validator=attrs.validators.in_(tuple(DTYPES)))
@@ -44,6 +49,19 @@ class QuantizeSpec:
         default="per_channel", validator=attrs.validators.in_(GRANULARITIES)
     )
     block_size: int = attrs.field(default=32, validator=positive_int)
+    block_shape: tuple[int, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(tuple)
+    )
+
+    def __attrs_post_init__(self):
+        if self.block_shape is None:
+            return
+        if self.granularity != "per_block":
+            raise ConfigError(f"block_shape is for per_block, not {self.granularity}")
+        if not self.block_shape or not all(is_int(b, 0) for b in self.block_shape):
+            raise ConfigError(
+                f"block_shape must be integers >= 0, one per axis, got {self.block_shape!r}"
+            )
 
     @property
     def nbits(self) -> int:
@@ -54,7 +72,10 @@ class QuantizeSpec:
         return not self.dtype.startswith("u")
 
     def to_string(self) -> str:
-        where = {"per_tensor": "@t", "per_channel": "", "per_block": f"@b{self.block_size}"}
+        block = self.block_size
+        if self.block_shape is not None:
+            block = "x".join(map(str, self.block_shape))
+        where = {"per_tensor": "@t", "per_channel": "", "per_block": f"@b{block}"}
         mode = ":affine" if self.mode == "linear" else ""
         return f"{self.dtype}{where[self.granularity]}{mode}"
 
@@ -62,11 +83,14 @@ class QuantizeSpec:
         return attrs.asdict(self)
 
 
-_SPEC_RE = re.compile(r"^(?P<dtype>u?int[48])(?:@(?P<where>t|ch|b\d+))?(?::(?P<mode>\w+))?$")
+_SPEC_RE = re.compile(
+    r"^(?P<dtype>u?int[48])(?:@(?P<where>t|ch|b\d+(?:x\d+)*))?(?::(?P<mode>\w+))?$"
+)
 
 
 def parse_quantize_spec(text: str) -> QuantizeSpec:
-    """Parse `DTYPE[@ch|@t|@bN][:affine|:symmetric]`, e.g. `int8`, `int4@b32`, `uint8:affine`."""
+    """Parse `DTYPE[@ch|@t|@bN|@bAxBx...][:affine|:symmetric]`, e.g. `int8`, `int4@b32`,
+    `uint8:affine`, `int4@b0x32` (a block per axis of the weight, 0 the whole axis)."""
     if not isinstance(text, str):
         raise ConfigError(f"a quantize spec must be a string, got {type(text).__name__}")
     match = _SPEC_RE.match(text.strip())
@@ -84,7 +108,8 @@ def parse_quantize_spec(text: str) -> QuantizeSpec:
             dtype=match["dtype"],
             mode=modes[match["mode"]],
             granularity={"t": "per_tensor", "ch": "per_channel"}.get(where, "per_block"),
-            block_size=int(where[1:]) if where.startswith("b") else 32,
+            block_size=int(where[1:]) if where.startswith("b") and "x" not in where else 32,
+            block_shape=tuple(map(int, where[1:].split("x"))) if "x" in where else None,
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad quantize spec {text!r}: {e}") from e

@@ -296,7 +296,19 @@ class QuantizeWeights(WeightPass):
         """(input axis, output axis) of the weight; a block size that does not divide the
         input channels is refused."""
         axes = channel_axes(use, rank)
-        if spec.granularity == "per_block":
+        if spec.block_shape is not None:
+            shape = op.outputs[0].shape
+            if len(spec.block_shape) != rank:
+                return MatchResult.fail(
+                    f"{spec.to_string()}: {len(spec.block_shape)} block sizes for a weight of "
+                    f"rank {rank}"
+                )
+            for d, (n, b) in enumerate(zip(shape, spec.block_shape, strict=True)):
+                if b and n % b:
+                    return MatchResult.fail(
+                        f"{spec.to_string()}: axis {d} ({n}) is not a multiple of its block {b}"
+                    )
+        elif spec.granularity == "per_block":
             channels = op.outputs[0].shape[axes[0]]
             if channels % spec.block_size:
                 return MatchResult.fail(
@@ -362,6 +374,8 @@ def _zero_levels(q: np.ndarray, offset, scale_shape) -> int:
 
 
 def _scale_shape(shape, spec: QuantizeSpec, axes) -> list[int]:
+    if spec.block_shape is not None:
+        return [n // b if b else 1 for n, b in zip(shape, spec.block_shape, strict=True)]
     scale = [1] * len(shape)
     if spec.granularity != "per_tensor":
         scale[axes[1]] = shape[axes[1]]

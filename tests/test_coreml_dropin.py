@@ -78,6 +78,21 @@ def _formats(model) -> dict[str, str]:
             cto.OpLinearQuantizerConfig(dtype="int8", granularity="per_tensor"),
             "int8@t",
         ),
+        (
+            drop.linear_quantize_weights,
+            cto.OpLinearQuantizerConfig(dtype="int4", granularity="per_block", block_size=[1, 32]),
+            "int4@b32",
+        ),
+        (
+            drop.linear_quantize_weights,
+            cto.OpLinearQuantizerConfig(dtype="int4", granularity="per_block", block_size=[0, 32]),
+            "int4@b0x32",
+        ),
+        (
+            drop.linear_quantize_weights,
+            cto.OpLinearQuantizerConfig(dtype="int8", granularity="per_block", block_size=0),
+            "int8",
+        ),
     ],
 )
 def test_the_drop_in_gives_the_native_package(block, function, op_config, native):
@@ -121,11 +136,6 @@ def test_op_type_and_op_name_configs_resolve_per_weight_in_coremltools_order(blo
             "enable_per_channel_scale",
         ),
         (drop.palettize_weights, cto.OpPalettizerConfig(nbits=4, channel_axis=1), "channel_axis"),
-        (
-            drop.linear_quantize_weights,
-            cto.OpLinearQuantizerConfig(granularity="per_block", block_size=[1, 8]),
-            "block_size=[1, 8] per axis",
-        ),
         (drop.prune_weights, cto.OpPalettizerConfig(nbits=4), "takes OpMagnitudePrunerConfig"),
     ],
 )

@@ -137,18 +137,18 @@ def _quantize_spec(config):
         )
     dtype = config.dtype if isinstance(config.dtype, str) else types.builtin_to_string(config.dtype)
     granularity = _name(config.granularity)
-    block_size = config.block_size
-    if not isinstance(block_size, int):
-        raise ConfigError(
-            f"OpLinearQuantizerConfig block_size={block_size!r} per axis is not supported by "
-            "milsparse: give one int (input channels per block)"
-        )
+    block_size, block_shape = config.block_size, None
+    if granularity == "per_block" and not isinstance(block_size, int):
+        block_size, block_shape = 32, tuple(block_size)  # a block per axis, 0 the whole axis
+    elif granularity == "per_block" and block_size == 0:
+        granularity = "per_channel"  # coremltools: the whole input axis, per output channel
     try:
         return QuantizeSpec(
             dtype=dtype,
             mode=_name(config.mode),
             granularity=granularity,
-            block_size=block_size if block_size > 0 else 32,
+            block_size=block_size if isinstance(block_size, int) and block_size > 0 else 32,
+            block_shape=block_shape,
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"OpLinearQuantizerConfig: {e}") from e

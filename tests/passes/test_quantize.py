@@ -8,7 +8,11 @@ from milsparse.fixtures import programs
 from milsparse.ir.chain import Form, weight_chain
 from milsparse.passes.prune import PruneWeights
 from milsparse.passes.prune_config import PruneConfig, parse_prune_spec
-from milsparse.passes.quant_config import parse_quantize_config, parse_quantize_spec
+from milsparse.passes.quant_config import (
+    QuantizeSpec,
+    parse_quantize_config,
+    parse_quantize_spec,
+)
 from milsparse.passes.quantize import QuantizeWeights, quantize_blockwise
 
 from milsparse.errors import ConfigError
@@ -280,3 +284,37 @@ def test_a_weight_no_stored_scale_fits_is_left_dense_with_the_reason(monkeypatch
     d = _quantize(prog, "int8")
     assert not d.compressed and d.reason == "int8: 1 of 64 groups have no float16 scale ..."
     assert _weight_op(prog).op_type == "const"
+
+
+def test_a_block_per_axis_of_the_weight():
+    """coremltools' per-axis block_size (issue 16): `int4@b0x32` shares each 32-input-channel
+    block's scale across every output channel, `int4@b1x32` is `int4@b32`; every value decodes
+    within half a step of its block's scale; a block that does not divide its axis, or a rank
+    other than the weight's, leaves the weight dense with the reason."""
+    spec = parse_quantize_spec("int4@b0x32")
+    assert spec.block_shape == (0, 32) and spec.to_string() == "int4@b0x32"
+    with pytest.raises(ConfigError, match="block_shape is for per_block"):
+        QuantizeSpec("int8", granularity="per_channel", block_shape=(0, 32))
+    weight = programs.mlp(sizes=(64, 128, 10)).functions["main"].find_ops(op_type="const")[0]
+    w = np.asarray(weight.outputs[0].val)  # fc0_weight, 128 x 64
+    assert w.shape == (128, 64)
+    for text, scale_shape in (("int4@b0x32", (1, 2)), ("int4@b1x32", (128, 2)),
+                              ("int8@b0x0", (1, 1)), ("int8@b4x16", (32, 4))):  # fmt: skip
+        prog = programs.mlp(sizes=(64, 128, 10))
+        pass_ = QuantizeWeights({"spec": text, "min_size": 16, "op_names": ["fc0_weight"]})
+        pass_(prog)
+        (d,) = [d for d in pass_.report if d.name == "fc0_weight"]
+        assert d.compressed and d.spec == text
+        (op,) = prog.functions["main"].find_ops(op_type="constexpr_blockwise_shift_scale")
+        scale = np.asarray(op.scale.val)
+        assert scale.shape == scale_shape
+        decoded = op.materialized_val_inference()
+        step = np.repeat(np.repeat(scale, 128 // scale_shape[0], 0), 64 // scale_shape[1], 1)
+        assert np.all(np.abs(decoded - w) <= step / 2 * (1 + 1e-6))
+    for text, reason in (("int4@b0x48", "axis 1 (64) is not a multiple of its block 48"),
+                         ("int4@b0x0x1", "3 block sizes for a weight of rank 2")):  # fmt: skip
+        prog = programs.mlp(sizes=(64, 128, 10))
+        pass_ = QuantizeWeights({"spec": text, "min_size": 16})
+        pass_(prog)
+        (d,) = [d for d in pass_.report if d.name == "fc0_weight"]
+        assert not d.compressed and d.reason == f"{text}: {reason}"
