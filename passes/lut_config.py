@@ -49,6 +49,8 @@ class PalettizeSpec:
     cluster_dim: elements per table entry, taken along the output channels (vector
         palettization, iOS18, k-means only); the output channels, and `group_size`, must be
         multiples of it.
+    channel_axis: the weight's axis that groups and vectors run along instead of its output
+        channels (None), as coremltools' `channel_axis`; negative counts from the end.
     """
 
     nbits: int | None = attrs.field(
@@ -61,6 +63,7 @@ class PalettizeSpec:
     group_size: int = attrs.field(default=32, validator=positive_int)
     cluster_dim: int = attrs.field(default=1, validator=positive_int)
     lut_function: Any = attrs.field(default=None, eq=False, repr=False)
+    channel_axis: int | None = attrs.field(default=None)
 
     def __attrs_post_init__(self):
         if isinstance(self.nbits, bool):
@@ -75,6 +78,12 @@ class PalettizeSpec:
             )
         if self.lut_function is not None and not callable(self.lut_function):
             raise ConfigError(f"lut_function must be callable, got {self.lut_function!r}")
+        if (
+            self.channel_axis is not None
+            and not isinstance(self.channel_axis, int)
+            or isinstance(self.channel_axis, bool)
+        ):
+            raise ConfigError(f"channel_axis must be an integer axis, got {self.channel_axis!r}")
         if self.mode == "custom" and self.cluster_dim > 1:
             raise ConfigError("mode custom palettizes scalars (cluster_dim 1)")
         if self.cluster_dim > 1 and self.mode not in ("kmeans", "unique", "custom"):
@@ -99,6 +108,8 @@ class PalettizeSpec:
     def to_string(self) -> str:
         vector = f"x{self.cluster_dim}" if self.cluster_dim > 1 else ""
         groups = f"@g{self.group_size}" if self.granularity == "per_grouped_channel" else ""
+        if self.channel_axis is not None and (groups or vector):
+            groups += f"@axis{self.channel_axis}"
         mode = "" if self.mode == "kmeans" else f":{self.mode}"
         return f"lut{self.nbits or ''}{vector}{groups}{mode}"
 
@@ -107,7 +118,8 @@ class PalettizeSpec:
 
 
 _SPEC_RE = re.compile(
-    r"^lut(?P<nbits>\d+)?(?:x(?P<vector>\d+))?(?:@g(?P<group>\d+))?(?::(?P<mode>\w+))?$"
+    r"^lut(?P<nbits>\d+)?(?:x(?P<vector>\d+))?(?:@g(?P<group>\d+))?(?:@axis(?P<axis>-?\d+))?"
+    r"(?::(?P<mode>\w+))?$"
 )
 
 
@@ -135,6 +147,7 @@ def parse_palettize_spec(text: str) -> PalettizeSpec:
             granularity="per_grouped_channel" if group else "per_tensor",
             group_size=int(group) if group else 32,
             cluster_dim=int(match["vector"] or 1),
+            channel_axis=int(match["axis"]) if match["axis"] else None,
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad palettize spec {text!r}: {e}") from e

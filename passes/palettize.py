@@ -98,15 +98,22 @@ class PalettizeWeights(WeightPass):
         if spec.granularity == "per_tensor" and spec.cluster_dim == 1:
             return MatchResult.ok(None)
         axis = channel_axes(use, rank)[1]
+        if spec.channel_axis is not None:
+            if not -rank <= spec.channel_axis < rank:
+                return MatchResult.fail(
+                    f"{spec.to_string()}: channel_axis {spec.channel_axis} of a weight of rank "
+                    f"{rank}"
+                )
+            axis = spec.channel_axis % rank
         channels = op.outputs[0].shape[axis]
+        along = "output channels" if spec.channel_axis is None else f"channels of axis {axis}"
         for size, what in (
             (spec.group_size if spec.granularity == "per_grouped_channel" else 1, "group_size"),
             (spec.cluster_dim, "cluster_dim"),
         ):
             if channels % size:
                 return MatchResult.fail(
-                    f"{spec.to_string()}: {channels} output channels are not a multiple of "
-                    f"{what} {size}"
+                    f"{spec.to_string()}: {channels} {along} are not a multiple of {what} {size}"
                 )
         return MatchResult.ok(axis)
 

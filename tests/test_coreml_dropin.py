@@ -65,6 +65,13 @@ def _formats(model) -> dict[str, str]:
             "lut2x2@g16",
         ),  # fmt: skip
         (drop.palettize_weights, cto.OpPalettizerConfig(nbits=6, mode="uniform"), "lut6:uniform"),
+        (
+            drop.palettize_weights,
+            cto.OpPalettizerConfig(
+                nbits=4, granularity="per_grouped_channel", group_size=16, channel_axis=1
+            ),
+            "lut4@g16@axis1",
+        ),
         (drop.linear_quantize_weights, cto.OpLinearQuantizerConfig(), "int8"),
         (
             drop.linear_quantize_weights,
@@ -135,7 +142,6 @@ def test_op_type_and_op_name_configs_resolve_per_weight_in_coremltools_order(blo
             cto.OpPalettizerConfig(nbits=4, enable_per_channel_scale=True),
             "enable_per_channel_scale",
         ),
-        (drop.palettize_weights, cto.OpPalettizerConfig(nbits=4, channel_axis=1), "channel_axis"),
         (drop.prune_weights, cto.OpPalettizerConfig(nbits=4), "takes OpMagnitudePrunerConfig"),
     ],
 )

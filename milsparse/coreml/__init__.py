@@ -106,10 +106,6 @@ def _palettize_spec(config):
     mode = _name(config.mode)
     if config.enable_per_channel_scale:
         unsupported.append("enable_per_channel_scale=True")
-    if config.channel_axis is not None:
-        unsupported.append(
-            f"channel_axis={config.channel_axis} (milsparse groups along each op's output channels)"
-        )
     if unsupported:
         raise ConfigError(f"OpPalettizerConfig options milsparse does not support: "
                           f"{', '.join(unsupported)}")  # fmt: skip
@@ -122,6 +118,7 @@ def _palettize_spec(config):
             nbits=config.nbits,
             mode=mode,
             lut_function=config.lut_function,
+            channel_axis=config.channel_axis,
             granularity=granularity,
             group_size=group_size,
             cluster_dim=config.cluster_dim,

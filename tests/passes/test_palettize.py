@@ -338,3 +338,27 @@ def test_unique_palettization_is_lossless_with_the_fewest_bits():
         parse_palettize_spec("lut4:custom")
     with pytest.raises(ConfigError, match="mode kmeans needs nbits"):
         parse_palettize_spec("lut")
+
+
+def test_channel_axis_groups_tables_along_another_axis():
+    """coremltools' channel_axis: `lut4@g16@axis1` gives a table per 16 input channels of a
+    linear weight (the lut's group axis is 1), decoding as coremltools decodes it; an axis the
+    weight lacks leaves it dense."""
+    spec = parse_palettize_spec("lut4@g16@axis1")
+    assert spec.channel_axis == 1 and spec.to_string() == "lut4@g16@axis1"
+    prog = programs.single_op("linear", shape=(32, 64), opset=ct.target.iOS18)
+    pass_ = PalettizeWeights({"spec": "lut4@g16@axis1", "min_size": 16})
+    pass_(prog)
+    (d,) = [d for d in pass_.report if d.name == "weight"]
+    assert d.compressed
+    (op,) = prog.functions["main"].find_ops(op_type="constexpr_lut_to_dense")
+    assert op.lut.shape == (1, 4, 16, 1)
+    assert weight_chain(op).decode().shape == (32, 64)
+    np.testing.assert_array_equal(weight_chain(op).decode(), op.materialized_val_inference())
+    for g in range(4):  # each group of 16 input channels decodes to its own table's entries
+        columns = op.materialized_val_inference()[:, 16 * g : 16 * (g + 1)]
+        assert set(np.unique(columns)) <= set(np.asarray(op.lut.val)[0, g, :, 0])
+    prog = programs.single_op("linear", shape=(32, 64), opset=ct.target.iOS18)
+    pass_ = PalettizeWeights({"spec": "lut4@g16@axis2", "min_size": 16})
+    pass_(prog)
+    assert pass_.report[0].reason == "lut4@g16@axis2: channel_axis 2 of a weight of rank 2"
