@@ -51,6 +51,9 @@ class PalettizeSpec:
         multiples of it.
     channel_axis: the weight's axis that groups and vectors run along instead of its output
         channels (None), as coremltools' `channel_axis`; negative counts from the end.
+    per_channel_scale: coremltools' `enable_per_channel_scale` (iOS18): the weight is divided
+        by its largest magnitude along the channel axis before palettizing, and those scales
+        are stored in a `constexpr_blockwise_shift_scale` that reads the table's output.
     """
 
     nbits: int | None = attrs.field(
@@ -64,6 +67,9 @@ class PalettizeSpec:
     cluster_dim: int = attrs.field(default=1, validator=positive_int)
     lut_function: Any = attrs.field(default=None, eq=False, repr=False)
     channel_axis: int | None = attrs.field(default=None)
+    per_channel_scale: bool = attrs.field(
+        default=False, validator=attrs.validators.instance_of(bool)
+    )
 
     def __attrs_post_init__(self):
         if isinstance(self.nbits, bool):
@@ -103,13 +109,16 @@ class PalettizeSpec:
             self.nbits in (*IOS16_NBITS, None)
             and self.granularity == "per_tensor"
             and self.cluster_dim == 1
+            and not self.per_channel_scale
         )
 
     def to_string(self) -> str:
         vector = f"x{self.cluster_dim}" if self.cluster_dim > 1 else ""
         groups = f"@g{self.group_size}" if self.granularity == "per_grouped_channel" else ""
-        if self.channel_axis is not None and (groups or vector):
+        if self.channel_axis is not None and (groups or vector or self.per_channel_scale):
             groups += f"@axis{self.channel_axis}"
+        if self.per_channel_scale:
+            groups += "@pcs"
         mode = "" if self.mode == "kmeans" else f":{self.mode}"
         return f"lut{self.nbits or ''}{vector}{groups}{mode}"
 
@@ -118,7 +127,7 @@ class PalettizeSpec:
 
 
 _SPEC_RE = re.compile(
-    r"^lut(?P<nbits>\d+)?(?:x(?P<vector>\d+))?(?:@g(?P<group>\d+))?(?:@axis(?P<axis>-?\d+))?"
+    r"^lut(?P<nbits>\d+)?(?:x(?P<vector>\d+))?(?:@g(?P<group>\d+))?(?:@axis(?P<axis>-?\d+))?(?P<pcs>@pcs)?"
     r"(?::(?P<mode>\w+))?$"
 )
 
@@ -148,6 +157,7 @@ def parse_palettize_spec(text: str) -> PalettizeSpec:
             group_size=int(group) if group else 32,
             cluster_dim=int(match["vector"] or 1),
             channel_axis=int(match["axis"]) if match["axis"] else None,
+            per_channel_scale=bool(match["pcs"]),
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad palettize spec {text!r}: {e}") from e

@@ -95,7 +95,11 @@ class PalettizeWeights(WeightPass):
     def prepare(self, op, spec: PalettizeSpec, use: Use, rank: int) -> MatchResult:
         """The output-channel axis for per-group tables and vectors; channels that group_size
         or cluster_dim do not divide are refused."""
-        if spec.granularity == "per_tensor" and spec.cluster_dim == 1:
+        if (
+            spec.granularity == "per_tensor"
+            and spec.cluster_dim == 1
+            and not (spec.per_channel_scale)
+        ):
             return MatchResult.ok(None)
         axis = channel_axes(use, rank)[1]
         if spec.channel_axis is not None:
@@ -126,9 +130,17 @@ class PalettizeWeights(WeightPass):
                 cand,
             )  # fmt: skip
         if cand.chain.form is Form.SPARSE:
+            if spec.per_channel_scale:
+                return dense_decision(
+                    op, f"{spec.to_string()}: per-channel scales of a sparse weight's nonzeros "
+                    "are not supported (palettize without @pcs)", cand,
+                )  # fmt: skip
             return self._compress_sparse(cand, rewrites)
         weight = cand.weight
         layout = _Layout(weight.shape, cand.axis, spec)
+        scales = None
+        if spec.per_channel_scale:
+            weight, scales = _per_channel_scaled(weight, cand.axis)
         if spec.mode == "custom":
             tables, indices, spec = _custom_fit(op.name, weight, layout, spec, ios18)
         else:
@@ -152,6 +164,7 @@ class PalettizeWeights(WeightPass):
                 ios18=ios18,
                 rank=weight.ndim,
             )  # fmt: skip
+            + ([] if scales is None else [(scales.size, value_bits)])
         )
         dense = formats.dense_bytes(weight.size, weight.dtype)
         if stored >= dense:
@@ -159,7 +172,8 @@ class PalettizeWeights(WeightPass):
                 op, f"palettized form would be larger: {stored} >= {dense} bytes", cand
             )
         decoded_zeros = layout.decoded_zeros(tables, indices)
-        rewrites.replace(op, _builder(op.name, tables, indices, spec, layout, ios18))
+        build = _builder(op.name, tables, indices, spec, layout, ios18)
+        rewrites.replace(op, build if scales is None else _scaled(op.name, build, scales))
         return compressed_decision(
             cand,
             shape=weight.shape,
@@ -311,6 +325,28 @@ class _Layout:
         if labels is None:
             return int(zeros_per_entry[0][flat].sum())
         return int(zeros_per_entry[labels, flat].sum())
+
+
+def _per_channel_scaled(weight: np.ndarray, axis: int):
+    """(the weight divided by its largest magnitude along `axis`, those scales), as
+    coremltools' enable_per_channel_scale makes them (an all-zero line keeps scale 1); the
+    division in float64, rounded once to the weight's dtype."""
+    scales = np.max(np.abs(weight), axis=axis, keepdims=True)
+    scales[scales == 0] = 1
+    return (weight.astype(np.float64) / scales).astype(weight.dtype), scales
+
+
+def _scaled(name: str, build, scales: np.ndarray):
+    """`build`'s table op read by a constexpr_blockwise_shift_scale of `scales`."""
+
+    def build_scaled(site, tmp_name):
+        table = build(site, f"{name}_palettized")
+        return mb.constexpr_blockwise_shift_scale(
+            data=table, scale=site.const(scales, f"{name}_per_channel_scale"), name=tmp_name,
+            before_op=site.op,
+        )  # fmt: skip
+
+    return build_scaled
 
 
 def _parts(groups: np.ndarray | None, count: int) -> list:

@@ -72,6 +72,11 @@ def _formats(model) -> dict[str, str]:
             ),
             "lut4@g16@axis1",
         ),
+        (
+            drop.palettize_weights,
+            cto.OpPalettizerConfig(nbits=4, enable_per_channel_scale=True),
+            "lut4@pcs",
+        ),
         (drop.linear_quantize_weights, cto.OpLinearQuantizerConfig(), "int8"),
         (
             drop.linear_quantize_weights,
@@ -137,11 +142,7 @@ def test_op_type_and_op_name_configs_resolve_per_weight_in_coremltools_order(blo
 @pytest.mark.parametrize(
     "function, op_config, message",
     [
-        (
-            drop.palettize_weights,
-            cto.OpPalettizerConfig(nbits=4, enable_per_channel_scale=True),
-            "enable_per_channel_scale",
-        ),
+        (drop.palettize_weights, cto.OpLinearQuantizerConfig(), "takes OpPalettizerConfig"),
         (drop.prune_weights, cto.OpPalettizerConfig(nbits=4), "takes OpMagnitudePrunerConfig"),
     ],
 )

@@ -102,13 +102,7 @@ def _palettize_spec(config):
         raise ConfigError(
             f"palettize_weights takes OpPalettizerConfig, got {type(config).__name__}"
         )
-    unsupported = []
     mode = _name(config.mode)
-    if config.enable_per_channel_scale:
-        unsupported.append("enable_per_channel_scale=True")
-    if unsupported:
-        raise ConfigError(f"OpPalettizerConfig options milsparse does not support: "
-                          f"{', '.join(unsupported)}")  # fmt: skip
     granularity = _name(config.granularity)
     group_size = config.group_size
     if granularity == "per_grouped_channel" and group_size == 0:
@@ -119,6 +113,7 @@ def _palettize_spec(config):
             mode=mode,
             lut_function=config.lut_function,
             channel_axis=config.channel_axis,
+            per_channel_scale=bool(config.enable_per_channel_scale),
             granularity=granularity,
             group_size=group_size,
             cluster_dim=config.cluster_dim,

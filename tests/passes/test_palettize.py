@@ -362,3 +362,32 @@ def test_channel_axis_groups_tables_along_another_axis():
     pass_ = PalettizeWeights({"spec": "lut4@g16@axis2", "min_size": 16})
     pass_(prog)
     assert pass_.report[0].reason == "lut4@g16@axis2: channel_axis 2 of a weight of rank 2"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_per_channel_scale_divides_by_each_line_s_largest_magnitude(dtype):
+    """coremltools' enable_per_channel_scale: the weight divided by its largest magnitude
+    along the output channels (a scale per input column of a linear weight), palettized, and
+    a constexpr_blockwise_shift_scale of the scales reading the table's output; milsparse's
+    decode and coremltools' agree, and the error is what the normalised table gives."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((32, 64)) * rng.lognormal(0, 1, (1, 64))).astype(dtype)
+    prog = programs.single_op("linear", weight=weight, opset=ct.target.iOS18, dtype=dtype)
+    pass_ = PalettizeWeights({"spec": "lut4@pcs", "min_size": 16})
+    pass_(prog)
+    (d,) = [d for d in pass_.report if d.name == "weight"]
+    assert d.compressed and d.spec == "lut4@pcs"
+    (root,) = prog.functions["main"].find_ops(op_type="constexpr_blockwise_shift_scale")
+    assert root.data.op.op_type == "constexpr_lut_to_dense" and root.scale.shape == (1, 64)
+    scales = np.max(np.abs(weight.astype(np.float64)), axis=0, keepdims=True)
+    np.testing.assert_array_equal(np.asarray(root.scale.val), scales.astype(dtype))
+    chain = weight_chain(root)
+    assert chain.label == "lut4" and chain.ops[-1] is root
+    decoded = root.materialized_val_inference()
+    np.testing.assert_array_equal(chain.decode().astype(dtype), decoded)
+    # one table of the normalised weight: every column decodes to its scale times an entry
+    table = np.asarray(root.data.op.lut.val).ravel().astype(np.float64)
+    ratios = decoded.astype(np.float64) / scales
+    assert np.all(np.min(np.abs(ratios[..., None] - table), axis=-1) < 1e-2)
+    with pytest.raises(ConfigError):
+        parse_palettize_spec("lut4@pcs:bogus")
