@@ -113,6 +113,8 @@ class WeightChain:
             if self.form in (Form.PALETTIZED, Form.SPARSE_PALETTIZED):
                 vector = f"x{self.vector_size}" if self.vector_size > 1 else ""
                 value = f"lut{self.nbits}{vector}"
+                if self.value_type:  # lut4+int8: an int8 table; lut4+scaled: per-channel scales
+                    value += f"+{self.value_type}"
             else:
                 value = self.value_type
             text = f"sparse+{value}" if self.form.sparse else value
@@ -217,7 +219,12 @@ def _form_of(kinds: set, ops: tuple) -> tuple[Form, int | None, str | None, int]
     quant_op = next((o for o in ops if o.op_type in _QUANT_OPS), None)
     if lut_op is not None:
         nbits, vector = _palette_bits(lut_op)
-        return (Form.SPARSE_PALETTIZED if sparse else Form.PALETTIZED), nbits, None, vector
+        scaled = None  # a quantized table (int8), or per-channel scales of the table's output
+        if quant_op is not None:
+            data = quant_op.inputs.get("data")
+            kind = types.builtin_to_string(data.dtype) if data is not None else None
+            scaled = kind if kind and kind.startswith(("int", "uint")) else "scaled"
+        return (Form.SPARSE_PALETTIZED if sparse else Form.PALETTIZED), nbits, scaled, vector
     if quant_op is not None:
         data = next(
             v for n, v in quant_op.inputs.items()

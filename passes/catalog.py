@@ -107,6 +107,7 @@ QUANTIZE = PassSpec(
     transforms=(
         ("dense", "quantized", "iOS16"),
         ("sparse", "sparse+quantized", "iOS18"),
+        ("palettized", "palettized", "iOS18"),  # the table quantized to int8
     ),
 )
 

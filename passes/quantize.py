@@ -29,10 +29,11 @@ than what the weight already is is not emitted.
 from __future__ import annotations
 
 import numpy as np
+from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from milsparse.ir import formats
-from milsparse.ir.chain import Form
+from milsparse.ir.chain import Form, bits_of
 from milsparse.ir.graph import Use
 from milsparse.passes import catalog
 from milsparse.passes._match import MatchResult
@@ -54,6 +55,7 @@ from milsparse.passes.registry import graph_pass
 
 __all__ = ["QuantizeWeights", "UnrepresentableScaleError", "fit_scales", "quantize_blockwise"]
 
+_IOS26 = AvailableTarget.iOS26  # its joint int8-table form is ordered the other way round
 _STORAGE = {
     "int8": np.int8,
     "uint8": np.uint8,
@@ -283,7 +285,11 @@ class QuantizeWeights(WeightPass):
 
     pass_name = "milsparse::quantize"
     emits = "constexpr_affine_dequantize"
-    accepts = frozenset({Form.DENSE, Form.SPARSE})
+    accepts = frozenset({Form.DENSE, Form.SPARSE, Form.PALETTIZED})
+
+    def check_function(self, fname: str, opset) -> bool:
+        self._opset = opset  # (before any weight of the function: workers only read it)
+        return super().check_function(fname, opset)
 
     @staticmethod
     def parse_config(value) -> QuantizeConfig:
@@ -319,6 +325,8 @@ class QuantizeWeights(WeightPass):
 
     def compress(self, cand: Candidate, ios18: bool, rewrites: Rewrites) -> WeightDecision:
         op, spec, chain = cand.op, cand.spec, cand.chain
+        if chain.form is Form.PALETTIZED:
+            return self._compress_table(cand, ios18, rewrites)
         sparse = chain.form is Form.SPARSE
         if not ios18 and (spec.nbits != 8 or spec.granularity == "per_block"):
             return dense_decision(
@@ -362,6 +370,103 @@ class QuantizeWeights(WeightPass):
             dense_bytes=chain.dense_bytes,
             stored_bytes=stored,
         )
+
+    # -- a palettized weight: its table quantized (the joint int8-table form) ------------------
+    def _compress_table(self, cand: Candidate, ios18: bool, rewrites: Rewrites) -> WeightDecision:
+        """Quantize a palettized weight's table (int8 or uint8, one scale per tensor or per
+        table), the indices kept. iOS18 reads `constexpr_blockwise_shift_scale` of the table
+        into `constexpr_lut_to_dense`; iOS26 the other way round, the int8 table palettizing
+        int8 codes that a `constexpr_blockwise_shift_scale` of the weight's rank scales (the
+        orders coremltools 9 writes for each target)."""
+        root, spec, chain = cand.op, cand.spec, cand.chain
+        reason = _table_reason(root, chain, spec, ios18)
+        if reason is not None:
+            return dense_decision(root, reason, cand)
+        table = np.asarray(root.lut.val)  # [1.., groups.., 1.., 2^n, V]
+        if spec.granularity == "per_tensor":
+            scale_shape = [1] * table.ndim
+        else:
+            scale_shape = [*table.shape[:-2], 1, 1]
+        try:
+            q, scale, offset = quantize_blockwise(table, scale_shape, spec)
+        except UnrepresentableScaleError as e:
+            return dense_decision(root, f"{spec.to_string()}: {e}", cand)
+        scale_bits = table.dtype.itemsize * 8
+        tables = [(scale.size, scale_bits)] + ([] if offset is None else [(offset.size, 8)])
+        indices = root.indices
+        stored = formats.stored_bytes(
+            [(int(np.prod(indices.shape)), bits_of(indices)), (q.size, 8), *tables]
+        )
+        # A table is a few entries: the int8 table is asked for its integer arithmetic, not its
+        # bytes (about as many as before); it must only stay smaller than the dense weight.
+        if stored >= chain.dense_bytes:
+            return dense_decision(
+                root, f"quantized form would not be smaller: {stored} >= {chain.dense_bytes} "
+                "bytes", cand,
+            )  # fmt: skip
+        after_26 = getattr(self, "_opset", None) is not None and self._opset >= _IOS26
+        rewrites.replace(root, _table_builder(root, q, scale, offset, spec, after_26))
+        return compressed_decision(
+            cand,
+            shape=chain.shape,
+            dtype=chain.np_dtype,
+            sparsity=chain.sparsity or 0.0,
+            dense_bytes=chain.dense_bytes,
+            stored_bytes=stored,
+        )
+
+
+def _table_reason(root, chain, spec: QuantizeSpec, ios18: bool) -> str | None:
+    """Why a palettized weight's table cannot be quantized, or None."""
+    if not ios18 or chain.ios16_form:
+        return (
+            f"already compressed: {chain.label}; quantizing its table needs iOS18 (set the "
+            "target to ios18)"
+        )
+    if len(chain.ops) > 1 or root.op_type != "constexpr_lut_to_dense":
+        return f"already compressed: {chain.label} (a chain of {len(chain.ops)} ops)"
+    if spec.nbits != 8 or spec.granularity == "per_block":
+        return (
+            f"{spec.to_string()}: a table is quantized to int8 or uint8, per tensor (@t) or "
+            "per table"
+        )
+    return None
+
+
+def _table_builder(root, q, scale, offset, spec: QuantizeSpec, after_26: bool):
+    name = root.name
+    storage = _STORAGE[spec.dtype]
+    indices = root.indices  # the same indices: the const is shared, not copied
+    vector = {} if "vector_axis" not in root.inputs else {"vector_axis": root.vector_axis}
+    rank = q.ndim - 2
+
+    def build(site, tmp_name):
+        codes = site.const(q.astype(storage), f"{name}_lut_quantized")
+        if not after_26:
+            extra = {} if offset is None else {
+                "offset": site.const(offset.astype(storage), f"{name}_lut_offset")
+            }  # fmt: skip
+            table = mb.constexpr_blockwise_shift_scale(
+                data=codes, scale=site.const(scale, f"{name}_lut_scale"),
+                name=f"{name}_lut", before_op=site.op, **extra,
+            )  # fmt: skip
+            return mb.constexpr_lut_to_dense(
+                indices=indices, lut=table, name=tmp_name, before_op=site.op, **vector
+            )
+        # iOS26: the int8 table palettizes int8 codes, scaled at the weight's rank
+        weight_codes = mb.constexpr_lut_to_dense(
+            indices=indices, lut=codes, name=f"{name}_palettized", before_op=site.op, **vector
+        )
+        shape = scale.shape[:rank]
+        extra = {} if offset is None else {
+            "offset": site.const(offset.reshape(shape).astype(storage), f"{name}_offset")
+        }  # fmt: skip
+        return mb.constexpr_blockwise_shift_scale(
+            data=weight_codes, scale=site.const(scale.reshape(shape), f"{name}_scale"),
+            name=tmp_name, before_op=site.op, **extra,
+        )  # fmt: skip
+
+    return build
 
 
 def _zero_levels(q: np.ndarray, offset, scale_shape) -> int:

@@ -275,8 +275,9 @@ def check_chain(
             have = ", ".join(f"{s} (from {by})" for s, by in states.items())
             raise PipelineError(
                 f"step {step.label} takes {' or '.join(spec.consumes)} weights, but the steps "
-                f"before it leave them {have}: nothing it can work on (a weight is palettized "
-                "or quantized, not both: give the two steps different weights with op_names)"
+                f"before it leave them {have}: nothing it can work on (a quantized weight is not "
+                "palettized; palettize first to quantize its table, or give the two steps "
+                "different weights with op_names)"
             )
         allowed = [t for t in consumed if target is None or t[2] <= target]
         if not allowed:

@@ -76,8 +76,12 @@ def test_chain_errors_name_the_steps():
         ms.check_recipe(Recipe(["int8", "lut4"]))
     with pytest.raises(PipelineError, match=r"quantized \(from step 1 \(quantize int8\)\)"):
         ms.check_recipe(Recipe(["int8", "lut4"]))
-    with pytest.raises(PipelineError, match=r"step 2 \(quantize int8\) takes dense or sparse"):
-        ms.check_recipe(Recipe(["lut4", "int8"]))
+    # palettize, then quantize the table (iOS18)
+    taken = ms.check_recipe(Recipe(["lut4", "int8@t"]), ct.target.iOS18)
+    assert taken[-1][1] == [("palettized", "palettized")]
+    with pytest.raises(PipelineError, match=r"step 2 \(quantize int8@t\) makes palettized "
+                       r"weights palettized, which needs iOS18"):  # fmt: skip
+        ms.check_recipe(Recipe(["lut4", "int8@t"]), ct.target.iOS16)
     with pytest.raises(
         PipelineError,
         match=r"step 2 \(palettize lut4\) makes sparse weights sparse\+palettized, which needs "

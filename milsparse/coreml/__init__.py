@@ -178,7 +178,7 @@ def _ios18_only(kind: str, config) -> str | None:
 _KINDS = {
     "prune": (_prune_spec, PruneConfig, frozenset({Form.PALETTIZED, Form.QUANTIZED})),
     "palettize": (_palettize_spec, PalettizeConfig, frozenset({Form.SPARSE})),
-    "quantize": (_quantize_spec, QuantizeConfig, frozenset({Form.SPARSE})),
+    "quantize": (_quantize_spec, QuantizeConfig, frozenset({Form.SPARSE, Form.PALETTIZED})),
 }
 
 

@@ -382,7 +382,7 @@ def test_per_channel_scale_divides_by_each_line_s_largest_magnitude(dtype):
     scales = np.max(np.abs(weight.astype(np.float64)), axis=0, keepdims=True)
     np.testing.assert_array_equal(np.asarray(root.scale.val), scales.astype(dtype))
     chain = weight_chain(root)
-    assert chain.label == "lut4" and chain.ops[-1] is root
+    assert chain.label == "lut4+scaled" and chain.ops[-1] is root
     decoded = root.materialized_val_inference()
     np.testing.assert_array_equal(chain.decode().astype(dtype), decoded)
     # one table of the normalised weight: every column decodes to its scale times an entry

@@ -4,6 +4,7 @@ half a step of its level, the joint form on sparse weights, and the chain with p
 import coremltools as ct
 import numpy as np
 import pytest
+from coremltools.converters.mil.mil import types
 from milsparse.fixtures import programs
 from milsparse.ir.chain import Form, weight_chain
 from milsparse.passes.prune import PruneWeights
@@ -15,6 +16,7 @@ from milsparse.passes.quant_config import (
 )
 from milsparse.passes.quantize import QuantizeWeights, quantize_blockwise
 
+import milsparse as ms
 from milsparse.errors import ConfigError
 
 SHAPE = (64, 96)
@@ -318,3 +320,73 @@ def test_a_block_per_axis_of_the_weight():
         pass_(prog)
         (d,) = [d for d in pass_.report if d.name == "fc0_weight"]
         assert not d.compressed and d.reason == f"{text}: {reason}"
+
+
+def _ct_decoded(op):
+    """coremltools' own decode of a constexpr op whose operands may be constexpr outputs."""
+    operand = {}
+    for name, var in op.inputs.items():
+        operand[name] = var.val if var.op.op_type == "const" else _ct_decoded(var.op)
+    if op.op_type == "constexpr_lut_to_dense":
+        from coremltools.optimize import _utils as ct_utils
+
+        return ct_utils.lut_to_dense(operand["indices"], operand["lut"], operand.get("vector_axis"))
+    return type(op).decompress(operand["data"], operand["scale"], operand.get("offset"))
+
+
+@pytest.mark.parametrize("opset", [ct.target.iOS18, ct.target.iOS26], ids=["ios18", "ios26"])
+@pytest.mark.parametrize("palettize", ["lut4", "lut4@g16", "lut3x2"])
+@pytest.mark.parametrize("spec", ["int8@t", "int8", "uint8@t:affine"])
+def test_a_palettized_weight_gets_its_table_quantized(opset, palettize, spec):
+    """Palettize, then quantize: the indices stay, the table becomes int8 (or uint8) codes and
+    scales, in coremltools 9's order for the target (iOS18: shift_scale -> lut_to_dense; iOS26:
+    lut_to_dense of the int8 table -> shift_scale at the weight's rank). milsparse's decode is
+    coremltools', and each decoded value is its table entry within half a quantization step."""
+    from milsparse.passes.palettize import PalettizeWeights
+
+    prog = programs.mlp(sizes=(64, 128, 10), dtype=np.float16, opset=opset)
+    PalettizeWeights({"spec": palettize, "min_size": 16})(prog)
+    before = weight_chain(prog.functions["main"].find_ops(op_type="linear")[0].weight.op)
+    old = before.decode().astype(np.float16)
+    table = np.asarray(before.op.lut.val, np.float64)
+    pass_ = QuantizeWeights({"spec": spec, "min_size": 16})
+    pass_(prog)
+    prog.validate()
+    (d,) = [d for d in pass_.report if d.name == "fc0_weight"]
+    assert d.compressed, d.reason
+    root = prog.functions["main"].find_ops(op_type="linear")[0].weight.op
+    chain = weight_chain(root)
+    kinds = [op.op_type for op in chain.ops]
+    if opset == ct.target.iOS18:
+        assert kinds == ["constexpr_blockwise_shift_scale", "constexpr_lut_to_dense"]
+        assert root.lut.op.data.dtype in (types.int8, types.uint8)
+    else:
+        assert kinds == ["constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"]
+        assert root.data.op.lut.dtype in (types.int8, types.uint8)
+        assert root.scale.rank == 2
+    assert chain.label.endswith("+" + spec[:5].rstrip("@"))
+    new = _ct_decoded(root)
+    np.testing.assert_array_equal(chain.decode().astype(np.float16), new)
+    scales = np.asarray((root.lut.op if opset == ct.target.iOS18 else root).scale.val, np.float64)
+    step = float(scales.max())
+    assert np.abs(new.astype(np.float64) - old).max() <= step / 2 + np.abs(table).max() * 2e-3
+
+
+def test_a_table_is_quantized_per_tensor_or_per_table_and_recipes_chain_it(tmp_path, save_program):
+    from milsparse.passes.palettize import PalettizeWeights
+
+    prog = programs.mlp(sizes=(64, 128, 10), dtype=np.float16)
+    PalettizeWeights({"spec": "lut4", "min_size": 16})(prog)
+    pass_ = QuantizeWeights({"spec": "int4@b32", "min_size": 16})
+    pass_(prog)
+    (d,) = [d for d in pass_.report if d.name == "fc0_weight"]
+    assert d.reason == (
+        "int4@b32: a table is quantized to int8 or uint8, per tensor (@t) or per table"
+    )
+    model = save_program(programs.mlp(sizes=(64, 128, 10), dtype=np.float16))
+    _, report = ms.compress_with_report(model, [{"palettize": "lut4"}, {"quantize": "int8@t"}])
+    (row,) = [r for r in report.decisions if r.name == "fc0_weight"]
+    assert row.compressed and row.spec == "lut4 + int8@t"
+    assert {r.format for r in ms.inspect_model(ms.compress(
+        model, [{"palettize": "lut4"}, {"quantize": "int8@t"}])).rows if r.name == "fc0_weight"} \
+        == {"lut4+int8"}  # fmt: skip
