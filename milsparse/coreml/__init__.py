@@ -303,8 +303,9 @@ def linear_quantize_weights(
 ) -> ct.models.MLModel:
     """`ct.optimize.coreml.linear_quantize_weights` with milsparse's quantization:
     OpLinearQuantizerConfig (mode, dtype int8/uint8/int4/uint4, granularity, block_size as one
-    int). `joint_compression=True` quantizes the nonzeros of sparse weights into
-    `constexpr_sparse_blockwise_shift_scale`, ranges from the nonzeros."""
+    int or one per axis). `joint_compression=True` quantizes the nonzeros of sparse weights
+    into `constexpr_sparse_blockwise_shift_scale` (ranges from the nonzeros), and the tables of
+    palettized weights to int8 (per tensor or per table)."""
     return _run("quantize", mlmodel, config, joint_compression)
 
 
