@@ -134,14 +134,16 @@ def quality(folder: Path) -> list[dict]:
     return rows
 
 
-def speed(folder: Path, params: float, runs: int) -> list[dict]:
+def speed(folder: Path, params: float, runs: int, width: int = 4096) -> list[dict]:
     from milsparse.fixtures.files import tree_size
     from milsparse.fixtures.programs import big_linear_stack, program_to_mlmodel
 
     import milsparse as ms
 
     dense = folder / "big.mlpackage"
-    program_to_mlmodel(big_linear_stack(int(params), distribution="trained")).save(str(dense))
+    program_to_mlmodel(big_linear_stack(int(params), width=width, distribution="trained")).save(
+        str(dense)
+    )
     pruned = folder / "big_2of4.mlpackage"
     ms.compress(dense, "2:4", output=pruned)
     dense_size = tree_size(dense)
@@ -234,6 +236,7 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=100e6, help="weights of the speed model")
     parser.add_argument("--runs", type=int, default=1, help="processes per tool and setting")
     parser.add_argument("--skip-speed", action="store_true", help="quality only")
+    parser.add_argument("--width", type=int, default=4096, help="rows and columns of each layer")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "joint.json"))
     args = parser.parse_args()
     try:
@@ -244,7 +247,9 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="milsparse-bench-"))
     try:
         result = {"quality": quality(folder)}
-        result["speed"] = [] if args.skip_speed else speed(folder, args.params, args.runs)
+        result["speed"] = (
+            [] if args.skip_speed else speed(folder, args.params, args.runs, args.width)
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     write(args.out, result)

@@ -132,14 +132,14 @@ def _measure_output(path: Path, names: set[str]) -> dict:
     }
 
 
-def _build_models(params: float, folder: Path) -> dict[str, Path]:
+def _build_models(params: float, folder: Path, width: int = 4096) -> dict[str, Path]:
     import numpy as np
     from milsparse.fixtures.programs import big_linear_stack, program_to_mlmodel
 
     paths = {}
     for name, dtype in (("fp16", np.float16), ("fp32", np.float32)):
         path = folder / f"dense_{name}.mlpackage"
-        program_to_mlmodel(big_linear_stack(int(params), dtype=dtype)).save(str(path))
+        program_to_mlmodel(big_linear_stack(int(params), width=width, dtype=dtype)).save(str(path))
         paths[name] = path
     return paths
 
@@ -151,6 +151,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "prune.json"))
     parser.add_argument("--runs", type=int, default=3, help="processes per tool and setting")
+    parser.add_argument("--width", type=int, default=4096, help="rows and columns of each layer")
     args = parser.parse_args()
 
     import milsparse as ms
@@ -159,7 +160,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="milsparse-bench-"))
     results = []
     try:
-        models = _build_models(args.params, folder)
+        models = _build_models(args.params, folder, args.width)
         for dtype, src in models.items():
             dense_size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
             weights = {
