@@ -205,7 +205,7 @@ def _chain_ops(root) -> tuple:
 
 
 _LUT_OPS = ("constexpr_lut_to_dense", "constexpr_lut_to_sparse")
-_QUANT_OPS = (
+QUANT_OPS = (  # the ops that scale stored codes
     "constexpr_affine_dequantize",
     "constexpr_blockwise_shift_scale",
     "constexpr_sparse_blockwise_shift_scale",
@@ -216,7 +216,7 @@ def _form_of(kinds: set, ops: tuple) -> tuple[Form, int | None, str | None, int]
     """(form, bits of an index or quantized value, quantized values' dtype, vector size)."""
     sparse = "constexpr_sparse_to_dense" in kinds
     lut_op = next((o for o in ops if o.op_type in _LUT_OPS), None)
-    quant_op = next((o for o in ops if o.op_type in _QUANT_OPS), None)
+    quant_op = next((o for o in ops if o.op_type in QUANT_OPS), None)
     if lut_op is not None:
         nbits, vector = _palette_bits(lut_op)
         scaled = None  # a quantized table (int8), or per-channel scales of the table's output

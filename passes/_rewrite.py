@@ -56,9 +56,6 @@ class Rewrites:
         for op, build in recorded:
             replace_op(op, build, spill)
 
-    def __len__(self) -> int:
-        return len(self._recorded)
-
 
 def replace_op(op: Operation, build: Callable[[Site, str], Var], spill=None) -> Var:
     """Replace the single-output op `op` (a const or a constexpr op) by whatever

@@ -37,7 +37,7 @@ from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 from milsparse.ir import formats, masks
-from milsparse.ir.chain import Form, WeightChain, weight_chain
+from milsparse.ir.chain import QUANT_OPS, Form, WeightChain, weight_chain
 from milsparse.ir.errors import ConfigError, UnsupportedModelError
 from milsparse.ir.graph import Use, uses_of, walk_ops
 from milsparse.ir.progress import bar as progress_bar
@@ -64,11 +64,6 @@ WEIGHT_OPERANDS = {
 }
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 _FLOAT_TYPES = (types.fp16, types.fp32)
-_SCALING_OPS = (
-    "constexpr_affine_dequantize",
-    "constexpr_blockwise_shift_scale",
-    "constexpr_sparse_blockwise_shift_scale",
-)
 
 
 def channel_axes(use: Use, rank: int) -> tuple[int, int]:
@@ -119,7 +114,7 @@ class Candidate:
             for var in op.inputs.values()
             if var.op is not None and var.op.op_type == "const" and var.dtype in _FLOAT_TYPES
         )
-        if not stored or not any(op.op_type in _SCALING_OPS for op in self.chain.ops):
+        if not stored or not any(op.op_type in QUANT_OPS for op in self.chain.ops):
             return stored
         return masks.all_finite(self.chain.decode())
 

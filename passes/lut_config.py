@@ -84,10 +84,8 @@ class PalettizeSpec:
             )
         if self.lut_function is not None and not callable(self.lut_function):
             raise ConfigError(f"lut_function must be callable, got {self.lut_function!r}")
-        if (
-            self.channel_axis is not None
-            and not isinstance(self.channel_axis, int)
-            or isinstance(self.channel_axis, bool)
+        if self.channel_axis is not None and (
+            isinstance(self.channel_axis, bool) or not isinstance(self.channel_axis, int)
         ):
             raise ConfigError(f"channel_axis must be an integer axis, got {self.channel_axis!r}")
         if self.mode == "custom" and self.cluster_dim > 1:

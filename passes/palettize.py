@@ -98,7 +98,7 @@ class PalettizeWeights(WeightPass):
         if (
             spec.granularity == "per_tensor"
             and spec.cluster_dim == 1
-            and not (spec.per_channel_scale)
+            and not spec.per_channel_scale
         ):
             return MatchResult.ok(None)
         axis = channel_axes(use, rank)[1]
@@ -361,6 +361,16 @@ def _parts(groups: np.ndarray | None, count: int) -> list:
     return [order[bounds[g] : bounds[g + 1]] for g in range(count)]
 
 
+def _bits_of(ios18: bool) -> tuple[int, ...]:
+    """The index widths the target's tables take, fewest first."""
+    return NBITS if ios18 else IOS16_NBITS
+
+
+def _fewest_bits(entries: int, allowed: tuple[int, ...]) -> int | None:
+    """The fewest of `allowed` bits whose tables hold `entries` entries, or None."""
+    return next((n for n in allowed if entries <= 1 << n), None)
+
+
 # coremltools' words (its users and tests look for them in the warning)
 _MOST_DISTINCT = "Unique values in weight cannot be represented by 8 bits palettization."
 
@@ -372,12 +382,9 @@ def _unique_bits(vectors, groups, spec: PalettizeSpec, count: int, ios18: bool):
     most = max(
         len(np.unique(vectors if m is None else vectors[m], axis=0)) for m in _parts(groups, count)
     )
-    allowed = NBITS if ios18 else IOS16_NBITS
-    if spec.nbits is not None:
-        allowed = (spec.nbits,)
-    for nbits in allowed:
-        if most <= 1 << nbits:
-            return attrs.evolve(spec, nbits=nbits), None
+    nbits = _fewest_bits(most, (spec.nbits,) if spec.nbits is not None else _bits_of(ios18))
+    if nbits is not None:
+        return attrs.evolve(spec, nbits=nbits), None
     if spec.nbits is not None:
         held = 1 << spec.nbits
         return spec, f"{most} distinct values in a table; {spec.to_string()} holds {held}"
@@ -411,8 +418,7 @@ def _custom_fit(name: str, weight: np.ndarray, layout: _Layout, spec: PalettizeS
             )
         luts.append(lut_values)
         codes.append(idx.reshape(part.shape).astype(np.uint8))
-    size = max(t.size for t in luts)
-    nbits = next((n for n in (NBITS if ios18 else IOS16_NBITS) if size <= 1 << n), 8)
+    nbits = _fewest_bits(max(t.size for t in luts), _bits_of(ios18))  # at most 256: checked
     tables = np.zeros((layout.count, 1 << nbits, 1), weight.dtype)
     for g, t in enumerate(luts):
         tables[g, : t.size, 0] = t.astype(weight.dtype)

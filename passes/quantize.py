@@ -287,8 +287,10 @@ class QuantizeWeights(WeightPass):
     emits = "constexpr_affine_dequantize"
     accepts = frozenset({Form.DENSE, Form.SPARSE, Form.PALETTIZED})
 
+    _opset = None  # the function's, set before any of its weights (workers only read it)
+
     def check_function(self, fname: str, opset) -> bool:
-        self._opset = opset  # (before any weight of the function: workers only read it)
+        self._opset = opset
         return super().check_function(fname, opset)
 
     @staticmethod
@@ -404,7 +406,7 @@ class QuantizeWeights(WeightPass):
                 root, f"quantized form would not be smaller: {stored} >= {chain.dense_bytes} "
                 "bytes", cand,
             )  # fmt: skip
-        after_26 = getattr(self, "_opset", None) is not None and self._opset >= _IOS26
+        after_26 = self._opset is not None and self._opset >= _IOS26
         rewrites.replace(root, _table_builder(root, q, scale, offset, spec, after_26))
         return compressed_decision(
             cand,

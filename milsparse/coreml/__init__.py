@@ -122,12 +122,17 @@ def _palettize_spec(config):
         raise ConfigError(f"OpPalettizerConfig: {e}") from e
 
 
+def _dtype_name(config: OpLinearQuantizerConfig) -> str:
+    """ "int8", ...: coremltools holds the dtype as a string or a MIL type."""
+    return config.dtype if isinstance(config.dtype, str) else types.builtin_to_string(config.dtype)
+
+
 def _quantize_spec(config):
     if not isinstance(config, OpLinearQuantizerConfig):
         raise ConfigError(
             f"linear_quantize_weights takes OpLinearQuantizerConfig, got {type(config).__name__}"
         )
-    dtype = config.dtype if isinstance(config.dtype, str) else types.builtin_to_string(config.dtype)
+    dtype = _dtype_name(config)
     granularity = _name(config.granularity)
     block_size, block_shape = config.block_size, None
     if granularity == "per_block" and not isinstance(block_size, int):
@@ -155,9 +160,7 @@ def _ios18_only(kind: str, config) -> str | None:
     """coremltools' refusal of `config` on a model below iOS18 (its wording: its users match
     it), or None when the config works there."""
     if kind == "quantize":
-        dtype = config.dtype if isinstance(config.dtype, str) else types.builtin_to_string(
-            config.dtype
-        )  # fmt: skip
+        dtype = _dtype_name(config)
         if _name(config.granularity) == "per_block":
             return f"The per_block quantization is supported since iOS18. {_RECONVERT}"
         if dtype in ("int4", "uint4"):
